@@ -1,0 +1,104 @@
+//! `CancellableBody`: guards the request while the response body streams.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::scope::Guard;
+
+pin_project! {
+    /// Response body of [`CancellationService`](crate::CancellationService).
+    ///
+    /// The request completes when this body reaches its end: the inner body returns `None`,
+    /// reports [`is_end_stream`](Body::is_end_stream), has yielded as many bytes as its
+    /// `content-length`, or fails. Dropping it earlier cancels the request with
+    /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
+    /// [`Phase::Body`](crate::Phase::Body), after the inner body has been dropped.
+    #[derive(Debug)]
+    pub struct CancellableBody<B> {
+        // Declared first so that it is dropped before the guard fires.
+        #[pin]
+        inner: B,
+        guard: Guard,
+        // Bytes still expected when the length is known up front.
+        remaining: Option<u64>,
+    }
+}
+
+impl<B> CancellableBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            guard: Guard::default(),
+            remaining: None,
+        }
+    }
+
+    pub(crate) fn guarded(inner: B, guard: Guard, remaining: Option<u64>) -> Self {
+        Self {
+            inner,
+            guard,
+            remaining,
+        }
+    }
+
+    /// The inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The inner body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
+    /// The inner body, pinned.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut B> {
+        self.project().inner
+    }
+}
+
+impl<B: Body> Body for CancellableBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_frame(cx);
+        let Some(scope) = this.guard.scope() else {
+            return poll;
+        };
+        let ended = match &poll {
+            Poll::Pending => {
+                scope.notice_token();
+                false
+            }
+            // End of stream, or an error: the response is over either way.
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
+                    *remaining = remaining.saturating_sub(data.remaining() as u64);
+                }
+                *this.remaining == Some(0) || this.inner.is_end_stream()
+            }
+        };
+        if ended {
+            this.guard.take().finish();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,147 @@
+//! What a cancellation tells its observers: why, when, and which request.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::{Method, Uri};
+
+/// Why a request was cancelled.
+///
+/// Recorded once per request, by whichever cause was first; later causes are ignored.
+///
+/// # Example
+///
+/// ```
+/// use tower_cancel::CancelReason;
+///
+/// let reason = CancelReason::Disconnected;
+/// assert_eq!(reason.to_string(), "disconnected");
+/// assert_ne!(reason, CancelReason::Shutdown);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CancelReason {
+    /// The client went away: hyper dropped the response future or the response body before
+    /// the body reached its end (TCP close or reset, HTTP/2 `RST_STREAM`, a proxy giving up).
+    Disconnected,
+    /// The server is shutting down (the layer's shutdown token was cancelled).
+    Shutdown,
+    /// The request's deadline passed (the layer's timeout, or a `grpc-timeout` header).
+    DeadlineExceeded,
+    /// Application code cancelled the request's [`CancellationToken`] directly.
+    ///
+    /// [`CancellationToken`]: tokio_util::sync::CancellationToken
+    Explicit,
+}
+
+impl CancelReason {
+    /// A short lowercase name, as used in `tracing` events: `"disconnected"`, `"shutdown"`,
+    /// `"deadline_exceeded"` or `"explicit"`.
+    ///
+    /// ```
+    /// assert_eq!(tower_cancel::CancelReason::DeadlineExceeded.as_str(), "deadline_exceeded");
+    /// ```
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Disconnected => "disconnected",
+            Self::Shutdown => "shutdown",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Explicit => "explicit",
+        }
+    }
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the request was when it was cancelled.
+///
+/// ```
+/// use tower_cancel::Phase;
+///
+/// assert_eq!(Phase::Body.to_string(), "body");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// The inner service had not yet produced the response head: the handler was running.
+    Handler,
+    /// The response head was produced and the body was streaming (a download, an SSE stream).
+    Body,
+}
+
+impl Phase {
+    /// `"handler"` or `"body"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Body => "body",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The record of one cancelled request, given to every cleanup callback.
+///
+/// Synchronous callbacks receive `&Cancelled`; asynchronous ones receive their own clone,
+/// which does not keep any other per-request state alive.
+///
+/// # Example
+///
+/// ```
+/// use tower_cancel::{CancellationLayer, Cancelled};
+///
+/// let layer = CancellationLayer::new().on_cancel(|c: &Cancelled| {
+///     eprintln!(
+///         "{} {} cancelled ({}) during {} after {:?}",
+///         c.method(),
+///         c.uri().path(),
+///         c.reason(),
+///         c.phase(),
+///         c.elapsed(),
+///     );
+/// });
+/// # drop(layer);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Cancelled {
+    pub(crate) reason: CancelReason,
+    pub(crate) phase: Phase,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) elapsed: Duration,
+}
+
+impl Cancelled {
+    /// Why the request was cancelled.
+    pub fn reason(&self) -> CancelReason {
+        self.reason
+    }
+
+    /// Whether the handler was still running or the response body was streaming.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request's URI, as the server received it.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// Time from the moment the layer saw the request to the moment it was cancelled.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}

@@ -1,0 +1,101 @@
+//! `ResponseFuture`: guards the request while the handler runs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Method, Response, StatusCode, header};
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use crate::CancellableBody;
+use crate::scope::Guard;
+
+pin_project! {
+    /// Response future of [`CancellationService`](crate::CancellationService).
+    ///
+    /// Dropping it before it resolves cancels the request with
+    /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
+    /// [`Phase::Handler`](crate::Phase::Handler), after the inner future has been dropped.
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F> {
+        // Declared first so that it is dropped first: the handler's destructors run before
+        // the guard cancels the request and runs the callbacks.
+        #[pin]
+        inner: F,
+        guard: Guard,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, guard: Guard) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<CancellableBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.inner.poll(cx) {
+            Poll::Pending => {
+                if let Some(scope) = this.guard.scope() {
+                    scope.notice_token();
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(result) => result,
+        };
+        let guard = this.guard.take();
+        let Some(scope) = guard.scope() else {
+            // Not the scope's owner (or already resolved): pass through.
+            return Poll::Ready(result.map(|res| res.map(CancellableBody::passthrough)));
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                // The inner service failed: the request ended, it was not abandoned.
+                guard.finish();
+                return Poll::Ready(Err(error));
+            }
+        };
+        let declared = declared_length(&response);
+        if !sends_body(scope.method(), response.status())
+            || declared == Some(0)
+            || response.body().is_end_stream()
+        {
+            // hyper writes no body (or an empty one) and may drop it without polling it.
+            guard.finish();
+            return Poll::Ready(Ok(response.map(CancellableBody::passthrough)));
+        }
+        scope.enter_body();
+        Poll::Ready(Ok(response.map(|body| CancellableBody::guarded(body, guard, declared))))
+    }
+}
+
+/// Whether a response to `method` with `status` carries a body on the wire (RFC 9110 §6.4.1).
+fn sends_body(method: &Method, status: StatusCode) -> bool {
+    !(method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || (method == Method::CONNECT && status.is_success()))
+}
+
+/// The body length hyper will enforce: the `content-length` header, else an exact size hint.
+///
+/// hyper's HTTP/1.1 writer stops polling the body once that many bytes were written, so the
+/// body counts them to tell completion from abandonment.
+fn declared_length<B: Body>(response: &Response<B>) -> Option<u64> {
+    response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .or_else(|| response.body().size_hint().exact())
+}

@@ -1,0 +1,136 @@
+//! Per-request cancellation for [tower] services: a [`CancellationToken`] that is cancelled
+//! when the client goes away, and cleanup that runs exactly once when it does.
+//!
+//! When an HTTP client gives up (it closes its TCP connection, resets its HTTP/2 stream, or
+//! a proxy does it for it), hyper drops the response future, or the response body if the
+//! response had started. Code that was awaiting simply stops, work handed to `tokio::spawn`
+//! keeps running, and nobody learns why. [`CancellationLayer`] turns that drop into a signal:
+//!
+//! 1. every request gets a scope, inserted into its extensions as a [`RequestCancellation`]
+//!    handle and as the plain [`CancellationToken`] (the same token);
+//! 2. when the request is abandoned (the response future or body is dropped before the body
+//!    reached its end), the token is cancelled once, the [`CancelReason`] and [`Phase`] are
+//!    recorded, and the cleanup callbacks run: the handler's own
+//!    ([`RequestCancellation::on_cancel`]), then the layer's ([`CancellationLayer::on_cancel`],
+//!    [`CancellationLayer::on_cancel_async`]);
+//! 3. a request that completes is never cancelled.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//!
+//! use http::{Request, Response};
+//! use tokio_util::sync::CancellationToken;
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//! use tower_cancel::{CancelReason, CancellationLayer, Cancelled, Phase};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let log = seen.clone();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(CancellationLayer::new().on_cancel(move |c: &Cancelled| {
+//!         log.lock().unwrap().push((c.reason(), c.phase(), c.uri().path().to_owned()));
+//!     }))
+//!     .service(service_fn(|req: Request<()>| async move {
+//!         let token = req.extensions().get::<CancellationToken>().unwrap().clone();
+//!         if req.uri().path() == "/slow" {
+//!             tokio::time::sleep(Duration::from_secs(60)).await;
+//!         }
+//!         Ok::<_, Infallible>(Response::new(format!("token cancelled: {}", token.is_cancelled())))
+//!     }));
+//!
+//! // A client that leaves: hyper drops the response future while the handler sleeps.
+//! let mut slow = svc.ready().await.unwrap().call(Request::get("/slow").body(()).unwrap());
+//! let _ = tokio::time::timeout(Duration::from_millis(10), &mut slow).await;
+//! drop(slow);
+//! assert_eq!(
+//!     *seen.lock().unwrap(),
+//!     [(CancelReason::Disconnected, Phase::Handler, "/slow".to_owned())],
+//! );
+//!
+//! // A request that completes (its body is read to the end) runs no cleanup.
+//! let response = svc.ready().await.unwrap().call(Request::get("/fast").body(()).unwrap()).await;
+//! let body = http_body_util::BodyExt::collect(response.unwrap().into_body()).await.unwrap();
+//! assert_eq!(body.to_bytes(), "token cancelled: false");
+//! assert_eq!(seen.lock().unwrap().len(), 1);
+//! # }
+//! ```
+//!
+//! With hyper, axum or tonic the layer goes around the service you serve; see the
+//! repository's `examples/` for a complete hyper server.
+//!
+//! # Semantics
+//!
+//! * **Exactly once.** A request is cancelled at most once, whatever races; each callback runs
+//!   at most once. A completed request (its response body reached its end) is never cancelled.
+//! * **Completion** means the end of the response body, not just the response head. A
+//!   response that carries no body on the wire (`HEAD`, `204`, `304`, `1xx`, an empty body)
+//!   completes with its head; a body with a known length completes when that many bytes
+//!   were produced.
+//! * **Order.** On a drop, callbacks run after the handler future (or the body) was dropped,
+//!   so the handler's own destructors ran first. Then: the handler's
+//!   [`on_cancel`](RequestCancellation::on_cancel) registrations in registration order, then
+//!   each layer's callbacks from the innermost layer to the outermost, each in the order
+//!   they were added.
+//! * **Late registration.** Registering on a cancelled request runs the callback at once.
+//! * **Panics** in callbacks are caught and reported with `tracing::error!`; the remaining
+//!   callbacks still run, also when the drop happens while the thread is unwinding.
+//! * **Async cleanup** runs on the runtime the request arrived on, tracked by a
+//!   [`TaskTracker`](tokio_util::task::TaskTracker).
+//! * **Explicit cancellation.** Cancelling the token from application code cancels the request
+//!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
+//!   polled pending, when the request ends, or when the handle is queried.
+//! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one.
+//! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`
+//!   (fields `reason`, `phase`, `method`, `path`, `elapsed`), inside the span that was
+//!   current when the request entered the layer.
+//!
+//! # What the transport can and cannot see
+//!
+//! * HTTP/1.1: hyper notices a closed connection only while it reads the socket. While a
+//!   request body is unread it does not read, so a disconnect is seen only when the handler
+//!   reads the body or writes the response. Go's `net/http` has the same gap
+//!   (golang/go#23262).
+//! * A client that vanishes without FIN or RST (an unplugged network) is seen only through
+//!   keepalive: HTTP/2 PING (`keep_alive_interval`) or TCP keepalive.
+//! * Work that never reaches an `.await` (a CPU loop) cannot be interrupted by a drop: it
+//!   must poll [`RequestCancellation::is_cancelled`].
+//!
+//! [tower]: https://docs.rs/tower
+//! [`CancellationToken`]: tokio_util::sync::CancellationToken
+
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod cancelled;
+mod future;
+mod hooks;
+mod layer;
+mod request;
+mod scope;
+mod service;
+
+pub use body::CancellableBody;
+pub use cancelled::{CancelReason, Cancelled, Phase};
+pub use future::ResponseFuture;
+pub use layer::CancellationLayer;
+pub use request::RequestCancellation;
+pub use service::CancellationService;
+
+/// Compile-time checks of the auto traits users rely on.
+#[allow(dead_code)]
+fn _assert_traits() {
+    fn send_sync_clone<T: Send + Sync + Clone>() {}
+    fn send<T: Send>() {}
+    send_sync_clone::<CancellationLayer>();
+    send_sync_clone::<RequestCancellation>();
+    send_sync_clone::<Cancelled>();
+    send_sync_clone::<CancellationService<tower_layer::Identity>>();
+    send::<ResponseFuture<std::future::Ready<()>>>();
+    send::<CancellableBody<String>>();
+}

@@ -1,0 +1,155 @@
+//! `RequestCancellation`: the handler's view of its request's cancellation scope.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::scope::Scope;
+use crate::{CancelReason, Cancelled};
+
+/// The cancellation scope of one request, as the handler sees it.
+///
+/// [`CancellationLayer`](crate::CancellationLayer) inserts one into every request's
+/// extensions, next to the plain [`CancellationToken`] (the same token as
+/// [`token()`](Self::token)). Clones share the same scope, so a clone can be moved into
+/// spawned work.
+///
+/// A request that completes (its response body reached its end) is never cancelled: its
+/// token stays uncancelled, [`cancelled()`](Self::cancelled) never resolves and callbacks
+/// registered with [`on_cancel`](Self::on_cancel) are dropped without running.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+///
+/// use http::{Request, Response};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+/// use tower_cancel::{CancellationLayer, RequestCancellation};
+///
+/// async fn handler(req: Request<String>) -> Result<Response<String>, Infallible> {
+///     let cancel = req.extensions().get::<RequestCancellation>().unwrap().clone();
+///     cancel.on_cancel(|c| println!("handler cleanup: {}", c.reason()));
+///     tokio::select! {
+///         reason = cancel.cancelled() => println!("stopping early: {reason}"),
+///         _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+///     }
+///     Ok(Response::new("done".to_owned()))
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let svc = ServiceBuilder::new()
+///     .layer(CancellationLayer::new())
+///     .service(service_fn(handler));
+/// let response = svc.oneshot(Request::new(String::new())).await.unwrap();
+/// assert_eq!(response.status(), 200);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RequestCancellation {
+    scope: Arc<Scope>,
+}
+
+impl RequestCancellation {
+    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+        Self { scope }
+    }
+
+    pub(crate) fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The request's token: the same token the layer inserted into the request extensions.
+    ///
+    /// Hand it (or a [`child_token`](CancellationToken::child_token)) to work that should stop
+    /// with the request. Cancelling it yourself cancels the request with
+    /// [`CancelReason::Explicit`] and runs its callbacks.
+    pub fn token(&self) -> &CancellationToken {
+        self.scope.token()
+    }
+
+    /// Returns `true` once the request is cancelled.
+    ///
+    /// Cheap enough to poll from a CPU-bound loop that never reaches an `.await`, which is
+    /// the only way such a loop can learn that its client left.
+    pub fn is_cancelled(&self) -> bool {
+        self.reason().is_some()
+    }
+
+    /// Why the request was cancelled, or `None` while it is not.
+    ///
+    /// If application code cancelled the token directly and the layer has not yet noticed,
+    /// this records [`CancelReason::Explicit`] and runs the callbacks before returning.
+    pub fn reason(&self) -> Option<CancelReason> {
+        self.scope.reason()
+    }
+
+    /// Waits until the request is cancelled and returns why.
+    ///
+    /// Equivalent to:
+    ///
+    /// ```ignore
+    /// async fn cancelled(&self) -> CancelReason {
+    ///     self.token().cancelled().await;
+    ///     self.reason().unwrap()
+    /// }
+    /// ```
+    ///
+    /// Never resolves for a request that completes normally.
+    ///
+    /// # Cancellation safety
+    ///
+    /// This method is cancel safe: dropping the future loses nothing, and it can be used as
+    /// a `tokio::select!` branch.
+    pub async fn cancelled(&self) -> CancelReason {
+        self.scope.token().cancelled().await;
+        // The token is only cancelled after the reason is recorded, or by application code.
+        self.reason().unwrap_or(CancelReason::Explicit)
+    }
+
+    /// Registers `callback` to run once if the request is cancelled, like Go's
+    /// `context.AfterFunc`.
+    ///
+    /// * Registered callbacks run before the layer's own, in registration order.
+    /// * If the request is already cancelled, `callback` runs at once, on this thread.
+    /// * If the request completes, `callback` is dropped without running.
+    /// * A panic in `callback` is caught and reported with `tracing::error!`.
+    ///
+    /// There is no handle to unregister: the registration lasts for the rest of the request.
+    ///
+    /// ```
+    /// # use tower_cancel::RequestCancellation;
+    /// fn start_upload(cancel: &RequestCancellation, tmp_path: std::path::PathBuf) {
+    ///     cancel.on_cancel(move |c| {
+    ///         let _ = std::fs::remove_file(&tmp_path);
+    ///         tracing::info!(reason = %c.reason(), "removed partial upload");
+    ///     });
+    /// }
+    /// ```
+    pub fn on_cancel<F>(&self, callback: F)
+    where
+        F: FnOnce(&Cancelled) + Send + 'static,
+    {
+        self.scope.on_cancel(Box::new(callback));
+    }
+
+    /// The request's deadline, if one applies.
+    ///
+    /// This version has no deadline sources yet, so it is always `None`; the layer's
+    /// `timeout` and `grpc-timeout` support will set it.
+    pub fn deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+impl fmt::Debug for RequestCancellation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RequestCancellation")
+            .field(&self.scope)
+            .finish()
+    }
+}

@@ -1,0 +1,391 @@
+//! The per-request state machine: armed → completed | cancelled(reason, phase).
+//!
+//! One `Scope` per request, shared through an `Arc` by the guard (inside the response future,
+//! then the response body) and every `RequestCancellation` handle.
+//!
+//! * `state` is the single source of truth. Every transition out of an armed state is a
+//!   compare-and-swap, so exactly one of "complete" and "cancel(reason)" wins, whatever races.
+//!   A cancelled state encodes its reason and phase, so nothing else needs to be published.
+//! * `registry` holds what runs on cancellation besides the creating layer's callbacks: the
+//!   handler's registrations and the callbacks of layers deeper in the stack that joined. It is
+//!   drained exactly once, by whoever moves the scope out of the armed state; after that,
+//!   registrations run at once (cancelled) or are dropped (completed).
+//! * The winner of a cancellation cancels the token, emits the event and runs the callbacks,
+//!   all outside the lock.
+
+use std::fmt;
+use std::mem;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use http::{Method, Uri};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Span;
+
+use crate::hooks::{Bound, contain};
+use crate::{CancelReason, Cancelled, Phase};
+
+const ARMED_HANDLER: u8 = 0;
+const ARMED_BODY: u8 = 1;
+const COMPLETED: u8 = 2;
+/// Set in every cancelled state; the low bits carry the phase (bit 0) and the reason.
+const CANCELLED: u8 = 0x80;
+
+fn encode(reason: CancelReason, phase: Phase) -> u8 {
+    let reason = match reason {
+        CancelReason::Disconnected => 0,
+        CancelReason::Shutdown => 1,
+        CancelReason::DeadlineExceeded => 2,
+        CancelReason::Explicit => 3,
+    };
+    let phase = match phase {
+        Phase::Handler => 0,
+        Phase::Body => 1,
+    };
+    CANCELLED | reason << 1 | phase
+}
+
+fn is_armed(state: u8) -> bool {
+    state == ARMED_HANDLER || state == ARMED_BODY
+}
+
+fn decode(state: u8) -> Option<(CancelReason, Phase)> {
+    if state & CANCELLED == 0 {
+        return None;
+    }
+    let phase = if state & 1 == 0 {
+        Phase::Handler
+    } else {
+        Phase::Body
+    };
+    let reason = match (state & !CANCELLED) >> 1 {
+        0 => CancelReason::Disconnected,
+        1 => CancelReason::Shutdown,
+        2 => CancelReason::DeadlineExceeded,
+        _ => CancelReason::Explicit,
+    };
+    Some((reason, phase))
+}
+
+type HandlerCallback = Box<dyn FnOnce(&Cancelled) + Send>;
+
+#[derive(Default)]
+struct Registry {
+    /// Set once the scope left the armed state and the lists below were drained.
+    closed: bool,
+    /// `Some` once cancelled: the time from start to cancellation, for late registrations.
+    elapsed: Option<Duration>,
+    /// The handler's `on_cancel` registrations, in registration order.
+    handler: Vec<HandlerCallback>,
+    /// Layers deeper in the stack that joined this scope, outermost first.
+    joined: Vec<Bound>,
+}
+
+/// What a late registration finds.
+enum Late {
+    Cancelled(Cancelled),
+    Completed,
+}
+
+pub(crate) struct Scope {
+    state: AtomicU8,
+    token: CancellationToken,
+    method: Method,
+    uri: Uri,
+    started: Instant,
+    /// The span that was current when the layer saw the request (if the event is enabled).
+    span: Span,
+    /// The callbacks of the layer that created the scope (the outermost one).
+    creator: Bound,
+    registry: Mutex<Registry>,
+}
+
+impl Scope {
+    pub(crate) fn new(method: Method, uri: Uri, creator: Bound) -> Arc<Self> {
+        let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
+            Span::current()
+        } else {
+            Span::none()
+        };
+        Arc::new(Self {
+            state: AtomicU8::new(ARMED_HANDLER),
+            token: CancellationToken::new(),
+            method,
+            uri,
+            started: Instant::now(),
+            span,
+            creator,
+            registry: Mutex::new(Registry::default()),
+        })
+    }
+
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub(crate) fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // User code never runs under this lock, so poisoning carries no meaning here.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The recorded outcome, if the scope was cancelled.
+    pub(crate) fn cancellation(&self) -> Option<(CancelReason, Phase)> {
+        decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// The reason, noticing a token that application code cancelled directly.
+    pub(crate) fn reason(&self) -> Option<CancelReason> {
+        let state = self.state.load(Ordering::Acquire);
+        if let Some((reason, _)) = decode(state) {
+            return Some(reason);
+        }
+        if !self.token.is_cancelled() {
+            return None;
+        }
+        // Cancelled by application code. While armed this records `Explicit` and runs the
+        // callbacks; after completion it only reports it.
+        Some(self.cancel(CancelReason::Explicit).map_or(CancelReason::Explicit, |(r, _)| r))
+    }
+
+    /// The response head is out; the body starts streaming.
+    pub(crate) fn enter_body(&self) {
+        // Fails only if the scope already left the armed state, which is then final.
+        let _ = self.state.compare_exchange(
+            ARMED_HANDLER,
+            ARMED_BODY,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Records `reason` if the scope is still armed and, if so, cancels the token and runs
+    /// every callback. Returns the recorded cancellation (this one or an earlier one), or
+    /// `None` if the request had completed.
+    pub(crate) fn cancel(&self, reason: CancelReason) -> Option<(CancelReason, Phase)> {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let phase = match current {
+                ARMED_HANDLER => Phase::Handler,
+                ARMED_BODY => Phase::Body,
+                COMPLETED => return None,
+                done => return decode(done),
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                encode(reason, phase),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.fire(reason, phase);
+                    return Some((reason, phase));
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The request reached its end. A token that application code cancelled meanwhile makes it
+    /// an `Explicit` cancellation instead.
+    pub(crate) fn finish(&self) {
+        if self.token.is_cancelled() {
+            self.cancel(CancelReason::Explicit);
+            return;
+        }
+        let mut current = self.state.load(Ordering::Acquire);
+        while is_armed(current) {
+            match self.state.compare_exchange_weak(
+                current,
+                COMPLETED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // Drop the registrations (outside the lock): they will never run, and a
+                    // closure holding a handle to this scope would otherwise keep it alive.
+                    let dropped = {
+                        let mut registry = self.registry();
+                        registry.closed = true;
+                        (mem::take(&mut registry.handler), mem::take(&mut registry.joined))
+                    };
+                    drop(dropped);
+                    return;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The guard was dropped before the request completed.
+    pub(crate) fn abandon(&self) {
+        let reason = if self.token.is_cancelled() {
+            CancelReason::Explicit
+        } else {
+            CancelReason::Disconnected
+        };
+        self.cancel(reason);
+    }
+
+    /// Notices a token that application code cancelled while the handler or body was pending.
+    pub(crate) fn notice_token(&self) {
+        if is_armed(self.state.load(Ordering::Acquire)) && self.token.is_cancelled() {
+            self.cancel(CancelReason::Explicit);
+        }
+    }
+
+    /// Registers a handler callback: runs on cancellation, at once if already cancelled, never
+    /// if the request completes.
+    pub(crate) fn on_cancel(&self, callback: HandlerCallback) {
+        // A token cancelled by application code must be recorded before deciding.
+        self.reason();
+        let late = {
+            let mut registry = self.registry();
+            if !registry.closed {
+                registry.handler.push(callback);
+                return;
+            }
+            self.late(&registry)
+        };
+        if let Late::Cancelled(cancelled) = late {
+            self.span.in_scope(|| {
+                contain("on_cancel callback", &cancelled, || callback(&cancelled));
+            });
+        }
+    }
+
+    /// A layer deeper in the stack joins this scope. If the scope was already cancelled, its
+    /// callbacks run at once.
+    pub(crate) fn join(&self, bound: Bound) {
+        let late = {
+            let mut registry = self.registry();
+            if !registry.closed {
+                registry.joined.push(bound);
+                return;
+            }
+            self.late(&registry)
+        };
+        if let Late::Cancelled(cancelled) = late {
+            self.span.in_scope(|| bound.run(&cancelled, &self.span));
+        }
+    }
+
+    fn late(&self, registry: &Registry) -> Late {
+        match (registry.elapsed, self.cancellation()) {
+            (Some(elapsed), Some((reason, phase))) => {
+                Late::Cancelled(self.cancelled(reason, phase, elapsed))
+            }
+            _ => Late::Completed,
+        }
+    }
+
+    fn cancelled(&self, reason: CancelReason, phase: Phase, elapsed: Duration) -> Cancelled {
+        Cancelled {
+            reason,
+            phase,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            elapsed,
+        }
+    }
+
+    /// Runs once, by the winner of the transition to cancelled.
+    fn fire(&self, reason: CancelReason, phase: Phase) {
+        self.token.cancel();
+        let elapsed = self.started.elapsed();
+        let cancelled = self.cancelled(reason, phase, elapsed);
+        let (handler, joined) = {
+            let mut registry = self.registry();
+            registry.closed = true;
+            registry.elapsed = Some(elapsed);
+            (mem::take(&mut registry.handler), mem::take(&mut registry.joined))
+        };
+        self.span.in_scope(|| {
+            tracing::debug!(
+                target: "tower_cancel",
+                reason = %reason,
+                phase = %phase,
+                method = %self.method,
+                path = self.uri.path(),
+                elapsed = ?elapsed,
+                "request cancelled",
+            );
+            // The handler's registrations first, in registration order; then each layer's
+            // callbacks, from the innermost layer to the outermost.
+            for callback in handler {
+                contain("on_cancel callback", &cancelled, || callback(&cancelled));
+            }
+            for bound in joined.iter().rev() {
+                bound.run(&cancelled, &self.span);
+            }
+            self.creator.run(&cancelled, &self.span);
+        });
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.load(Ordering::Acquire);
+        let mut d = f.debug_struct("Scope");
+        match decode(state) {
+            Some((reason, phase)) => d.field("cancelled", &reason).field("phase", &phase),
+            None if state == COMPLETED => d.field("completed", &true),
+            None => d.field("armed", &true),
+        };
+        d.field("method", &self.method)
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Owned by the response future, then by the response body: dropping it while armed cancels
+/// the request with `Disconnected`.
+#[derive(Default)]
+pub(crate) struct Guard {
+    /// `None` when disarmed (or when a deeper layer only joined an outer layer's scope).
+    scope: Option<Arc<Scope>>,
+}
+
+impl Guard {
+    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+        Self { scope: Some(scope) }
+    }
+
+    /// Moves the guard out (from the response future into the body), leaving a disarmed one.
+    pub(crate) fn take(&mut self) -> Self {
+        mem::take(self)
+    }
+
+    pub(crate) fn scope(&self) -> Option<&Scope> {
+        self.scope.as_deref()
+    }
+
+    /// Completes the request and disarms the guard.
+    pub(crate) fn finish(mut self) {
+        if let Some(scope) = self.scope.take() {
+            scope.finish();
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(scope) = self.scope.take() {
+            scope.abandon();
+        }
+    }
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.scope {
+            Some(scope) => fmt::Debug::fmt(scope, f),
+            None => f.write_str("Guard(disarmed)"),
+        }
+    }
+}
