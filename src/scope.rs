@@ -389,3 +389,257 @@ impl fmt::Debug for Guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+    use std::thread;
+
+    use super::*;
+    use crate::hooks::Hooks;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn hooks_logging(log: &Log, name: &'static str) -> Arc<Hooks> {
+        let mut hooks = Hooks::new();
+        for i in 1..=2 {
+            let log = log.clone();
+            hooks.push_sync(move |c: &Cancelled| {
+                log.lock().unwrap().push(format!("{name}{i}:{}", c.reason()));
+            });
+        }
+        Arc::new(hooks)
+    }
+
+    fn scope_with(hooks: &Arc<Hooks>) -> Arc<Scope> {
+        Scope::new(Method::GET, Uri::from_static("/x"), Bound::capture(hooks))
+    }
+
+    fn scope() -> Arc<Scope> {
+        scope_with(&Arc::new(Hooks::new()))
+    }
+
+    fn counter(scope: &Scope) -> Arc<AtomicUsize> {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        scope.on_cancel(Box::new(move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+        runs
+    }
+
+    #[test]
+    fn state_encoding_round_trips() {
+        for reason in [
+            CancelReason::Disconnected,
+            CancelReason::Shutdown,
+            CancelReason::DeadlineExceeded,
+            CancelReason::Explicit,
+        ] {
+            for phase in [Phase::Handler, Phase::Body] {
+                let state = encode(reason, phase);
+                assert!(!is_armed(state) && state != COMPLETED);
+                assert_eq!(decode(state), Some((reason, phase)));
+            }
+        }
+        assert_eq!(decode(ARMED_HANDLER), None);
+        assert_eq!(decode(ARMED_BODY), None);
+        assert_eq!(decode(COMPLETED), None);
+    }
+
+    #[test]
+    fn completion_never_cancels() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.enter_body();
+        scope.finish();
+        assert_eq!(scope.cancel(CancelReason::Disconnected), None);
+        scope.abandon();
+        assert!(!scope.token().is_cancelled());
+        assert_eq!(scope.reason(), None);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn first_cause_wins_and_callbacks_run_once() {
+        let scope = scope();
+        let runs = counter(&scope);
+        assert_eq!(
+            scope.cancel(CancelReason::Shutdown),
+            Some((CancelReason::Shutdown, Phase::Handler))
+        );
+        assert_eq!(
+            scope.cancel(CancelReason::Disconnected),
+            Some((CancelReason::Shutdown, Phase::Handler))
+        );
+        scope.abandon();
+        scope.finish();
+        assert!(scope.token().is_cancelled());
+        assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn phase_follows_the_response_head() {
+        let scope = scope();
+        scope.enter_body();
+        scope.abandon();
+        assert_eq!(
+            scope.cancellation(),
+            Some((CancelReason::Disconnected, Phase::Body))
+        );
+    }
+
+    #[test]
+    fn registration_after_cancellation_runs_at_once() {
+        let scope = scope();
+        scope.cancel(CancelReason::Disconnected);
+        let seen = Arc::new(Mutex::new(None));
+        let s = seen.clone();
+        scope.on_cancel(Box::new(move |c| {
+            *s.lock().unwrap() = Some((c.reason(), c.phase(), c.uri().clone()));
+        }));
+        assert_eq!(
+            seen.lock().unwrap().take(),
+            Some((CancelReason::Disconnected, Phase::Handler, Uri::from_static("/x")))
+        );
+    }
+
+    #[test]
+    fn registration_after_completion_is_dropped_and_breaks_cycles() {
+        let scope = scope();
+        // A callback that holds the scope itself: a cycle until the registry drops it.
+        let held = Arc::clone(&scope);
+        scope.on_cancel(Box::new(move |_| drop(held)));
+        assert_eq!(Arc::strong_count(&scope), 2);
+        scope.finish();
+        assert_eq!(Arc::strong_count(&scope), 1, "completion drops registrations");
+
+        let late = Arc::clone(&scope);
+        scope.on_cancel(Box::new(move |_| drop(late)));
+        assert_eq!(Arc::strong_count(&scope), 1, "late registration is dropped");
+    }
+
+    #[test]
+    fn order_is_handler_then_innermost_layer_to_outermost() {
+        let log: Log = Arc::default();
+        let scope = scope_with(&hooks_logging(&log, "outer"));
+        scope.join(Bound::capture(&hooks_logging(&log, "middle")));
+        scope.join(Bound::capture(&hooks_logging(&log, "inner")));
+        for name in ["h1", "h2"] {
+            let log = log.clone();
+            scope.on_cancel(Box::new(move |c| {
+                log.lock().unwrap().push(format!("{name}:{}", c.reason()));
+            }));
+        }
+        scope.abandon();
+        scope.abandon();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "h1:disconnected",
+                "h2:disconnected",
+                "inner1:disconnected",
+                "inner2:disconnected",
+                "middle1:disconnected",
+                "middle2:disconnected",
+                "outer1:disconnected",
+                "outer2:disconnected",
+            ]
+        );
+    }
+
+    #[test]
+    fn joining_a_cancelled_scope_runs_the_layer_at_once() {
+        let log: Log = Arc::default();
+        let scope = scope();
+        scope.cancel(CancelReason::Shutdown);
+        scope.join(Bound::capture(&hooks_logging(&log, "late")));
+        assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
+    }
+
+    #[test]
+    fn token_cancelled_by_application_code_is_explicit() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.token().cancel();
+        scope.notice_token();
+        scope.notice_token();
+        scope.abandon();
+        assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn token_cancelled_before_the_end_makes_completion_explicit() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.token().cancel();
+        scope.finish();
+        assert_eq!(
+            scope.cancellation(),
+            Some((CancelReason::Explicit, Phase::Handler))
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn token_cancelled_after_completion_runs_nothing() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.finish();
+        scope.token().cancel();
+        assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+        assert_eq!(scope.cancellation(), None, "the request had completed");
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_panicking_callback_does_not_stop_the_others() {
+        let log: Log = Arc::default();
+        let scope = scope_with(&hooks_logging(&log, "layer"));
+        scope.on_cancel(Box::new(|_| panic!("boom")));
+        let l = log.clone();
+        scope.on_cancel(Box::new(move |_| l.lock().unwrap().push("after".into())));
+        scope.abandon();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["after", "layer1:disconnected", "layer2:disconnected"]
+        );
+    }
+
+    #[test]
+    fn racing_causes_settle_on_exactly_one_outcome() {
+        for round in 0..500 {
+            let scope = scope();
+            let runs = counter(&scope);
+            let late_runs = Arc::new(AtomicUsize::new(0));
+            thread::scope(|s| {
+                s.spawn(|| scope.finish());
+                s.spawn(|| scope.abandon());
+                s.spawn(|| {
+                    scope.cancel(CancelReason::Shutdown);
+                });
+                s.spawn(|| {
+                    let r = late_runs.clone();
+                    scope.on_cancel(Box::new(move |_| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                    }));
+                });
+                if round % 2 == 0 {
+                    s.spawn(|| scope.token().cancel());
+                }
+            });
+            let cancelled = scope.cancellation().is_some();
+            let expected = usize::from(cancelled);
+            assert_eq!(runs.load(Ordering::SeqCst), expected, "round {round}");
+            assert_eq!(late_runs.load(Ordering::SeqCst), expected, "round {round}");
+            if cancelled {
+                assert!(scope.token().is_cancelled());
+            } else if round % 2 == 1 {
+                assert!(!scope.token().is_cancelled(), "completed token stays uncancelled");
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Shared harness for the integration tests: a real hyper server on 127.0.0.1:0 (HTTP/1.1 and
+//! HTTP/2 by prior knowledge), an event log, and a small app whose handlers record what
+//! happens to them.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tower::Service;
+use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type AppBody = BoxBody<Bytes, Infallible>;
+
+/// Generous bound for "eventually": only reached when something is broken.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// An ordered log of what happened, shared by handlers, bodies and callbacks.
+#[derive(Clone, Default)]
+pub struct Log {
+    entries: Arc<Mutex<Vec<String>>>,
+    changed: Arc<Notify>,
+    handles: Arc<Mutex<Vec<RequestCancellation>>>,
+}
+
+impl Log {
+    pub fn push(&self, entry: impl Into<String>) {
+        self.entries.lock().unwrap().push(entry.into());
+        self.changed.notify_waiters();
+    }
+
+    pub fn entries(&self) -> Vec<String> {
+        self.entries.lock().unwrap().clone()
+    }
+
+    /// Entries that start with `prefix`.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.entries()
+            .into_iter()
+            .filter(|e| e.starts_with(prefix))
+            .collect()
+    }
+
+    /// Waits until an entry equal to `entry` is logged.
+    pub async fn wait_for(&self, entry: &str) {
+        self.wait_until(|entries| entries.iter().any(|e| e == entry), entry)
+            .await;
+    }
+
+    /// Waits until `count` entries start with `prefix`.
+    pub async fn wait_for_count(&self, prefix: &str, count: usize) {
+        self.wait_until(
+            |entries| entries.iter().filter(|e| e.starts_with(prefix)).count() >= count,
+            &format!("{count} × {prefix}"),
+        )
+        .await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(&[String]) -> bool, what: &str) {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                if done(&self.entries.lock().unwrap()) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        if tokio::time::timeout(PATIENCE, wait).await.is_err() {
+            panic!("timed out waiting for {what:?}; log: {:#?}", self.entries());
+        }
+    }
+
+    /// Keeps a request's handle so the test can inspect its token afterwards.
+    pub fn keep(&self, rc: RequestCancellation) {
+        self.handles.lock().unwrap().push(rc);
+    }
+
+    pub fn handles(&self) -> Vec<RequestCancellation> {
+        self.handles.lock().unwrap().clone()
+    }
+
+    /// A layer whose callback logs `"{name} {path} {reason} {phase}"`.
+    pub fn layer(&self, name: &'static str) -> CancellationLayer {
+        let log = self.clone();
+        CancellationLayer::new().on_cancel(move |c: &Cancelled| log.push(describe(name, c)))
+    }
+}
+
+pub fn describe(name: &str, c: &Cancelled) -> String {
+    format!("{name} {} {} {}", c.uri().path(), c.reason(), c.phase())
+}
+
+/// A server on 127.0.0.1:0 that serves HTTP/1.1 and HTTP/2 (prior knowledge) and counts its
+/// open connections.
+pub struct Server {
+    pub addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    closed: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn start<S, B>(svc: S) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(Notify::new());
+        let (o, c) = (open.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let svc = TowerToHyperService::new(svc.clone());
+                let (open, closed) = (o.clone(), c.clone());
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    closed.notify_waiters();
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            closed,
+            task,
+        }
+    }
+
+    /// Waits until every accepted connection has been fully served and dropped: after this,
+    /// everything a request could trigger has happened.
+    pub async fn idle(&self) {
+        let wait = async {
+            loop {
+                let closed = self.closed.notified();
+                if self.open.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("server connections did not close");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Logs `message` when dropped unless disarmed: tells a dropped handler from a finished one.
+struct DropLog {
+    log: Log,
+    message: Option<String>,
+}
+
+impl Drop for DropLog {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            self.log.push(message);
+        }
+    }
+}
+
+/// The test app. Every request logs `start {path}`, registers a handler callback that logs
+/// `handler {path} {reason} {phase}`, and logs `dropped {path}` if its future is dropped.
+pub fn app(
+    log: Log,
+) -> impl Service<Request<Incoming>, Response = Response<AppBody>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<Incoming>| {
+        let log = log.clone();
+        async move { Ok(route(req, log).await) }
+    })
+}
+
+fn full(text: &'static str) -> AppBody {
+    http_body_util::Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn route(req: Request<Incoming>, log: Log) -> Response<AppBody> {
+    let rc = req
+        .extensions()
+        .get::<RequestCancellation>()
+        .expect("CancellationLayer is installed")
+        .clone();
+    let path = req.uri().path().to_owned();
+    log.keep(rc.clone());
+    {
+        let log = log.clone();
+        rc.on_cancel(move |c| log.push(describe("handler", c)));
+    }
+    let mut dropped = DropLog {
+        log: log.clone(),
+        message: Some(format!("dropped {path}")),
+    };
+    log.push(format!("start {path}"));
+    let response = match path.as_str() {
+        "/slow" | "/upload" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Response::new(full("slow"))
+        }
+        "/full" => Response::new(full("hello")),
+        "/stream" => Response::new(Chunks::new(&log, &path, Some(3)).boxed()),
+        "/endless" => Response::new(Chunks::new(&log, &path, None).boxed()),
+        "/stream-with-length" => {
+            let mut res = Response::new(Chunks::new(&log, &path, Some(3)).boxed());
+            res.headers_mut()
+                .insert(header::CONTENT_LENGTH, (3 * CHUNK.len()).into());
+            res
+        }
+        "/no-content" => {
+            let mut res = Response::new(Chunks::new(&log, &path, None).boxed());
+            *res.status_mut() = StatusCode::NO_CONTENT;
+            res
+        }
+        "/cancel-self" => {
+            rc.token().cancel();
+            Response::new(full("cancelled myself"))
+        }
+        _ => {
+            let mut res = Response::new(full("not found"));
+            *res.status_mut() = StatusCode::NOT_FOUND;
+            res
+        }
+    };
+    dropped.message = None;
+    response
+}
+
+pub const CHUNK: &[u8] = b"chunk-of-data\n";
+
+/// A streamed body: `count` chunks (or endless), 5 ms apart, unknown length; logs
+/// `body-dropped {path}` if dropped before its end.
+pub struct Chunks {
+    remaining: Option<usize>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    dropped: DropLog,
+}
+
+impl Chunks {
+    fn new(log: &Log, path: &str, count: Option<usize>) -> Self {
+        Self {
+            remaining: count,
+            sleep: Box::pin(tokio::time::sleep(Duration::from_millis(5))),
+            dropped: DropLog {
+                log: log.clone(),
+                message: Some(format!("body-dropped {path}")),
+            },
+        }
+    }
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == Some(0) {
+            self.dropped.message = None;
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        let next = tokio::time::Instant::now() + Duration::from_millis(5);
+        self.sleep.as_mut().reset(next);
+        if let Some(n) = self.remaining.as_mut() {
+            *n -= 1;
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(CHUNK)))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Sends a raw HTTP/1.1 request and returns the open stream.
+pub async fn raw_request(server: &Server, request: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+pub fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")
+}
+
+/// Reads until the server closes the connection.
+pub async fn read_to_close(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buf))
+        .await
+        .expect("server did not close")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// HTTP/2 client over prior knowledge; the connection task is returned so a test can kill it.
+pub async fn h2_client(
+    server: &Server,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+pub fn h2_get(server: &Server, path: &str) -> Request<http_body_util::Empty<Bytes>> {
+    Request::get(server.url(path))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// Asserts that the request behind each kept handle completed: token never cancelled.
+pub fn assert_all_completed(log: &Log) {
+    let handles = log.handles();
+    assert!(!handles.is_empty(), "no request reached the handler");
+    for rc in handles {
+        assert!(!rc.token().is_cancelled(), "token of a completed request was cancelled");
+        assert_eq!(rc.reason(), None);
+    }
+}
