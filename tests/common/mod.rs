@@ -340,14 +340,19 @@ pub async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// HTTP/2 client over prior knowledge; the connection task is returned so a test can kill it.
+/// HTTP/2 client over prior knowledge, with a clone of its socket so that a test can close
+/// the TCP connection under it (hyper runs the h2 connection in a task of its own).
 pub async fn h2_client(
     server: &Server,
 ) -> (
     hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
     tokio::task::JoinHandle<()>,
+    std::net::TcpStream,
 ) {
     let stream = TcpStream::connect(server.addr).await.unwrap();
+    let socket = stream.into_std().unwrap();
+    let kill = socket.try_clone().unwrap();
+    let stream = TcpStream::from_std(socket).unwrap();
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -355,7 +360,7 @@ pub async fn h2_client(
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    (send, task)
+    (send, task, kill)
 }
 
 pub fn h2_get(server: &Server, path: &str) -> Request<http_body_util::Empty<Bytes>> {
