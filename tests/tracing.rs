@@ -1,0 +1,203 @@
+//! The `tracing` events the layer emits, captured by a real subscriber.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use common::*;
+use http::{Request, Response};
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_cancel::{CancellationLayer, Cancelled};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+
+#[derive(Clone, Debug)]
+struct Event {
+    level: tracing::Level,
+    target: String,
+    fields: BTreeMap<String, String>,
+    span: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<Event>>>);
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for Capture
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        let span = ctx
+            .event_span(event)
+            .map(|span| format!("{}{}", span.name(), span_id_field(&span)));
+        self.0.lock().unwrap().push(Event {
+            level: *event.metadata().level(),
+            target: event.metadata().target().to_owned(),
+            fields,
+            span,
+        });
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(fields));
+        }
+    }
+}
+
+struct SpanFields(BTreeMap<String, String>);
+
+fn span_id_field<S: for<'a> LookupSpan<'a>>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> String {
+    span.extensions()
+        .get::<SpanFields>()
+        .and_then(|f| f.0.get("request_id").cloned())
+        .map(|id| format!("#{id}"))
+        .unwrap_or_default()
+}
+
+/// One global subscriber for this test binary; tests tell their events apart by path.
+fn events() -> Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = Capture::default();
+            let subscriber = tracing_subscriber::registry().with(capture.clone());
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            capture
+        })
+        .clone()
+}
+
+fn events_for(capture: &Capture, path: &str) -> Vec<Event> {
+    capture
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.target == "tower_cancel" && e.fields.get("path").map(String::as_str) == Some(path))
+        .cloned()
+        .collect()
+}
+
+/// Enters a per-request span around `call`, as tower-http's `TraceLayer` does.
+#[derive(Clone)]
+struct SpanPerRequest<S>(S, Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S, B> Service<Request<B>> for SpanPerRequest<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> S::Future {
+        let id = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let span = tracing::info_span!("request", request_id = id);
+        let _entered = span.enter();
+        self.0.call(req)
+    }
+}
+
+#[tokio::test]
+async fn one_event_per_cancellation_inside_the_request_span() {
+    let capture = events();
+    let log = Log::default();
+    let svc = ServiceBuilder::new()
+        .layer_fn(|inner| SpanPerRequest(inner, Arc::new(7.into())))
+        .layer(log.layer("layer"))
+        .service(app(log.clone()));
+    let server = Server::start(svc).await;
+    let stream = raw_request(&server, &get("/slow")).await;
+    log.wait_for("start /slow").await;
+    drop(stream);
+    server.idle().await;
+
+    let events = events_for(&capture, "/slow");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let event = &events[0];
+    assert_eq!(event.level, tracing::Level::DEBUG);
+    assert_eq!(event.fields["message"], "request cancelled");
+    assert_eq!(event.fields["reason"], "disconnected");
+    assert_eq!(event.fields["phase"], "handler");
+    assert_eq!(event.fields["method"], "GET");
+    assert!(event.fields.contains_key("elapsed"));
+    // hyper dropped the future outside any span; the event still lands in the request's.
+    assert_eq!(event.span.as_deref(), Some("request#7"));
+}
+
+#[tokio::test]
+async fn panics_are_reported_as_errors() {
+    let capture = events();
+    let layer = CancellationLayer::new()
+        .on_cancel(|_: &Cancelled| panic!("sync boom"))
+        .on_cancel_async(|_: Cancelled| async { panic!("async boom") });
+    let tracker = layer.tracker().clone();
+    let mut svc = tower::Layer::layer(
+        &layer,
+        service_fn(|_: Request<()>| async {
+            std::future::pending::<()>().await;
+            Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+        }),
+    );
+    let request = Request::get("/panics").body(()).unwrap();
+    let future = svc.ready().await.unwrap().call(request);
+    drop(future);
+    tracker.close();
+    tracker.wait().await;
+
+    let errors: Vec<_> = events_for(&capture, "/panics")
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::ERROR)
+        .map(|e| e.fields["panic"].clone())
+        .collect();
+    assert_eq!(errors, ["sync boom", "async boom"]);
+}
+
+#[test]
+fn no_runtime_for_async_cleanup_is_reported_not_a_panic() {
+    let capture = events();
+    let layer = CancellationLayer::new().on_cancel_async(|_: Cancelled| async {});
+    let mut svc = tower::Layer::layer(
+        &layer,
+        service_fn(|_: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+        }),
+    );
+    // No Tokio runtime anywhere on this thread: called and dropped from plain code.
+    let future = svc.call(Request::get("/no-runtime").body(()).unwrap());
+    drop(future);
+    let events = events_for(&capture, "/no-runtime");
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0].fields["message"], "request cancelled");
+    assert_eq!(events[1].level, tracing::Level::ERROR);
+    assert!(events[1].fields["message"].contains("no Tokio runtime"));
+}
