@@ -17,6 +17,29 @@ pin_project! {
     /// `content-length`, or fails. Dropping it earlier cancels the request with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
     /// [`Phase::Body`](crate::Phase::Body), after the inner body has been dropped.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use http_body_util::BodyExt;
+    /// use tower::{ServiceExt, service_fn};
+    /// use tower_cancel::{CancellableBody, CancellationService, RequestCancellation};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let svc = CancellationService::new(service_fn(|req: Request<()>| async move {
+    ///     let cancel = req.extensions().get::<RequestCancellation>().unwrap().clone();
+    ///     cancel.on_cancel(|_| unreachable!("this request completes"));
+    ///     Ok::<_, std::convert::Infallible>(Response::new(String::from("streamed")))
+    /// }));
+    /// let response: Response<CancellableBody<String>> =
+    ///     svc.oneshot(Request::new(())).await.unwrap();
+    /// // Reading the body to its end completes the request.
+    /// let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    /// assert_eq!(bytes, "streamed");
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct CancellableBody<B> {
         // Declared first so that it is dropped before the guard fires.

@@ -17,6 +17,30 @@ pin_project! {
     /// Dropping it before it resolves cancels the request with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
     /// [`Phase::Handler`](crate::Phase::Handler), after the inner future has been dropped.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    ///
+    /// use http::{Request, Response};
+    /// use tower::{Layer, Service, service_fn};
+    /// use tower_cancel::{CancelReason, CancellationLayer, Phase};
+    ///
+    /// let fired = Arc::new(AtomicBool::new(false));
+    /// let f = fired.clone();
+    /// let layer = CancellationLayer::new().on_cancel(move |c| {
+    ///     assert_eq!((c.reason(), c.phase()), (CancelReason::Disconnected, Phase::Handler));
+    ///     f.store(true, Ordering::SeqCst);
+    /// });
+    /// let mut svc = layer.layer(service_fn(|_: Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+    /// }));
+    /// let future = svc.call(Request::new(())); // a ResponseFuture
+    /// drop(future); // what hyper does when the client leaves
+    /// assert!(fired.load(Ordering::SeqCst));
+    /// ```
     #[derive(Debug)]
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<F> {
@@ -77,7 +101,9 @@ where
         // A token the handler cancelled before returning is a cancellation in the handler.
         scope.notice_token();
         scope.enter_body();
-        Poll::Ready(Ok(response.map(|body| CancellableBody::guarded(body, guard, declared))))
+        Poll::Ready(Ok(
+            response.map(|body| CancellableBody::guarded(body, guard, declared))
+        ))
     }
 }
 

@@ -44,7 +44,7 @@
 //!     }));
 //!
 //! // A client that leaves: hyper drops the response future while the handler sleeps.
-//! let mut slow = svc.ready().await.unwrap().call(Request::get("/slow").body(()).unwrap());
+//! let mut slow = Box::pin(svc.ready().await.unwrap().call(Request::get("/slow").body(()).unwrap()));
 //! let _ = tokio::time::timeout(Duration::from_millis(10), &mut slow).await;
 //! drop(slow);
 //! assert_eq!(

@@ -150,7 +150,10 @@ impl Scope {
         }
         // Cancelled by application code. While armed this records `Explicit` and runs the
         // callbacks; after completion it only reports it.
-        Some(self.cancel(CancelReason::Explicit).map_or(CancelReason::Explicit, |(r, _)| r))
+        Some(
+            self.cancel(CancelReason::Explicit)
+                .map_or(CancelReason::Explicit, |(r, _)| r),
+        )
     }
 
     /// The response head is out; the body starts streaming.
@@ -212,7 +215,10 @@ impl Scope {
                     let dropped = {
                         let mut registry = self.registry();
                         registry.closed = true;
-                        (mem::take(&mut registry.handler), mem::take(&mut registry.joined))
+                        (
+                            mem::take(&mut registry.handler),
+                            mem::take(&mut registry.joined),
+                        )
                     };
                     drop(dropped);
                     return;
@@ -303,7 +309,10 @@ impl Scope {
             let mut registry = self.registry();
             registry.closed = true;
             registry.elapsed = Some(elapsed);
-            (mem::take(&mut registry.handler), mem::take(&mut registry.joined))
+            (
+                mem::take(&mut registry.handler),
+                mem::take(&mut registry.joined),
+            )
         };
         self.span.in_scope(|| {
             tracing::debug!(
@@ -406,7 +415,9 @@ mod tests {
         for i in 1..=2 {
             let log = log.clone();
             hooks.push_sync(move |c: &Cancelled| {
-                log.lock().unwrap().push(format!("{name}{i}:{}", c.reason()));
+                log.lock()
+                    .unwrap()
+                    .push(format!("{name}{i}:{}", c.reason()));
             });
         }
         Arc::new(hooks)
@@ -502,7 +513,11 @@ mod tests {
         }));
         assert_eq!(
             seen.lock().unwrap().take(),
-            Some((CancelReason::Disconnected, Phase::Handler, Uri::from_static("/x")))
+            Some((
+                CancelReason::Disconnected,
+                Phase::Handler,
+                Uri::from_static("/x")
+            ))
         );
     }
 
@@ -514,7 +529,11 @@ mod tests {
         scope.on_cancel(Box::new(move |_| drop(held)));
         assert_eq!(Arc::strong_count(&scope), 2);
         scope.finish();
-        assert_eq!(Arc::strong_count(&scope), 1, "completion drops registrations");
+        assert_eq!(
+            Arc::strong_count(&scope),
+            1,
+            "completion drops registrations"
+        );
 
         let late = Arc::clone(&scope);
         scope.on_cancel(Box::new(move |_| drop(late)));
@@ -638,7 +657,10 @@ mod tests {
             if cancelled {
                 assert!(scope.token().is_cancelled());
             } else if round % 2 == 1 {
-                assert!(!scope.token().is_cancelled(), "completed token stays uncancelled");
+                assert!(
+                    !scope.token().is_cancelled(),
+                    "completed token stays uncancelled"
+                );
             }
         }
     }

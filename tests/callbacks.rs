@@ -55,7 +55,11 @@ async fn a_token_cancelled_by_other_code_is_noticed_by_the_handle() {
     let (tx, rx) = tokio::sync::oneshot::channel::<RequestCancellation>();
     let tx = std::sync::Mutex::new(Some(tx));
     let svc = layer.layer_svc(service_fn(move |req: Request<()>| {
-        let rc = req.extensions().get::<RequestCancellation>().unwrap().clone();
+        let rc = req
+            .extensions()
+            .get::<RequestCancellation>()
+            .unwrap()
+            .clone();
         tx.lock().unwrap().take().unwrap().send(rc.clone()).unwrap();
         async move {
             // Honours the token: returns when it is cancelled.
@@ -67,7 +71,9 @@ async fn a_token_cancelled_by_other_code_is_noticed_by_the_handle() {
     let rc = rx.await.unwrap();
     rc.token().cancel(); // e.g. from a task the handler spawned
     let response = call.await.unwrap().unwrap();
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes(), "explicit");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -91,7 +97,12 @@ async fn a_deeper_layer_joins_the_outer_scope() {
         ServiceBuilder::new()
             .layer(log.layer("outer"))
             .map_request(move |req: Request<hyper::body::Incoming>| {
-                keep.keep(req.extensions().get::<RequestCancellation>().unwrap().clone());
+                keep.keep(
+                    req.extensions()
+                        .get::<RequestCancellation>()
+                        .unwrap()
+                        .clone(),
+                );
                 req
             })
             .layer(log.layer("inner"))
@@ -191,12 +202,7 @@ async fn async_cleanup_is_tracked_and_awaited() {
         // Runs after the async cleanup was spawned: callbacks run in the order they were added.
         .on_cancel(move |c: &Cancelled| marker.push(describe("layer", c)))
         .task_tracker(tracker.clone());
-    let server = Server::start(
-        ServiceBuilder::new()
-            .layer(layer)
-            .service(app(log.clone())),
-    )
-    .await;
+    let server = Server::start(ServiceBuilder::new().layer(layer).service(app(log.clone()))).await;
     let stream = raw_request(&server, &get("/slow")).await;
     log.wait_for("start /slow").await;
     drop(stream);
@@ -242,7 +248,11 @@ fn async_cleanup_runs_on_the_runtime_the_request_arrived_on() {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Ok::<_, std::convert::Infallible>(Response::new(String::new()))
     }));
-    let future = rt.block_on(async { svc.ready().await.unwrap().call(Request::new(())) });
+    // Creating the future inside the runtime is what `call` sees; it is not awaited here.
+    let future = {
+        let _inside = rt.enter();
+        svc.call(Request::new(()))
+    };
     std::thread::spawn(move || drop(future)).join().unwrap();
     let (id, reason) = rx.recv_timeout(PATIENCE).unwrap();
     assert_eq!(id, rt.handle().id());

@@ -125,7 +125,8 @@ async fn assert_completes(requests: &[(&str, &str)], expect_in_response: &[&str]
     for (i, (method, path)) in requests.iter().enumerate() {
         let last = i + 1 == requests.len();
         let connection = if last { "close" } else { "keep-alive" };
-        let request = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: {connection}\r\n\r\n");
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: {connection}\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         if !last {
             // Wait for this response to finish before sending the next one.
@@ -137,7 +138,11 @@ async fn assert_completes(requests: &[(&str, &str)], expect_in_response: &[&str]
                     .await
                     .unwrap()
                     .unwrap();
-                assert!(n > 0, "server closed early: {}", String::from_utf8_lossy(&response));
+                assert!(
+                    n > 0,
+                    "server closed early: {}",
+                    String::from_utf8_lossy(&response)
+                );
                 response.extend_from_slice(&buf[..n]);
             }
             all.push_str(&String::from_utf8_lossy(&response));
@@ -152,9 +157,16 @@ async fn assert_completes(requests: &[(&str, &str)], expect_in_response: &[&str]
     let cancellations: Vec<_> = log
         .entries()
         .into_iter()
-        .filter(|e| e.starts_with("handler ") || e.starts_with("layer ") || e.starts_with("dropped "))
+        .filter(|e| {
+            e.starts_with("handler ") || e.starts_with("layer ") || e.starts_with("dropped ")
+        })
         .collect();
-    assert_eq!(cancellations, Vec::<String>::new(), "log: {:?}", log.entries());
+    assert_eq!(
+        cancellations,
+        Vec::<String>::new(),
+        "log: {:?}",
+        log.entries()
+    );
     assert_eq!(log.handles().len(), requests.len());
     assert_all_completed(&log);
 }
@@ -166,7 +178,11 @@ async fn full_body_completes() {
 
 #[tokio::test]
 async fn chunked_stream_completes() {
-    assert_completes(&[("GET", "/stream")], &["transfer-encoding: chunked", "0\r\n\r\n"]).await;
+    assert_completes(
+        &[("GET", "/stream")],
+        &["transfer-encoding: chunked", "0\r\n\r\n"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -179,8 +195,16 @@ async fn stream_with_declared_length_completes() {
 async fn responses_without_a_body_complete_with_their_head() {
     // HEAD and 204: hyper drops the body without polling it.
     assert_completes(
-        &[("HEAD", "/stream"), ("GET", "/no-content"), ("HEAD", "/full")],
-        &["HTTP/1.1 200 OK", "HTTP/1.1 204 No Content", "content-length: 5"],
+        &[
+            ("HEAD", "/stream"),
+            ("GET", "/no-content"),
+            ("HEAD", "/full"),
+        ],
+        &[
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 204 No Content",
+            "content-length: 5",
+        ],
     )
     .await;
 }
@@ -188,7 +212,12 @@ async fn responses_without_a_body_complete_with_their_head() {
 #[tokio::test]
 async fn keep_alive_requests_complete_one_after_another() {
     assert_completes(
-        &[("GET", "/full"), ("GET", "/stream"), ("GET", "/stream-with-length"), ("GET", "/full")],
+        &[
+            ("GET", "/full"),
+            ("GET", "/stream"),
+            ("GET", "/stream-with-length"),
+            ("GET", "/full"),
+        ],
         &["hello", "0\r\n\r\n", "content-length: 42", "hello"],
     )
     .await;

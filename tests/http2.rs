@@ -25,7 +25,9 @@ fn cancellations(log: &Log) -> Vec<String> {
     log.entries()
         .into_iter()
         .filter(|e| !e.starts_with("start"))
-        .filter(|e| !e.starts_with("body-dropped /stream") && !e.starts_with("body-dropped /no-content"))
+        .filter(|e| {
+            !e.starts_with("body-dropped /stream") && !e.starts_with("body-dropped /no-content")
+        })
         .collect()
 }
 
@@ -74,7 +76,10 @@ async fn closing_the_connection_cancels_every_stream() {
     layer.sort();
     assert_eq!(
         layer,
-        ["layer /slow disconnected handler", "layer /upload disconnected handler"]
+        [
+            "layer /slow disconnected handler",
+            "layer /upload disconnected handler"
+        ]
     );
     assert_eq!(log.with_prefix("handler").len(), 2);
     assert!(a.await.unwrap().is_err() && b.await.unwrap().is_err());
@@ -165,7 +170,10 @@ async fn a_reset_stream_does_not_touch_its_neighbours() {
         .unwrap()
         .unwrap();
     server.idle().await;
-    assert_eq!(log.with_prefix("layer"), ["layer /slow disconnected handler"]);
+    assert_eq!(
+        log.with_prefix("layer"),
+        ["layer /slow disconnected handler"]
+    );
     let handles = log.handles();
     assert_eq!(handles.len(), 2);
     let reasons: Vec<_> = handles.iter().map(|rc| rc.reason()).collect();

@@ -71,7 +71,9 @@ where
 
 struct SpanFields(BTreeMap<String, String>);
 
-fn span_id_field<S: for<'a> LookupSpan<'a>>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> String {
+fn span_id_field<S: for<'a> LookupSpan<'a>>(
+    span: &tracing_subscriber::registry::SpanRef<'_, S>,
+) -> String {
     span.extensions()
         .get::<SpanFields>()
         .and_then(|f| f.0.get("request_id").cloned())
@@ -98,7 +100,9 @@ fn events_for(capture: &Capture, path: &str) -> Vec<Event> {
         .lock()
         .unwrap()
         .iter()
-        .filter(|e| e.target == "tower_cancel" && e.fields.get("path").map(String::as_str) == Some(path))
+        .filter(|e| {
+            e.target == "tower_cancel" && e.fields.get("path").map(String::as_str) == Some(path)
+        })
         .cloned()
         .collect()
 }

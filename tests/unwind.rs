@@ -56,7 +56,9 @@ fn panicking_callbacks_during_an_unwind_do_not_abort() {
 fn child() {
     let layer = CancellationLayer::new()
         .on_cancel(|_: &Cancelled| panic!("layer callback panics during the unwind"))
-        .on_cancel(|c: &Cancelled| println!("child: layer callback ran: {} {}", c.reason(), c.phase()));
+        .on_cancel(|c: &Cancelled| {
+            println!("child: layer callback ran: {} {}", c.reason(), c.phase())
+        });
     let mut svc = layer.layer(service_fn(|req: Request<()>| {
         let rc = req.extensions().get::<RequestCancellation>().unwrap();
         rc.on_cancel(|_| panic!("handler callback panics during the unwind"));
@@ -70,7 +72,9 @@ fn child() {
     let result = catch_unwind(AssertUnwindSafe(|| {
         // The response future lives on this stack frame, so the unwind drops it.
         let mut future = pin!(svc.call(Request::new(())));
-        let _ = future.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        let _ = future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
     }));
     assert!(result.is_err());
     println!("child: the handler's panic reached the caller");

@@ -374,7 +374,10 @@ pub fn assert_all_completed(log: &Log) {
     let handles = log.handles();
     assert!(!handles.is_empty(), "no request reached the handler");
     for rc in handles {
-        assert!(!rc.token().is_cancelled(), "token of a completed request was cancelled");
+        assert!(
+            !rc.token().is_cancelled(),
+            "token of a completed request was cancelled"
+        );
         assert_eq!(rc.reason(), None);
     }
 }
