@@ -122,6 +122,11 @@ pub use layer::CancellationLayer;
 pub use request::RequestCancellation;
 pub use service::CancellationService;
 
+/// The README's examples, compiled (and, where they terminate, run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Compile-time checks of the auto traits users rely on.
 #[allow(dead_code)]
 fn _assert_traits() {
