@@ -24,9 +24,15 @@ pub enum CancelReason {
     /// The client went away: hyper dropped the response future or the response body before
     /// the body reached its end (TCP close or reset, HTTP/2 `RST_STREAM`, a proxy giving up).
     Disconnected,
-    /// The server is shutting down (the layer's shutdown token was cancelled).
+    /// The server is shutting down.
+    ///
+    /// Part of the stable set of reasons; this version of the layer has no shutdown signal
+    /// yet and never produces it.
     Shutdown,
-    /// The request's deadline passed (the layer's timeout, or a `grpc-timeout` header).
+    /// The request's deadline passed.
+    ///
+    /// Part of the stable set of reasons; this version of the layer has no deadline source
+    /// (timeout, `grpc-timeout`) yet and never produces it.
     DeadlineExceeded,
     /// Application code cancelled the request's [`CancellationToken`] directly.
     ///

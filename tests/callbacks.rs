@@ -260,3 +260,23 @@ fn async_cleanup_runs_on_the_runtime_the_request_arrived_on() {
     tracker.close();
     rt.block_on(tracker.wait());
 }
+
+#[tokio::test]
+async fn the_extension_token_is_the_handles_token() {
+    let svc = CancellationLayer::new().layer_svc(service_fn(|req: Request<()>| async move {
+        let token = req
+            .extensions()
+            .get::<tokio_util::sync::CancellationToken>()
+            .unwrap();
+        let rc = req.extensions().get::<RequestCancellation>().unwrap();
+        assert!(!rc.is_cancelled());
+        token.cancel();
+        assert!(rc.token().is_cancelled());
+        Ok::<_, std::convert::Infallible>(Response::new(format!("{:?}", rc.reason())))
+    }));
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    assert_eq!(body.to_bytes(), "Some(Explicit)");
+}

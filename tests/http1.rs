@@ -177,6 +177,16 @@ async fn full_body_completes() {
 }
 
 #[tokio::test]
+async fn empty_body_completes() {
+    // An empty body ends at once: hyper never polls it.
+    assert_completes(
+        &[("GET", "/empty"), ("GET", "/full")],
+        &["content-length: 0", "hello"],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn chunked_stream_completes() {
     assert_completes(
         &[("GET", "/stream")],

@@ -122,6 +122,7 @@ async fn full_and_streamed_bodies_complete() {
     let (mut client, conn, _socket) = h2_client(&server).await;
     for (path, expected) in [
         ("/full", b"hello".to_vec()),
+        ("/empty", Vec::new()),
         ("/stream", CHUNK.repeat(3)),
         ("/stream-with-length", CHUNK.repeat(3)),
     ] {
@@ -144,7 +145,7 @@ async fn full_and_streamed_bodies_complete() {
     conn.await.unwrap();
     server.idle().await;
     assert_eq!(cancellations(&log), Vec::<String>::new());
-    assert_eq!(log.handles().len(), 5);
+    assert_eq!(log.handles().len(), 6);
     assert_all_completed(&log);
 }
 

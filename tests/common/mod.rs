@@ -241,6 +241,7 @@ async fn route(req: Request<Incoming>, log: Log) -> Response<AppBody> {
             Response::new(full("slow"))
         }
         "/full" => Response::new(full("hello")),
+        "/empty" => Response::new(http_body_util::Empty::new().boxed()),
         "/stream" => Response::new(Chunks::new(&log, &path, Some(3)).boxed()),
         "/endless" => Response::new(Chunks::new(&log, &path, None).boxed()),
         "/stream-with-length" => {
