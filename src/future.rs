@@ -89,11 +89,13 @@ where
                 return Poll::Ready(Err(error));
             }
         };
-        let declared = declared_length(&response);
-        if !sends_body(scope.method(), response.status())
-            || declared == Some(0)
-            || response.body().is_end_stream()
-        {
+        let declared =
+            if sends_body(scope.method(), response.status()) && !response.body().is_end_stream() {
+                declared_length(&response)
+            } else {
+                Some(0)
+            };
+        if declared == Some(0) {
             // hyper writes no body (or an empty one) and may drop it without polling it.
             guard.finish();
             return Poll::Ready(Ok(response.map(CancellableBody::passthrough)));

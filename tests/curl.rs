@@ -5,7 +5,6 @@ mod common;
 use std::process::Stdio;
 
 use common::*;
-use tower::ServiceBuilder;
 
 /// curl, or `None` with the reason printed (CI installs curl, so there it must be present).
 fn curl() -> Option<&'static str> {
@@ -38,21 +37,12 @@ async fn run_curl(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-async fn start(log: &Log) -> Server {
-    Server::start(
-        ServiceBuilder::new()
-            .layer(log.layer("layer"))
-            .service(app(log.clone())),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn curl_max_time_cancels_the_request() {
     let Some(_) = curl() else { return };
     for protocol in ["--http1.1", "--http2-prior-knowledge"] {
         let log = Log::default();
-        let server = start(&log).await;
+        let server = Server::app(&log).await;
         let (code, _) = run_curl(&[protocol, "--max-time", "0.5", &server.url("/slow")]).await;
         assert_eq!(code, Some(28), "curl {protocol} should time out (exit 28)");
         log.wait_for("layer /slow disconnected handler").await;
@@ -74,7 +64,7 @@ async fn curl_that_reads_the_whole_response_cancels_nothing() {
     let Some(_) = curl() else { return };
     for protocol in ["--http1.1", "--http2-prior-knowledge"] {
         let log = Log::default();
-        let server = start(&log).await;
+        let server = Server::app(&log).await;
         let (code, body) = run_curl(&[protocol, &server.url("/stream")]).await;
         assert_eq!(code, Some(0));
         assert_eq!(body.as_bytes(), CHUNK.repeat(3));

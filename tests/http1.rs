@@ -4,16 +4,6 @@ mod common;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tower::ServiceBuilder;
-
-async fn start(log: &Log) -> Server {
-    Server::start(
-        ServiceBuilder::new()
-            .layer(log.layer("layer"))
-            .service(app(log.clone())),
-    )
-    .await
-}
 
 /// The handler future was dropped first, then the handler's callback, then the layer's, once.
 async fn assert_cancelled_once(server: &Server, log: &Log, path: &str, phase: &str) {
@@ -50,7 +40,7 @@ async fn assert_cancelled_once(server: &Server, log: &Log, path: &str, phase: &s
 #[tokio::test]
 async fn client_fin_while_handler_runs() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let stream = raw_request(&server, &get("/slow")).await;
     log.wait_for("start /slow").await;
     drop(stream);
@@ -60,7 +50,7 @@ async fn client_fin_while_handler_runs() {
 #[tokio::test]
 async fn client_rst_while_handler_runs() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let stream = raw_request(&server, &get("/slow")).await;
     log.wait_for("start /slow").await;
     stream.set_zero_linger().unwrap();
@@ -71,7 +61,7 @@ async fn client_rst_while_handler_runs() {
 #[tokio::test]
 async fn client_half_close_while_handler_runs() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let mut stream = raw_request(&server, &get("/slow")).await;
     log.wait_for("start /slow").await;
     stream.shutdown().await.unwrap();
@@ -84,7 +74,7 @@ async fn client_half_close_while_handler_runs() {
 #[tokio::test]
 async fn small_post_with_unread_body() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let body = "x".repeat(1000);
     let request = format!(
         "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n\r\n{body}",
@@ -99,7 +89,7 @@ async fn small_post_with_unread_body() {
 #[tokio::test]
 async fn streaming_response_abandoned_mid_body() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let mut stream = raw_request(&server, &get("/endless")).await;
     // Read the head and a few chunks, then leave.
     let mut seen = Vec::new();
@@ -119,7 +109,7 @@ async fn streaming_response_abandoned_mid_body() {
 /// that nothing was cancelled, also after the connection was gone.
 async fn assert_completes(requests: &[(&str, &str)], expect_in_response: &[&str]) {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let mut all = String::new();
     for (i, (method, path)) in requests.iter().enumerate() {
@@ -236,7 +226,7 @@ async fn keep_alive_requests_complete_one_after_another() {
 #[tokio::test]
 async fn handler_that_returns_before_the_client_leaves_is_not_cancelled() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let mut stream = raw_request(&server, &get("/full")).await;
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).await.unwrap();

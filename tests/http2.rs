@@ -7,17 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use http_body_util::BodyExt;
-use tower::ServiceBuilder;
 use tower_cancel::CancelReason;
-
-async fn start(log: &Log) -> Server {
-    Server::start(
-        ServiceBuilder::new()
-            .layer(log.layer("layer"))
-            .service(app(log.clone())),
-    )
-    .await
-}
 
 /// What a cancellation logs: dropped handlers and bodies, and callbacks. (hyper also drops
 /// the bodies of HEAD and 204 responses unpolled; those are not cancellations.)
@@ -34,7 +24,7 @@ fn cancellations(log: &Log) -> Vec<String> {
 #[tokio::test]
 async fn dropping_the_response_future_resets_the_stream() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let (mut client, conn, _socket) = h2_client(&server).await;
     let pending = tokio::spawn(client.send_request(h2_get(&server, "/slow")));
     log.wait_for("start /slow").await;
@@ -64,7 +54,7 @@ async fn dropping_the_response_future_resets_the_stream() {
 #[tokio::test]
 async fn closing_the_connection_cancels_every_stream() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let (mut client, _conn, socket) = h2_client(&server).await;
     let a = tokio::spawn(client.send_request(h2_get(&server, "/slow")));
     let b = tokio::spawn(client.send_request(h2_get(&server, "/upload")));
@@ -88,7 +78,7 @@ async fn closing_the_connection_cancels_every_stream() {
 #[tokio::test]
 async fn dropping_the_body_mid_stream_is_a_body_phase_cancel() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let (mut client, conn, _socket) = h2_client(&server).await;
     let response = client
         .send_request(h2_get(&server, "/endless"))
@@ -118,7 +108,7 @@ async fn dropping_the_body_mid_stream_is_a_body_phase_cancel() {
 #[tokio::test]
 async fn full_and_streamed_bodies_complete() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let (mut client, conn, _socket) = h2_client(&server).await;
     for (path, expected) in [
         ("/full", b"hello".to_vec()),
@@ -152,7 +142,7 @@ async fn full_and_streamed_bodies_complete() {
 #[tokio::test]
 async fn a_reset_stream_does_not_touch_its_neighbours() {
     let log = Log::default();
-    let server = start(&log).await;
+    let server = Server::app(&log).await;
     let (mut client, conn, _socket) = h2_client(&server).await;
     // A long stream that will complete, and a slow request on the same connection.
     let streamed = client

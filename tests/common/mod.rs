@@ -156,6 +156,16 @@ impl Server {
         }
     }
 
+    /// The test app behind a `CancellationLayer` whose callback logs as `layer`.
+    pub async fn app(log: &Log) -> Self {
+        Self::start(
+            tower::ServiceBuilder::new()
+                .layer(log.layer("layer"))
+                .service(app(log.clone())),
+        )
+        .await
+    }
+
     /// Waits until every accepted connection has been fully served and dropped: after this,
     /// everything a request could trigger has happened.
     pub async fn idle(&self) {
