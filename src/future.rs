@@ -100,8 +100,6 @@ where
             guard.finish();
             return Poll::Ready(Ok(response.map(CancellableBody::passthrough)));
         }
-        // A token the handler cancelled before returning is a cancellation in the handler.
-        scope.notice_token();
         scope.enter_body();
         Poll::Ready(Ok(
             response.map(|body| CancellableBody::guarded(body, guard, declared))

@@ -137,7 +137,7 @@ impl Bound {
         };
         let contained = Contained {
             future,
-            cancelled: Some(cancelled.clone()),
+            cancelled: cancelled.clone(),
         };
         self.hooks
             .tracker
@@ -177,7 +177,7 @@ pin_project! {
     struct Contained<F> {
         #[pin]
         future: F,
-        cancelled: Option<Cancelled>,
+        cancelled: Cancelled,
     }
 }
 
@@ -189,9 +189,8 @@ impl<F: Future<Output = ()>> Future for Contained<F> {
         match catch_unwind(AssertUnwindSafe(|| this.future.poll(cx))) {
             Ok(poll) => poll,
             Err(payload) => {
-                if let Some(cancelled) = this.cancelled.take() {
-                    report_panic("on_cancel_async cleanup", &cancelled, payload.as_ref());
-                }
+                // Ready ends the task: it is never polled again.
+                report_panic("on_cancel_async cleanup", this.cancelled, payload.as_ref());
                 Poll::Ready(())
             }
         }

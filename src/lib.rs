@@ -104,7 +104,6 @@
 //! [`CancellationToken`]: tokio_util::sync::CancellationToken
 
 #![forbid(unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod cancelled;

@@ -156,8 +156,10 @@ impl Scope {
         )
     }
 
-    /// The response head is out; the body starts streaming.
+    /// The handler returned a response head and its body starts streaming. A token the
+    /// handler cancelled before returning is recorded now, as a cancellation in the handler.
     pub(crate) fn enter_body(&self) {
+        self.notice_token();
         // Fails only if the scope already left the armed state, which is then final.
         let _ = self.state.compare_exchange(
             ARMED_HANDLER,
@@ -587,6 +589,20 @@ mod tests {
         scope.notice_token();
         scope.abandon();
         assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn token_cancelled_before_the_head_is_a_handler_phase_cancel() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.token().cancel();
+        scope.enter_body();
+        scope.finish();
+        assert_eq!(
+            scope.cancellation(),
+            Some((CancelReason::Explicit, Phase::Handler))
+        );
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
