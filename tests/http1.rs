@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// The handler future was dropped first, then the handler's callback, then the layer's, once.
 async fn assert_cancelled_once(server: &Server, log: &Log, path: &str, phase: &str) {
@@ -92,14 +92,8 @@ async fn streaming_response_abandoned_mid_body() {
     let server = Server::app(&log).await;
     let mut stream = raw_request(&server, &get("/endless")).await;
     // Read the head and a few chunks, then leave.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while seen.windows(CHUNK.len()).filter(|w| *w == CHUNK).count() < 3 {
-        let n = stream.read(&mut buf).await.unwrap();
-        assert!(n > 0, "server closed early");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(seen.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let seen = read_until_count(&mut stream, CHUNK, 3).await;
+    assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"), "{seen:?}");
     stream.set_zero_linger().unwrap();
     drop(stream);
     assert_cancelled_once(&server, &log, "/endless", "body").await;
@@ -120,22 +114,7 @@ async fn assert_completes(requests: &[(&str, &str)], expect_in_response: &[&str]
         stream.write_all(request.as_bytes()).await.unwrap();
         if !last {
             // Wait for this response to finish before sending the next one.
-            let mut response = Vec::new();
-            let mut buf = [0u8; 4096];
-            let expected = expect_in_response[i].as_bytes();
-            while !response.windows(expected.len()).any(|w| w == expected) {
-                let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(
-                    n > 0,
-                    "server closed early: {}",
-                    String::from_utf8_lossy(&response)
-                );
-                response.extend_from_slice(&buf[..n]);
-            }
-            all.push_str(&String::from_utf8_lossy(&response));
+            all.push_str(&read_until(&mut stream, expect_in_response[i]).await);
         }
     }
     all.push_str(&read_to_close(&mut stream).await);
@@ -228,9 +207,8 @@ async fn handler_that_returns_before_the_client_leaves_is_not_cancelled() {
     let log = Log::default();
     let server = Server::app(&log).await;
     let mut stream = raw_request(&server, &get("/full")).await;
-    let mut buf = [0u8; 1024];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("hello"));
+    let response = read_until(&mut stream, "hello").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
     // Leave abruptly right after the response; the request had already completed.
     stream.set_zero_linger().unwrap();
     drop(stream);

@@ -340,6 +340,31 @@ pub fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")
 }
 
+/// Reads until `needle` has arrived `count` times; returns everything read so far.
+pub async fn read_until_count(stream: &mut TcpStream, needle: &[u8], count: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(needle.len()).filter(|w| *w == needle).count() < count {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("timed out; got {:?}", String::from_utf8_lossy(&seen)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "server closed early: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Reads until `needle` has arrived; returns everything read so far.
+pub async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
+    read_until_count(stream, needle.as_bytes(), 1).await
+}
+
 /// Reads until the server closes the connection.
 pub async fn read_to_close(stream: &mut TcpStream) -> String {
     use tokio::io::AsyncReadExt;
