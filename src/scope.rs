@@ -593,30 +593,22 @@ mod tests {
     }
 
     #[test]
-    fn token_cancelled_before_the_head_is_a_handler_phase_cancel() {
-        let scope = scope();
-        let runs = counter(&scope);
-        scope.token().cancel();
-        scope.enter_body();
-        scope.finish();
-        assert_eq!(
-            scope.cancellation(),
-            Some((CancelReason::Explicit, Phase::Handler))
-        );
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn token_cancelled_before_the_end_makes_completion_explicit() {
-        let scope = scope();
-        let runs = counter(&scope);
-        scope.token().cancel();
-        scope.finish();
-        assert_eq!(
-            scope.cancellation(),
-            Some((CancelReason::Explicit, Phase::Handler))
-        );
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    fn token_cancelled_by_the_handler_before_the_end_is_a_handler_phase_cancel() {
+        // Noticed when the head is out (a streaming body follows) or when the request ends.
+        for head_then_body in [false, true] {
+            let scope = scope();
+            let runs = counter(&scope);
+            scope.token().cancel();
+            if head_then_body {
+                scope.enter_body();
+            }
+            scope.finish();
+            assert_eq!(
+                scope.cancellation(),
+                Some((CancelReason::Explicit, Phase::Handler))
+            );
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        }
     }
 
     #[test]
