@@ -94,12 +94,12 @@ impl<B: Body> Body for CancellableBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let poll = this.inner.as_mut().poll_frame(cx);
-        let Some(scope) = this.guard.scope() else {
+        if this.guard.scope().is_none() {
             return poll;
-        };
+        }
         let ended = match &poll {
             Poll::Pending => {
-                scope.notice_token();
+                this.guard.pending(cx);
                 false
             }
             // End of stream, or an error: the response is over either way.
@@ -113,6 +113,9 @@ impl<B: Body> Body for CancellableBody<B> {
         };
         if ended {
             this.guard.take().finish();
+        } else if poll.is_ready() {
+            // A body that is always ready never reaches `pending`: check the deadline here.
+            this.guard.poll_deadline(cx);
         }
         poll
     }

@@ -24,15 +24,12 @@ pub enum CancelReason {
     /// The client went away: hyper dropped the response future or the response body before
     /// the body reached its end (TCP close or reset, HTTP/2 `RST_STREAM`, a proxy giving up).
     Disconnected,
-    /// The server is shutting down.
-    ///
-    /// Part of the stable set of reasons; this version of the layer has no shutdown signal
-    /// yet and never produces it.
+    /// The server is shutting down: the layer's
+    /// [`shutdown_token`](crate::CancellationLayer::shutdown_token) was cancelled.
     Shutdown,
-    /// The request's deadline passed.
-    ///
-    /// Part of the stable set of reasons; this version of the layer has no deadline source
-    /// (timeout, `grpc-timeout`) yet and never produces it.
+    /// The request's deadline passed: the layer's
+    /// [`timeout`](crate::CancellationLayer::timeout) or a `grpc-timeout` header
+    /// (see [`grpc_timeout`](crate::CancellationLayer::grpc_timeout)).
     DeadlineExceeded,
     /// Application code cancelled the request's [`CancellationToken`] directly.
     ///

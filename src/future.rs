@@ -69,9 +69,7 @@ where
         let this = self.project();
         let result = match this.inner.poll(cx) {
             Poll::Pending => {
-                if let Some(scope) = this.guard.scope() {
-                    scope.notice_token();
-                }
+                this.guard.pending(cx);
                 return Poll::Pending;
             }
             Poll::Ready(result) => result,

@@ -10,13 +10,30 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
 use crate::Cancelled;
+use crate::config::Config;
 
 type SyncHook = dyn Fn(&Cancelled) + Send + Sync;
 type AsyncHook = dyn Fn(Cancelled) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
+
+impl Hook {
+    pub(crate) fn sync<F>(f: F) -> Self
+    where
+        F: Fn(&Cancelled) + Send + Sync + 'static,
+    {
+        Self::Sync(Arc::new(f))
+    }
+
+    pub(crate) fn asynchronous<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Cancelled) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Self::Async(Arc::new(move |c| Box::pin(f(c))))
+    }
+}
 
 /// One callback registered on a layer.
 #[derive(Clone)]
@@ -25,78 +42,35 @@ pub(crate) enum Hook {
     Async(Arc<AsyncHook>),
 }
 
-/// The callbacks of one layer, in the order they were added, and where async ones are tracked.
-#[derive(Clone)]
-pub(crate) struct Hooks {
-    list: Vec<Hook>,
-    tracker: TaskTracker,
-    has_async: bool,
-}
-
-impl Hooks {
-    pub(crate) fn new() -> Self {
-        Self {
-            list: Vec::new(),
-            tracker: TaskTracker::new(),
-            has_async: false,
-        }
-    }
-
-    pub(crate) fn push_sync<F>(&mut self, f: F)
-    where
-        F: Fn(&Cancelled) + Send + Sync + 'static,
-    {
-        self.list.push(Hook::Sync(Arc::new(f)));
-    }
-
-    pub(crate) fn push_async<F, Fut>(&mut self, f: F)
-    where
-        F: Fn(Cancelled) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        self.list
-            .push(Hook::Async(Arc::new(move |c| Box::pin(f(c)))));
-        self.has_async = true;
-    }
-
-    pub(crate) fn set_tracker(&mut self, tracker: TaskTracker) {
-        self.tracker = tracker;
-    }
-
-    pub(crate) fn tracker(&self) -> &TaskTracker {
-        &self.tracker
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.list.len()
-    }
-}
-
-/// A layer's callbacks, bound to the runtime the request arrived on.
+/// A layer's configuration, bound to the runtime the request arrived on.
 ///
 /// The runtime handle is captured in `call` only when the layer has async callbacks, so the
 /// common case costs one reference count.
 pub(crate) struct Bound {
-    hooks: Arc<Hooks>,
+    config: Arc<Config>,
     runtime: Option<Handle>,
 }
 
 impl Bound {
-    pub(crate) fn capture(hooks: &Arc<Hooks>) -> Self {
-        let runtime = if hooks.has_async {
+    pub(crate) fn capture(config: &Arc<Config>) -> Self {
+        let runtime = if config.has_async {
             Handle::try_current().ok()
         } else {
             None
         };
         Self {
-            hooks: Arc::clone(hooks),
+            config: Arc::clone(config),
             runtime,
         }
     }
 
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Runs every callback of the layer, in order, once.
     pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span) {
-        for hook in &self.hooks.list {
+        for hook in &self.config.hooks {
             match hook {
                 Hook::Sync(f) => {
                     contain("on_cancel callback", cancelled, || f(cancelled));
@@ -135,13 +109,16 @@ impl Bound {
                 }
             },
         };
-        let contained = Contained {
-            future,
-            cancelled: cancelled.clone(),
-        };
-        self.hooks
-            .tracker
-            .spawn_on(contained.instrument(span.clone()), &runtime);
+        let job = Box::pin(
+            Contained {
+                future,
+                cancelled: cancelled.clone(),
+            }
+            .instrument(span.clone()),
+        );
+        self.config
+            .limiter
+            .submit(job, &self.config.tracker, &runtime, cancelled);
     }
 }
 

@@ -2,12 +2,18 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
-use crate::hooks::Hooks;
+use crate::cleanup::{CleanupCounts, Limiter};
+use crate::config::Config;
+use crate::hooks::Hook;
+use crate::shutdown::Shutdown;
 use crate::{CancellationService, Cancelled};
 
 /// A [`Layer`] that gives every request a cancellation scope and runs cleanup when the
@@ -18,7 +24,12 @@ use crate::{CancellationService, Cancelled};
 /// deeper in the stack (a per-route layer) joins the scope of the outer one: the request
 /// keeps one token, and the callbacks of every layer run once, innermost layer first.
 ///
-/// Cloning is cheap: the configuration is shared.
+/// Cloning is cheap: the configuration is shared. Clones also share the task tracker and the
+/// cleanup limit (and its counts), until [`task_tracker`](Self::task_tracker) or
+/// [`cleanup_limit`](Self::cleanup_limit) gives a clone its own.
+///
+/// The type parameter says what happens to the handler when its client leaves: by default
+/// ([`Attached`]) hyper drops it; [`detached()`](Self::detached) keeps it running.
 ///
 /// # Example
 ///
@@ -46,34 +57,81 @@ use crate::{CancellationService, Cancelled};
 ///     }));
 /// # drop(svc);
 /// ```
-#[derive(Clone)]
-pub struct CancellationLayer {
-    hooks: Arc<Hooks>,
+pub struct CancellationLayer<M = Attached> {
+    config: Arc<Config>,
+    mode: PhantomData<fn() -> M>,
 }
 
+/// The default mode: when the client leaves, the handler future is dropped (hyper's
+/// behaviour) and the request is cancelled.
+#[derive(Debug)]
+pub enum Attached {}
+
+/// The mode of [`CancellationLayer::detached`]: when the client leaves, the request is
+/// cancelled, but the handler keeps running to its end on the runtime, tracked by the layer's
+/// [`TaskTracker`]; its response is discarded.
+#[derive(Debug)]
+pub enum Detached {}
+
 impl CancellationLayer {
-    /// A layer with no callbacks and its own [`TaskTracker`].
+    /// A layer with no callbacks, no shutdown token, no deadline and its own [`TaskTracker`].
     ///
     /// Even with no callbacks it is useful: handlers get a token that is cancelled when
     /// their client leaves.
     pub fn new() -> Self {
         Self {
-            hooks: Arc::new(Hooks::new()),
+            config: Arc::new(Config::new()),
+            mode: PhantomData,
         }
+    }
+
+    /// Keeps handlers running when their client leaves: for routes whose work must finish
+    /// (a payment, an upload to commit).
+    ///
+    /// Each request's handler future is spawned on the current Tokio runtime and tracked by
+    /// the layer's [`TaskTracker`], so a graceful shutdown that waits on the tracker waits
+    /// for it. When the client leaves, the request is still cancelled with
+    /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and the callbacks
+    /// run at once, so the handler *can* look at its token (for example to skip work that
+    /// only served the response); the response it eventually returns is discarded.
+    ///
+    /// Use it on the routes that need it (per route, below an app-wide layer: it joins the
+    /// outer scope), not app-wide: work nobody waits for still costs. It requires the handler
+    /// future to be `Send + 'static`. Outside a Tokio runtime the handler cannot be spawned;
+    /// it then runs inline (hyper drops it with the connection) and a `warn` event says so.
+    ///
+    /// | | default | `detached()` |
+    /// |---|---|---|
+    /// | client leaves while the handler runs | handler dropped at its next `.await` | handler runs to its end |
+    /// | token, reason, callbacks | cancelled, `Disconnected`, run | the same |
+    /// | response | never sent | computed, then discarded |
+    /// | graceful shutdown | nothing to wait for | `tracker.wait()` waits for the handler |
+    pub fn detached(self) -> CancellationLayer<Detached> {
+        CancellationLayer {
+            config: self.config,
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<M> CancellationLayer<M> {
+    fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
     }
 
     /// Adds a synchronous callback, run once for every cancelled request.
     ///
     /// It runs on the thread that noticed the cancellation (for a disconnect, inside hyper's
-    /// connection task, right after the handler future or body was dropped), so keep it
-    /// short and non-blocking; use [`on_cancel_async`](Self::on_cancel_async) for I/O.
-    /// A panic is caught and reported with `tracing::error!`; the other callbacks still run.
-    pub fn on_cancel<F>(mut self, callback: F) -> Self
+    /// connection task, right after the handler future or body was dropped; for a shutdown,
+    /// in the task that watches the shutdown token), so keep it short and non-blocking; use
+    /// [`on_cancel_async`](Self::on_cancel_async) for I/O. A panic is caught and reported
+    /// with `tracing::error!`; the other callbacks still run.
+    pub fn on_cancel<F>(self, callback: F) -> Self
     where
         F: Fn(&Cancelled) + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.hooks).push_sync(callback);
-        self
+        self.configure(|config| config.hooks.push(Hook::sync(callback)))
     }
 
     /// Adds an asynchronous cleanup, spawned once for every cancelled request.
@@ -81,24 +139,90 @@ impl CancellationLayer {
     /// The future is spawned on the Tokio runtime the request arrived on, tracked by the
     /// layer's [`TaskTracker`] (see [`task_tracker`](Self::task_tracker)), so a graceful
     /// shutdown can wait for every cleanup with `tracker.close(); tracker.wait().await`.
+    /// How many run at once is bounded (see [`cleanup_limit`](Self::cleanup_limit)).
     /// A panic inside it is caught and reported. If no runtime is reachable, the cleanup does
     /// not run and an `error` event says so.
-    pub fn on_cancel_async<F, Fut>(mut self, cleanup: F) -> Self
+    pub fn on_cancel_async<F, Fut>(self, cleanup: F) -> Self
     where
         F: Fn(Cancelled) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        Arc::make_mut(&mut self.hooks).push_async(cleanup);
-        self
+        self.configure(|config| {
+            config.hooks.push(Hook::asynchronous(cleanup));
+            config.has_async = true;
+        })
     }
 
-    /// Tracks async cleanups on `tracker` instead of the layer's own.
+    /// Tracks async cleanups (and [`detached`](CancellationLayer::detached) handlers) on
+    /// `tracker` instead of the layer's own.
     ///
     /// Share one tracker between the layer and the rest of the server, then during shutdown
     /// call `tracker.close()` and `tracker.wait().await`.
-    pub fn task_tracker(mut self, tracker: TaskTracker) -> Self {
-        Arc::make_mut(&mut self.hooks).set_tracker(tracker);
-        self
+    pub fn task_tracker(self, tracker: TaskTracker) -> Self {
+        self.configure(|config| config.tracker = tracker)
+    }
+
+    /// Cancels every in-flight request with
+    /// [`CancelReason::Shutdown`](crate::CancelReason::Shutdown) when `token` is cancelled.
+    ///
+    /// The requests' tokens are cancelled and their callbacks run promptly, without waiting
+    /// for the handlers; the handlers are not dropped: they see their token and answer. A
+    /// request that arrives after the shutdown began starts already cancelled. Wire the same
+    /// token into the accept loop and hyper-util's `GracefulShutdown`, and the drain ends as
+    /// soon as the handlers return (see the `graceful_shutdown` example).
+    ///
+    /// Requests are not child tokens of `token`: that would serialise every request on the
+    /// token's lock. The layer keeps its in-flight requests in a registry sharded by thread
+    /// and watches `token` from one task, spawned on the runtime of the first request.
+    pub fn shutdown_token(self, token: CancellationToken) -> Self {
+        self.configure(|config| config.shutdown = Some(Shutdown::new(token)))
+    }
+
+    /// Gives every request a deadline: `timeout` after the layer saw it, the request is
+    /// cancelled with [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded).
+    ///
+    /// The handler is not dropped: it sees its token and chooses its answer (a 503 or 504
+    /// of its own, a partial result). [`RequestCancellation::deadline`](crate::RequestCancellation::deadline)
+    /// reports the deadline. In a stack of layers, the shortest deadline wins. The deadline
+    /// also covers the response body: a stream still running when it passes is cancelled
+    /// with phase `Body`. Requests of a layer without a deadline pay nothing for this.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.configure(|config| config.timeout = Some(timeout))
+    }
+
+    /// Honours the `grpc-timeout` request header (gRPC over HTTP/2): its deadline applies as
+    /// if given to [`timeout`](Self::timeout), and the shorter of the two wins.
+    ///
+    /// A valid value is 1 to 8 ASCII digits followed by one unit: `H` (hours), `M` (minutes),
+    /// `S` (seconds), `m` (milliseconds), `u` (microseconds) or `n` (nanoseconds). Anything
+    /// else (empty, 9 digits or more, a sign, a space, an unknown unit, non-ASCII, or the
+    /// header repeated) is ignored with a `debug` event on target `tower_cancel`.
+    pub fn grpc_timeout(self, honour: bool) -> Self {
+        self.configure(|config| config.grpc_timeout = honour)
+    }
+
+    /// Bounds the async cleanups of this layer: at most `max_running` run at once, at most
+    /// `max_queued` more wait for a free slot, and beyond that a cleanup is refused with a
+    /// `warn` event and counted (see [`cleanup_counts`](Self::cleanup_counts)).
+    ///
+    /// The default is 64 running and 1024 queued. A client can create and cancel thousands
+    /// of requests a second (HTTP/2 rapid reset, CVE-2023-44487): without a bound, each would
+    /// leave a task behind. `max_running` is at least 1. Queued cleanups are tracked by the
+    /// [`TaskTracker`] like running ones.
+    pub fn cleanup_limit(self, max_running: usize, max_queued: usize) -> Self {
+        self.configure(|config| config.limiter = Arc::new(Limiter::new(max_running, max_queued)))
+    }
+
+    /// How the layer's async cleanups are doing: running, queued, refused and completed,
+    /// counted across every service and request built from this layer.
+    ///
+    /// ```
+    /// let layer = tower_cancel::CancellationLayer::new().cleanup_limit(16, 256);
+    /// let counts = layer.cleanup_counts();
+    /// assert_eq!((counts.running, counts.queued, counts.refused), (0, 0, 0));
+    /// ```
+    pub fn cleanup_counts(&self) -> CleanupCounts {
+        self.config.limiter.counts()
     }
 
     /// The tracker async cleanups are spawned on: the one given to
@@ -115,7 +239,7 @@ impl CancellationLayer {
     /// # }
     /// ```
     pub fn tracker(&self) -> &TaskTracker {
-        self.hooks.tracker()
+        &self.config.tracker
     }
 }
 
@@ -125,19 +249,34 @@ impl Default for CancellationLayer {
     }
 }
 
-impl fmt::Debug for CancellationLayer {
+impl<M> Clone for CancellationLayer<M> {
+    fn clone(&self) -> Self {
+        Self {
+            config: Arc::clone(&self.config),
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<M> fmt::Debug for CancellationLayer<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &self.config;
         f.debug_struct("CancellationLayer")
-            .field("callbacks", &self.hooks.len())
-            .field("tracker", self.hooks.tracker())
+            .field("mode", &std::any::type_name::<M>())
+            .field("callbacks", &config.hooks.len())
+            .field("tracker", &config.tracker)
+            .field("cleanups", &config.limiter)
+            .field("shutdown", &config.shutdown)
+            .field("timeout", &config.timeout)
+            .field("grpc_timeout", &config.grpc_timeout)
             .finish()
     }
 }
 
-impl<S> Layer<S> for CancellationLayer {
-    type Service = CancellationService<S>;
+impl<S, M> Layer<S> for CancellationLayer<M> {
+    type Service = CancellationService<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CancellationService::from_hooks(inner, Arc::clone(&self.hooks))
+        CancellationService::from_config(inner, Arc::clone(&self.config))
     }
 }

@@ -107,17 +107,24 @@
 
 mod body;
 mod cancelled;
+mod cleanup;
+mod config;
+mod deadline;
+mod detach;
 mod future;
 mod hooks;
 mod layer;
 mod request;
 mod scope;
 mod service;
+mod shutdown;
 
 pub use body::CancellableBody;
 pub use cancelled::{CancelReason, Cancelled, Phase};
+pub use cleanup::CleanupCounts;
+pub use detach::Detach;
 pub use future::ResponseFuture;
-pub use layer::CancellationLayer;
+pub use layer::{Attached, CancellationLayer, Detached};
 pub use request::RequestCancellation;
 pub use service::CancellationService;
 

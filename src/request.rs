@@ -59,7 +59,7 @@ impl RequestCancellation {
         Self { scope }
     }
 
-    pub(crate) fn scope(&self) -> &Scope {
+    pub(crate) fn scope_arc(&self) -> &Arc<Scope> {
         &self.scope
     }
 
@@ -137,12 +137,15 @@ impl RequestCancellation {
         self.scope.on_cancel(Box::new(callback));
     }
 
-    /// The request's deadline, if one applies.
+    /// The request's deadline, if one applies: the earliest of the layers'
+    /// [`timeout`](crate::CancellationLayer::timeout) and, where honoured, the `grpc-timeout`
+    /// header, counted from when the outermost layer saw the request.
     ///
-    /// This version has no deadline sources yet, so it is always `None`; the layer's
-    /// `timeout` and `grpc-timeout` support will set it.
+    /// When it passes, the request is cancelled with
+    /// [`CancelReason::DeadlineExceeded`]. Use it to budget work, or to pass the remaining
+    /// time on to a downstream call.
     pub fn deadline(&self) -> Option<Instant> {
-        None
+        self.scope.deadline()
     }
 }
 

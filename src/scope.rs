@@ -12,11 +12,15 @@
 //!   registrations run at once (cancelled) or are dropped (completed).
 //! * The winner of a cancellation cancels the token, emits the event and runs the callbacks,
 //!   all outside the lock.
+//! * The deadline is an offset from the start, in an atomic, so that a deeper layer can
+//!   shorten it; the guard's timer follows it. With a shutdown token, the scope is registered
+//!   in the layer's shutdown registry until it leaves the armed state.
 
 use std::fmt;
 use std::mem;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Context;
 use std::time::Duration;
 
 use http::{Method, Uri};
@@ -24,7 +28,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
+use crate::deadline::Timer;
 use crate::hooks::{Bound, contain};
+use crate::shutdown::Slot;
 use crate::{CancelReason, Cancelled, Phase};
 
 const ARMED_HANDLER: u8 = 0;
@@ -32,6 +38,9 @@ const ARMED_BODY: u8 = 1;
 const COMPLETED: u8 = 2;
 /// Set in every cancelled state; the low bits carry the phase (bit 0) and the reason.
 const CANCELLED: u8 = 0x80;
+
+/// `Scope::deadline` when the request has none.
+const NO_DEADLINE: u64 = u64::MAX;
 
 fn encode(reason: CancelReason, phase: Phase) -> u8 {
     let reason = match reason {
@@ -80,7 +89,21 @@ struct Registry {
     /// The handler's `on_cancel` registrations, in registration order.
     handler: Vec<HandlerCallback>,
     /// Layers deeper in the stack that joined this scope, outermost first.
-    joined: Vec<Bound>,
+    joined: Vec<Joined>,
+}
+
+/// A deeper layer that joined the scope, and its shutdown registration if it has a token.
+struct Joined {
+    bound: Bound,
+    slot: Option<Slot>,
+}
+
+impl Joined {
+    fn deregister(&self) {
+        if let (Some(slot), Some(shutdown)) = (self.slot, &self.bound.config().shutdown) {
+            shutdown.deregister(slot);
+        }
+    }
 }
 
 /// What a late registration finds.
@@ -95,30 +118,56 @@ pub(crate) struct Scope {
     method: Method,
     uri: Uri,
     started: Instant,
+    /// Nanoseconds from `started` to the deadline, or `NO_DEADLINE`.
+    deadline: AtomicU64,
     /// The span that was current when the layer saw the request (if the event is enabled).
     span: Span,
-    /// The callbacks of the layer that created the scope (the outermost one).
+    /// The configuration of the layer that created the scope (the outermost one).
     creator: Bound,
+    /// Where the creator's shutdown registry holds this scope.
+    slot: Option<Slot>,
     registry: Mutex<Registry>,
 }
 
 impl Scope {
-    pub(crate) fn new(method: Method, uri: Uri, creator: Bound) -> Arc<Self> {
+    /// A new armed scope. It starts cancelled with `Shutdown` if the creator's shutdown has
+    /// begun.
+    pub(crate) fn new(
+        method: Method,
+        uri: Uri,
+        creator: Bound,
+        time_limit: Option<Duration>,
+    ) -> Arc<Self> {
         let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
             Span::current()
         } else {
             Span::none()
         };
-        Arc::new(Self {
-            state: AtomicU8::new(ARMED_HANDLER),
-            token: CancellationToken::new(),
-            method,
-            uri,
-            started: Instant::now(),
-            span,
-            creator,
-            registry: Mutex::new(Registry::default()),
-        })
+        let mut shutting_down = false;
+        let scope = Arc::new_cyclic(|this| {
+            let slot = creator.config().shutdown.as_ref().and_then(|shutdown| {
+                shutdown
+                    .register(this.clone())
+                    .inspect_err(|_| shutting_down = true)
+                    .ok()
+            });
+            Self {
+                state: AtomicU8::new(ARMED_HANDLER),
+                token: CancellationToken::new(),
+                method,
+                uri,
+                started: Instant::now(),
+                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, offset)),
+                span,
+                creator,
+                slot,
+                registry: Mutex::new(Registry::default()),
+            }
+        });
+        if shutting_down {
+            scope.cancel(CancelReason::Shutdown);
+        }
+        scope
     }
 
     pub(crate) fn token(&self) -> &CancellationToken {
@@ -132,6 +181,19 @@ impl Scope {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         // User code never runs under this lock, so poisoning carries no meaning here.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When the request's deadline passes, if it has one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match self.deadline.load(Ordering::Acquire) {
+            NO_DEADLINE => None,
+            nanos => self.started.checked_add(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Whether the request is still running (neither completed nor cancelled).
+    pub(crate) fn is_armed(&self) -> bool {
+        is_armed(self.state.load(Ordering::Acquire))
     }
 
     /// The recorded outcome, if the scope was cancelled.
@@ -214,7 +276,7 @@ impl Scope {
                 Ok(_) => {
                     // Drop the registrations (outside the lock): they will never run, and a
                     // closure holding a handle to this scope would otherwise keep it alive.
-                    let dropped = {
+                    let (handler, joined) = {
                         let mut registry = self.registry();
                         registry.closed = true;
                         (
@@ -222,7 +284,8 @@ impl Scope {
                             mem::take(&mut registry.joined),
                         )
                     };
-                    drop(dropped);
+                    self.deregister(&joined);
+                    drop((handler, joined));
                     return;
                 }
                 Err(actual) => current = actual,
@@ -267,19 +330,48 @@ impl Scope {
         }
     }
 
-    /// A layer deeper in the stack joins this scope. If the scope was already cancelled, its
-    /// callbacks run at once.
-    pub(crate) fn join(&self, bound: Bound) {
+    /// A layer deeper in the stack joins this scope: its time limit can only shorten the
+    /// deadline, its shutdown token cancels the request too, and its callbacks run with the
+    /// others. If the scope was already cancelled, its callbacks run at once.
+    pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<Duration>) {
+        if let Some(limit) = time_limit {
+            self.deadline.fetch_min(offset(limit), Ordering::AcqRel);
+        }
+        let mut shutting_down = false;
         let late = {
             let mut registry = self.registry();
             if !registry.closed {
-                registry.joined.push(bound);
-                return;
+                let slot = bound.config().shutdown.as_ref().and_then(|shutdown| {
+                    shutdown
+                        .register(Arc::downgrade(self))
+                        .inspect_err(|_| shutting_down = true)
+                        .ok()
+                });
+                registry.joined.push(Joined { bound, slot });
+                None
+            } else {
+                Some((self.late(&registry), bound))
             }
-            self.late(&registry)
         };
-        if let Late::Cancelled(cancelled) = late {
-            self.span.in_scope(|| bound.run(&cancelled, &self.span));
+        match late {
+            None if shutting_down => {
+                self.cancel(CancelReason::Shutdown);
+            }
+            None => {}
+            Some((Late::Cancelled(cancelled), bound)) => {
+                self.span.in_scope(|| bound.run(&cancelled, &self.span));
+            }
+            Some((Late::Completed, _)) => {}
+        }
+    }
+
+    /// Leaves the shutdown registries: the scope is no longer armed.
+    fn deregister(&self, joined: &[Joined]) {
+        if let (Some(slot), Some(shutdown)) = (self.slot, &self.creator.config().shutdown) {
+            shutdown.deregister(slot);
+        }
+        for layer in joined {
+            layer.deregister();
         }
     }
 
@@ -316,6 +408,7 @@ impl Scope {
                 mem::take(&mut registry.joined),
             )
         };
+        self.deregister(&joined);
         self.span.in_scope(|| {
             tracing::debug!(
                 target: "tower_cancel",
@@ -331,8 +424,8 @@ impl Scope {
             for callback in handler {
                 contain("on_cancel callback", &cancelled, || callback(&cancelled));
             }
-            for bound in joined.iter().rev() {
-                bound.run(&cancelled, &self.span);
+            for layer in joined.iter().rev() {
+                layer.bound.run(&cancelled, &self.span);
             }
             self.creator.run(&cancelled, &self.span);
         });
@@ -354,17 +447,50 @@ impl fmt::Debug for Scope {
     }
 }
 
+/// The deadline as an offset from the start; saturates far beyond any real deadline.
+fn offset(limit: Duration) -> u64 {
+    u64::try_from(limit.as_nanos()).map_or(NO_DEADLINE - 1, |nanos| nanos.min(NO_DEADLINE - 1))
+}
+
 /// Owned by the response future, then by the response body: dropping it while armed cancels
-/// the request with `Disconnected`.
+/// the request with `Disconnected`; its timer cancels it with `DeadlineExceeded`.
 #[derive(Default)]
 pub(crate) struct Guard {
     /// `None` when disarmed (or when a deeper layer only joined an outer layer's scope).
     scope: Option<Arc<Scope>>,
+    /// Created when the request has a deadline and is first polled.
+    timer: Timer,
 }
 
 impl Guard {
     pub(crate) fn new(scope: Arc<Scope>) -> Self {
-        Self { scope: Some(scope) }
+        Self {
+            scope: Some(scope),
+            timer: Timer::default(),
+        }
+    }
+
+    /// The response future or body is pending: notices a token cancelled by application code
+    /// and enforces the deadline.
+    pub(crate) fn pending(&mut self, cx: &mut Context<'_>) {
+        if let Some(scope) = self.scope.as_deref() {
+            scope.notice_token();
+        }
+        self.poll_deadline(cx);
+    }
+
+    /// Cancels the request with `DeadlineExceeded` once its deadline passed; until then the
+    /// timer wakes the task when it does. Costs one atomic load without a deadline.
+    pub(crate) fn poll_deadline(&mut self, cx: &mut Context<'_>) {
+        let Some(scope) = self.scope.as_deref() else {
+            return;
+        };
+        let Some(deadline) = scope.deadline() else {
+            return;
+        };
+        if scope.is_armed() && self.timer.poll_until(deadline, cx).is_ready() {
+            scope.cancel(CancelReason::DeadlineExceeded);
+        }
     }
 
     /// Moves the guard out (from the response future into the body), leaving a disarmed one.
@@ -408,29 +534,35 @@ mod tests {
     use std::thread;
 
     use super::*;
-    use crate::hooks::Hooks;
+    use crate::config::Config;
+    use crate::hooks::Hook;
 
     type Log = Arc<Mutex<Vec<String>>>;
 
-    fn hooks_logging(log: &Log, name: &'static str) -> Arc<Hooks> {
-        let mut hooks = Hooks::new();
+    fn hooks_logging(log: &Log, name: &'static str) -> Arc<Config> {
+        let mut config = Config::new();
         for i in 1..=2 {
             let log = log.clone();
-            hooks.push_sync(move |c: &Cancelled| {
+            config.hooks.push(Hook::sync(move |c: &Cancelled| {
                 log.lock()
                     .unwrap()
                     .push(format!("{name}{i}:{}", c.reason()));
-            });
+            }));
         }
-        Arc::new(hooks)
+        Arc::new(config)
     }
 
-    fn scope_with(hooks: &Arc<Hooks>) -> Arc<Scope> {
-        Scope::new(Method::GET, Uri::from_static("/x"), Bound::capture(hooks))
+    fn scope_with(config: &Arc<Config>) -> Arc<Scope> {
+        Scope::new(
+            Method::GET,
+            Uri::from_static("/x"),
+            Bound::capture(config),
+            None,
+        )
     }
 
     fn scope() -> Arc<Scope> {
-        scope_with(&Arc::new(Hooks::new()))
+        scope_with(&Arc::new(Config::new()))
     }
 
     fn counter(scope: &Scope) -> Arc<AtomicUsize> {
@@ -546,8 +678,8 @@ mod tests {
     fn order_is_handler_then_innermost_layer_to_outermost() {
         let log: Log = Arc::default();
         let scope = scope_with(&hooks_logging(&log, "outer"));
-        scope.join(Bound::capture(&hooks_logging(&log, "middle")));
-        scope.join(Bound::capture(&hooks_logging(&log, "inner")));
+        scope.join(Bound::capture(&hooks_logging(&log, "middle")), None);
+        scope.join(Bound::capture(&hooks_logging(&log, "inner")), None);
         for name in ["h1", "h2"] {
             let log = log.clone();
             scope.on_cancel(Box::new(move |c| {
@@ -576,7 +708,7 @@ mod tests {
         let log: Log = Arc::default();
         let scope = scope();
         scope.cancel(CancelReason::Shutdown);
-        scope.join(Bound::capture(&hooks_logging(&log, "late")));
+        scope.join(Bound::capture(&hooks_logging(&log, "late")), None);
         assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
     }
 

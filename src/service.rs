@@ -2,15 +2,20 @@
 //! request extensions.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::hooks::{Bound, Hooks};
+use crate::config::Config;
+use crate::hooks::Bound;
 use crate::scope::{Guard, Scope};
-use crate::{CancellableBody, CancellationLayer, RequestCancellation, ResponseFuture};
+use crate::{
+    Attached, CancellableBody, CancellationLayer, Detach, Detached, RequestCancellation,
+    ResponseFuture,
+};
 
 /// Middleware that gives each request a cancellation scope. Built by [`CancellationLayer`].
 ///
@@ -21,7 +26,10 @@ use crate::{CancellableBody, CancellationLayer, RequestCancellation, ResponseFut
 /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected).
 ///
 /// If the request already carries a `RequestCancellation` (an outer `CancellationLayer`
-/// created it), this service joins that scope instead of creating a second one.
+/// created it), this service joins that scope instead of creating a second one: its
+/// callbacks, shutdown token and deadline apply to it as well.
+///
+/// `M` is [`Attached`] (the default) or [`Detached`]; see [`CancellationLayer::detached`].
 ///
 /// # Example
 ///
@@ -43,24 +51,31 @@ use crate::{CancellableBody, CancellationLayer, RequestCancellation, ResponseFut
 /// assert_eq!(response.status(), 200);
 /// # }
 /// ```
-pub struct CancellationService<S> {
+pub struct CancellationService<S, M = Attached> {
     inner: S,
-    hooks: Arc<Hooks>,
+    config: Arc<Config>,
+    mode: PhantomData<fn() -> M>,
 }
 
 impl<S> CancellationService<S> {
     /// Wraps `inner` with a default [`CancellationLayer`] (no callbacks).
     pub fn new(inner: S) -> Self {
-        Self::from_hooks(inner, Arc::new(Hooks::new()))
+        Self::from_config(inner, Arc::new(Config::new()))
     }
 
     /// A [`CancellationLayer`] to configure, for use with `ServiceBuilder`.
     pub fn layer() -> CancellationLayer {
         CancellationLayer::new()
     }
+}
 
-    pub(crate) fn from_hooks(inner: S, hooks: Arc<Hooks>) -> Self {
-        Self { inner, hooks }
+impl<S, M> CancellationService<S, M> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            config,
+            mode: PhantomData,
+        }
     }
 
     /// The inner service.
@@ -77,27 +92,50 @@ impl<S> CancellationService<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-}
 
-impl<S: Clone> Clone for CancellationService<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            hooks: Arc::clone(&self.hooks),
+    /// Creates or joins the request's scope and fills the extensions. The guard is armed
+    /// only if this service created the scope.
+    fn enter<B>(&self, req: &mut Request<B>) -> Guard {
+        let bound = Bound::capture(&self.config);
+        let time_limit = self.config.time_limit(req.headers());
+        match req.extensions().get::<RequestCancellation>() {
+            Some(outer) => {
+                // An outer layer owns the scope and its guard; add our configuration to it.
+                outer.scope_arc().join(bound, time_limit);
+                Guard::default()
+            }
+            None => {
+                let scope = Scope::new(req.method().clone(), req.uri().clone(), bound, time_limit);
+                let extensions = req.extensions_mut();
+                extensions.insert(scope.token().clone());
+                extensions.insert(RequestCancellation::new(Arc::clone(&scope)));
+                Guard::new(scope)
+            }
         }
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for CancellationService<S> {
+impl<S: Clone, M> Clone for CancellationService<S, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for CancellationService<S, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CancellationService")
             .field("inner", &self.inner)
-            .field("callbacks", &self.hooks.len())
+            .field("mode", &std::any::type_name::<M>())
+            .field("callbacks", &self.config.hooks.len())
             .finish()
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CancellationService<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CancellationService<S, Attached>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: http_body::Body,
@@ -111,21 +149,29 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let bound = Bound::capture(&self.hooks);
-        let guard = match req.extensions().get::<RequestCancellation>() {
-            Some(outer) => {
-                // An outer layer owns the scope and its guard; add our callbacks to it.
-                outer.scope().join(bound);
-                Guard::default()
-            }
-            None => {
-                let scope = Scope::new(req.method().clone(), req.uri().clone(), bound);
-                let extensions = req.extensions_mut();
-                extensions.insert(scope.token().clone());
-                extensions.insert(RequestCancellation::new(Arc::clone(&scope)));
-                Guard::new(scope)
-            }
-        };
+        let guard = self.enter(&mut req);
         ResponseFuture::new(self.inner.call(req), guard)
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CancellationService<S, Detached>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: http_body::Body + Send + 'static,
+{
+    type Response = Response<CancellableBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Detach<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let guard = self.enter(&mut req);
+        let handler = Detach::spawn(self.inner.call(req), &self.config.tracker);
+        ResponseFuture::new(handler, guard)
     }
 }

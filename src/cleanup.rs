@@ -1,0 +1,226 @@
+//! Bounded async cleanup: at most `max_running` cleanups run at once, at most `max_queued` wait
+//! behind them, and anything beyond is refused, reported and counted.
+//!
+//! A running slot is a worker task: once its cleanup finishes, it takes the next queued one
+//! and runs it in the same task, so a flood of cancellations (HTTP/2 rapid reset) never turns
+//! into a flood of tasks. Queued cleanups are not spawned yet, but each holds a token of the
+//! layer's `TaskTracker`, so `tracker.wait()` waits for them too.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::Cancelled;
+
+/// Default number of async cleanups that may run at once, per layer.
+pub(crate) const DEFAULT_MAX_RUNNING: usize = 64;
+/// Default number of async cleanups that may wait for a running slot, per layer.
+pub(crate) const DEFAULT_MAX_QUEUED: usize = 1024;
+
+/// A cleanup ready to run: panics already contained, span already attached.
+pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pub(crate) struct Limiter {
+    max_running: usize,
+    max_queued: usize,
+    state: Mutex<State>,
+    refused: AtomicU64,
+    completed: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    running: usize,
+    queue: VecDeque<(Job, TaskTrackerToken)>,
+}
+
+/// How a layer's async cleanups are doing: a snapshot for metrics and health checks.
+///
+/// Returned by [`CancellationLayer::cleanup_counts`](crate::CancellationLayer::cleanup_counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CleanupCounts {
+    /// Cleanups running now (at most the configured limit).
+    pub running: usize,
+    /// Cleanups waiting for a running slot (at most the configured queue length).
+    pub queued: usize,
+    /// Cleanups refused since the layer was built, because the queue was full.
+    pub refused: u64,
+    /// Cleanups that ran to their end (or panicked, which is reported) since the layer was built.
+    pub completed: u64,
+}
+
+impl Limiter {
+    pub(crate) fn new(max_running: usize, max_queued: usize) -> Self {
+        Self {
+            max_running: max_running.max(1),
+            max_queued,
+            state: Mutex::new(State::default()),
+            refused: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No user code runs under this lock.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn counts(&self) -> CleanupCounts {
+        let (running, queued) = {
+            let state = self.lock();
+            (state.running, state.queue.len())
+        };
+        CleanupCounts {
+            running,
+            queued,
+            refused: self.refused.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `job` now if a slot is free, queues it if the queue has room, else refuses it.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        job: Job,
+        tracker: &TaskTracker,
+        runtime: &Handle,
+        cancelled: &Cancelled,
+    ) {
+        let mut state = self.lock();
+        if state.running < self.max_running {
+            state.running += 1;
+            drop(state);
+            tracker.spawn_on(Arc::clone(self).work(job), runtime);
+        } else if state.queue.len() < self.max_queued {
+            state.queue.push_back((job, tracker.token()));
+        } else {
+            drop(state);
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            drop(job);
+            tracing::warn!(
+                target: "tower_cancel",
+                reason = %cancelled.reason(),
+                method = %cancelled.method(),
+                path = cancelled.uri().path(),
+                limit = self.max_running,
+                queue = self.max_queued,
+                refused_total = refused,
+                "async cancellation cleanup refused: the cleanup queue is full",
+            );
+        }
+    }
+
+    /// One running slot: runs `job`, then whatever is queued, then gives the slot back.
+    async fn work(self: Arc<Self>, mut job: Job) {
+        let mut slot = RunningSlot {
+            limiter: &self,
+            held: true,
+        };
+        loop {
+            job.await;
+            self.completed.fetch_add(1, Ordering::Relaxed);
+            let mut state = self.lock();
+            match state.queue.pop_front() {
+                // The queued cleanup's tracker token is dropped as it starts: this task is
+                // tracked and keeps the tracker open until the cleanup ends.
+                Some((next, _tracked)) => job = next,
+                None => {
+                    // Under the lock, so a submitter cannot queue behind a slot that is leaving.
+                    state.running -= 1;
+                    slot.held = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Gives the running slot back if the worker task is dropped early (runtime shutdown).
+struct RunningSlot<'a> {
+    limiter: &'a Limiter,
+    held: bool,
+}
+
+impl Drop for RunningSlot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.limiter.lock().running -= 1;
+        }
+    }
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("max_running", &self.max_running)
+            .field("max_queued", &self.max_queued)
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http::{Method, Uri};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::{CancelReason, Phase};
+
+    fn cancelled() -> Cancelled {
+        Cancelled {
+            reason: CancelReason::Disconnected,
+            phase: Phase::Handler,
+            method: Method::GET,
+            uri: Uri::from_static("/"),
+            elapsed: std::time::Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_up_to_the_limit_queues_then_refuses() {
+        let limiter = Arc::new(Limiter::new(2, 3));
+        let tracker = TaskTracker::new();
+        let gate = Arc::new(Notify::new());
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..10 {
+            let (gate, ran) = (gate.clone(), ran.clone());
+            let job: Job = Box::pin(async move {
+                gate.notified().await;
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+            limiter.submit(job, &tracker, &Handle::current(), &cancelled());
+        }
+        let counts = limiter.counts();
+        assert_eq!((counts.running, counts.queued, counts.refused), (2, 3, 5));
+        assert_eq!(tracker.len(), 5, "queued cleanups are tracked too");
+
+        tracker.close();
+        while !tracker.is_empty() {
+            gate.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+        tracker.wait().await;
+        assert_eq!(ran.load(Ordering::SeqCst), 5);
+        let counts = limiter.counts();
+        assert_eq!(
+            counts,
+            CleanupCounts {
+                running: 0,
+                queued: 0,
+                refused: 5,
+                completed: 5
+            }
+        );
+    }
+}

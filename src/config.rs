@@ -1,0 +1,52 @@
+//! What a layer is configured with, shared by every service it builds and every request scope.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio_util::task::TaskTracker;
+
+use crate::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
+use crate::deadline;
+use crate::hooks::Hook;
+use crate::shutdown::Shutdown;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    /// The layer's callbacks, in the order they were added.
+    pub(crate) hooks: Vec<Hook>,
+    pub(crate) has_async: bool,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) shutdown: Option<Shutdown>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) grpc_timeout: bool,
+}
+
+impl Config {
+    pub(crate) fn new() -> Self {
+        Self {
+            hooks: Vec::new(),
+            has_async: false,
+            tracker: TaskTracker::new(),
+            limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
+            shutdown: None,
+            timeout: None,
+            grpc_timeout: false,
+        }
+    }
+
+    /// How long a request with these headers may run: the shorter of the layer's timeout and
+    /// a valid `grpc-timeout` header (when honoured).
+    pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<Duration> {
+        let header = if self.grpc_timeout {
+            deadline::grpc_timeout(headers)
+        } else {
+            None
+        };
+        match (self.timeout, header) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

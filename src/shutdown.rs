@@ -1,0 +1,275 @@
+//! The shutdown cascade: which requests are in flight, and who cancels them when the server's
+//! shutdown token is cancelled.
+//!
+//! Making every request a child token of the shutdown token would take that token's mutex
+//! twice per request, on every core: the server would be serialised on one lock. Instead the
+//! in-flight scopes live in a sharded registry. A thread always uses the same shard, so on a
+//! multi-threaded runtime the shards' locks are almost never contended, and each shard sits on
+//! its own cache lines. One watcher task per layer waits on the shutdown token; when it fires,
+//! it closes every shard (a request that arrives afterwards starts cancelled) and cancels the
+//! scopes it found there.
+
+use std::cell::Cell;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::CancelReason;
+use crate::scope::Scope;
+
+/// Where a scope is registered, to remove it when the request ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slot {
+    shard: usize,
+    key: usize,
+}
+
+/// The layer's shutdown token and its registry of in-flight requests. Clones share both.
+#[derive(Clone)]
+pub(crate) struct Shutdown {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    token: CancellationToken,
+    /// Set once a watcher task was spawned for `token`.
+    watching: AtomicBool,
+    /// Cancelled when the layer's configuration is dropped, so the watcher does not outlive it.
+    dropped: CancellationToken,
+    shards: Box<[Shard]>,
+}
+
+/// One lock and its slots, alone on its cache lines (128 bytes covers adjacent-line prefetch).
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Set by the watcher: scopes are no longer accepted.
+    closed: bool,
+    entries: Vec<Entry>,
+    /// Head of the list of vacant entries.
+    free: Option<usize>,
+}
+
+enum Entry {
+    Occupied(Weak<Scope>),
+    Vacant(Option<usize>),
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        // No user code runs under this lock.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The shutdown began: the request must start cancelled.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+impl Shutdown {
+    pub(crate) fn new(token: CancellationToken) -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, usize::from);
+        let shards = (threads * 4).next_power_of_two().clamp(4, 256);
+        Self {
+            inner: Arc::new(Inner {
+                token,
+                watching: AtomicBool::new(false),
+                dropped: CancellationToken::new(),
+                shards: (0..shards).map(|_| Shard::default()).collect(),
+            }),
+        }
+    }
+
+    /// Adds an in-flight request. Fails once the shutdown has begun.
+    pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Slot, Closed> {
+        self.ensure_watcher();
+        let shard = self.inner.home_shard();
+        let mut slots = self.inner.shards[shard].lock();
+        if slots.closed {
+            return Err(Closed);
+        }
+        let key = match slots.free {
+            Some(key) => {
+                let Entry::Vacant(next) = slots.entries[key] else {
+                    unreachable!("the free list only links vacant entries");
+                };
+                slots.free = next;
+                slots.entries[key] = Entry::Occupied(scope);
+                key
+            }
+            None => {
+                slots.entries.push(Entry::Occupied(scope));
+                slots.entries.len() - 1
+            }
+        };
+        Ok(Slot { shard, key })
+    }
+
+    /// Removes a request that ended. Called exactly once per successful `register`.
+    pub(crate) fn deregister(&self, slot: Slot) {
+        let mut slots = self.inner.shards[slot.shard].lock();
+        if slots.closed {
+            // The watcher took every entry already.
+            return;
+        }
+        let free = slots.free;
+        slots.entries[slot.key] = Entry::Vacant(free);
+        slots.free = Some(slot.key);
+    }
+
+    /// Spawns the watcher on the current runtime the first time a request is seen.
+    fn ensure_watcher(&self) {
+        let inner = &self.inner;
+        if inner.watching.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = Handle::try_current() else {
+            // Outside a runtime: try again with the next request.
+            return;
+        };
+        if inner
+            .watching
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        runtime.spawn(watch(
+            Arc::downgrade(inner),
+            inner.token.clone(),
+            inner.dropped.clone(),
+        ));
+    }
+
+    /// Number of in-flight requests registered (for tests).
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .entries
+                    .iter()
+                    .filter(|e| matches!(e, Entry::Occupied(_)))
+                    .count()
+            })
+            .sum()
+    }
+}
+
+impl Inner {
+    /// The shard of the current thread: threads are spread round robin over the shards.
+    fn home_shard(&self) -> usize {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+        }
+        let home = HOME.with(|home| {
+            if home.get() == usize::MAX {
+                home.set(NEXT.fetch_add(1, Ordering::Relaxed));
+            }
+            home.get()
+        });
+        home & (self.shards.len() - 1)
+    }
+
+    /// Closes every shard and cancels the scopes that were in flight, outside the locks.
+    fn cancel_all(&self) -> usize {
+        let mut cancelled = 0;
+        for shard in &self.shards {
+            let entries = {
+                let mut slots = shard.lock();
+                slots.closed = true;
+                slots.free = None;
+                std::mem::take(&mut slots.entries)
+            };
+            for entry in entries {
+                if let Entry::Occupied(scope) = entry {
+                    if let Some(scope) = scope.upgrade() {
+                        scope.cancel(CancelReason::Shutdown);
+                        cancelled += 1;
+                    }
+                }
+            }
+        }
+        cancelled
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.dropped.cancel();
+    }
+}
+
+async fn watch(inner: Weak<Inner>, token: CancellationToken, dropped: CancellationToken) {
+    let mut shutdown = pin!(token.cancelled());
+    let mut unused = pin!(dropped.cancelled());
+    let shutting_down = poll_fn(|cx| {
+        if shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        if unused.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await;
+    if !shutting_down {
+        return;
+    }
+    if let Some(inner) = inner.upgrade() {
+        let cancelled = inner.cancel_all();
+        tracing::debug!(
+            target: "tower_cancel",
+            requests = cancelled,
+            "shutdown: cancelled the requests in flight",
+        );
+    }
+}
+
+impl fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shutdown")
+            .field("token", &self.inner.token)
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_and_closing_refuses_new_ones() {
+        let shutdown = Shutdown::new(CancellationToken::new());
+        let a = shutdown.register(Weak::new()).unwrap();
+        let b = shutdown.register(Weak::new()).unwrap();
+        assert_eq!(shutdown.in_flight(), 2);
+        shutdown.deregister(a);
+        let c = shutdown.register(Weak::new()).unwrap();
+        assert_eq!((c.shard, c.key), (a.shard, a.key), "vacant slot reused");
+        shutdown.deregister(b);
+        shutdown.deregister(c);
+        assert_eq!(shutdown.in_flight(), 0);
+
+        let d = shutdown.register(Weak::new()).unwrap();
+        assert_eq!(shutdown.inner.cancel_all(), 0, "dead scopes are skipped");
+        assert!(shutdown.register(Weak::new()).is_err());
+        shutdown.deregister(d);
+    }
+}
