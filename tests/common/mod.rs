@@ -141,7 +141,9 @@ impl Server {
                 let (open, closed) = (o.clone(), c.clone());
                 open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    // Room for the tests that keep thousands of streams in flight.
+                    builder.http2().max_concurrent_streams(20_000);
                     let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                     closed.notify_waiters();
@@ -210,6 +212,7 @@ impl Drop for DropLog {
 
 /// The test app. Every request logs `start {path}`, registers a handler callback that logs
 /// `handler {path} {reason} {phase}`, and logs `dropped {path}` if its future is dropped.
+/// `/honour` waits 30 s unless cancelled, then logs `stopped {path} {reason}` and answers 503.
 pub fn app(
     log: Log,
 ) -> impl Service<Request<Incoming>, Response = Response<AppBody>, Error = Infallible, Future: Send>
@@ -249,6 +252,18 @@ async fn route(req: Request<Incoming>, log: Log) -> Response<AppBody> {
         "/slow" | "/upload" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             Response::new(full("slow"))
+        }
+        "/honour" => {
+            // A 30 s handler that honours its token: it answers 503 as soon as it is cancelled.
+            tokio::select! {
+                reason = rc.cancelled() => {
+                    log.push(format!("stopped {path} {reason}"));
+                    let mut res = Response::new(full("stopped"));
+                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    res
+                }
+                () = tokio::time::sleep(Duration::from_secs(30)) => Response::new(full("slow")),
+            }
         }
         "/full" => Response::new(full("hello")),
         "/empty" => Response::new(http_body_util::Empty::new().boxed()),
