@@ -31,8 +31,14 @@ fn with_grpc_timeout(
 /// and now.
 fn assert_deadline_is(deadline: Option<Instant>, before: Instant, limit: Duration) {
     let deadline = deadline.expect("the request has a deadline");
-    assert!(deadline >= before + limit, "{deadline:?} < {before:?} + {limit:?}");
-    assert!(deadline <= Instant::now() + limit, "deadline later than {limit:?}");
+    assert!(
+        deadline >= before + limit,
+        "{deadline:?} < {before:?} + {limit:?}"
+    );
+    assert!(
+        deadline <= Instant::now() + limit,
+        "deadline later than {limit:?}"
+    );
 }
 
 #[tokio::test]
@@ -78,7 +84,11 @@ async fn grpc_timeout_shorter_than_the_timeout_wins() {
         log.with_prefix("layer"),
         ["layer /honour deadline_exceeded handler"]
     );
-    assert_deadline_is(log.handles()[0].deadline(), before, Duration::from_millis(50));
+    assert_deadline_is(
+        log.handles()[0].deadline(),
+        before,
+        Duration::from_millis(50),
+    );
 }
 
 #[tokio::test]
@@ -105,7 +115,10 @@ async fn grpc_timeout_is_ignored_unless_enabled() {
         .send_request(with_grpc_timeout(&server, "/full", "1n"))
         .await
         .unwrap();
-    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "hello"
+    );
     assert_eq!(log.handles()[0].deadline(), None);
     assert_all_completed(&log);
 }
@@ -115,7 +128,18 @@ async fn malformed_grpc_timeouts_are_ignored() {
     let log = Log::default();
     let server = serve(&log, log.layer("layer").grpc_timeout(true)).await;
     let (mut h2, _conn, _socket) = h2_client(&server).await;
-    let malformed = ["-5S", "+5S", "123456789m", "5s", "5", "S", "", "5 S", "1.5S", "5ms"];
+    let malformed = [
+        "-5S",
+        "+5S",
+        "123456789m",
+        "5s",
+        "5",
+        "S",
+        "",
+        "5 S",
+        "1.5S",
+        "5ms",
+    ];
     for value in malformed {
         let response = h2
             .send_request(with_grpc_timeout(&server, "/full", value))
@@ -152,7 +176,10 @@ async fn a_deadline_during_the_body_is_a_body_phase_cancel() {
     // never does).
     assert!(body.frame().await.unwrap().unwrap().is_data());
     assert!(log.with_prefix("body-dropped").is_empty());
-    assert_eq!(log.handles()[0].reason(), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(
+        log.handles()[0].reason(),
+        Some(CancelReason::DeadlineExceeded)
+    );
 }
 
 #[tokio::test]
@@ -200,7 +227,11 @@ async fn requests_that_finish_in_time_are_not_cancelled() {
     let server = serve(&log, log.layer("layer").timeout(Duration::from_secs(30))).await;
     for path in ["/full", "/stream"] {
         let mut stream = raw_request(&server, &get(path)).await;
-        let expected = if path == "/full" { "hello" } else { "0\r\n\r\n" };
+        let expected = if path == "/full" {
+            "hello"
+        } else {
+            "0\r\n\r\n"
+        };
         read_until(&mut stream, expected).await;
     }
     assert!(log.handles().iter().all(|rc| rc.deadline().is_some()));

@@ -36,7 +36,11 @@ async fn pay(
     log: Log,
     release: CancellationToken,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let rc = req.extensions().get::<RequestCancellation>().unwrap().clone();
+    let rc = req
+        .extensions()
+        .get::<RequestCancellation>()
+        .unwrap()
+        .clone();
     log.keep(rc.clone());
     let l = log.clone();
     rc.on_cancel(move |c| l.push(describe("handler", c)));
