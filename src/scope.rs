@@ -536,6 +536,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::hooks::Hook;
+    use crate::shutdown::Shutdown;
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -802,6 +803,103 @@ mod tests {
                     "completed token stays uncancelled"
                 );
             }
+        }
+    }
+
+    fn with_shutdown() -> (Arc<Config>, Shutdown) {
+        let shutdown = Shutdown::new(CancellationToken::new());
+        let mut config = Config::new();
+        config.shutdown = Some(shutdown.clone());
+        (Arc::new(config), shutdown)
+    }
+
+    #[test]
+    fn a_joined_layer_can_only_shorten_the_deadline() {
+        let config = Arc::new(Config::new());
+        let scope = Scope::new(
+            Method::GET,
+            Uri::from_static("/x"),
+            Bound::capture(&config),
+            Some(Duration::from_secs(10)),
+        );
+        let start = scope.deadline().unwrap() - Duration::from_secs(10);
+        scope.join(Bound::capture(&config), Some(Duration::from_secs(1)));
+        assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
+        scope.join(Bound::capture(&config), Some(Duration::from_secs(20)));
+        scope.join(Bound::capture(&config), None);
+        assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
+        assert_eq!(self::scope().deadline(), None);
+    }
+
+    #[test]
+    fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
+        let log: Log = Arc::default();
+        let (config, shutdown) = with_shutdown();
+        let armed = scope_with(&config);
+        let runs = counter(&armed);
+        let completed = scope_with(&config);
+        completed.finish();
+        assert_eq!(shutdown.in_flight(), 1, "completion leaves the registry");
+
+        assert_eq!(shutdown.close(), 1);
+        assert_eq!(armed.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(completed.reason(), None);
+
+        let mut late_config = Config::clone(&config);
+        late_config.hooks = hooks_logging(&log, "late").hooks.clone();
+        let late = scope_with(&Arc::new(late_config));
+        assert_eq!(
+            late.cancellation(),
+            Some((CancelReason::Shutdown, Phase::Handler))
+        );
+        assert!(late.token().is_cancelled());
+        assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
+    }
+
+    #[test]
+    fn a_joined_layer_with_a_shutdown_token_cancels_the_outer_scope() {
+        let (config, shutdown) = with_shutdown();
+        let scope = self::scope();
+        let runs = counter(&scope);
+        scope.join(Bound::capture(&config), None);
+        assert_eq!(shutdown.in_flight(), 1);
+        shutdown.close();
+        assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        // Joining after that layer's shutdown began cancels at once.
+        let scope = self::scope();
+        scope.join(Bound::capture(&config), None);
+        assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    }
+
+    #[test]
+    fn shutdown_racing_completion_and_drop_settles_once_and_leaves_no_entry() {
+        for round in 0..500 {
+            let (config, shutdown) = with_shutdown();
+            let scopes: Vec<_> = (0..4).map(|_| scope_with(&config)).collect();
+            let runs: Vec<_> = scopes.iter().map(|s| counter(s)).collect();
+            thread::scope(|s| {
+                s.spawn(|| shutdown.close());
+                s.spawn(|| scopes[0].finish());
+                s.spawn(|| scopes[1].abandon());
+                s.spawn(|| {
+                    scopes[2].enter_body();
+                    scopes[2].finish();
+                });
+                // scopes[3] stays in flight: only the shutdown can end it.
+            });
+            assert_eq!(
+                scopes[3].reason(),
+                Some(CancelReason::Shutdown),
+                "round {round}"
+            );
+            for (scope, runs) in scopes.iter().zip(&runs) {
+                let expected = usize::from(scope.cancellation().is_some());
+                assert_eq!(runs.load(Ordering::SeqCst), expected, "round {round}");
+            }
+            assert_eq!(shutdown.in_flight(), 0, "round {round}");
         }
     }
 }

@@ -152,9 +152,15 @@ impl Shutdown {
         ));
     }
 
+    /// Cancels every registered request as the watcher does (for tests without a runtime).
+    #[cfg(test)]
+    pub(crate) fn close(&self) -> usize {
+        self.inner.cancel_all()
+    }
+
     /// Number of in-flight requests registered (for tests).
     #[cfg(test)]
-    fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.inner
             .shards
             .iter()

@@ -205,3 +205,36 @@ fn no_runtime_for_async_cleanup_is_reported_not_a_panic() {
     assert_eq!(events[1].level, tracing::Level::ERROR);
     assert!(events[1].fields["message"].contains("no Tokio runtime"));
 }
+
+#[tokio::test]
+async fn malformed_grpc_timeout_is_ignored_with_a_debug_event() {
+    let capture = events();
+    let log = Log::default();
+    let layer = log.layer("layer").grpc_timeout(true);
+    let server = Server::start(ServiceBuilder::new().layer(layer).service(app(log.clone()))).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    let mut request = h2_get(&server, "/full");
+    request
+        .headers_mut()
+        .insert("grpc-timeout", "-7S".parse().unwrap());
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(log.handles()[0].deadline(), None);
+
+    let events: Vec<_> = capture
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.fields.get("value").map(String::as_str) == Some("\"-7S\""))
+        .cloned()
+        .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].level, tracing::Level::DEBUG);
+    assert_eq!(events[0].target, "tower_cancel");
+    assert_eq!(
+        events[0].fields["message"],
+        "ignoring malformed grpc-timeout header"
+    );
+    assert_eq!(events[0].fields["why"], "not an ASCII digit before the unit");
+}
