@@ -9,11 +9,16 @@
 //! 1. every request gets a scope, inserted into its extensions as a [`RequestCancellation`]
 //!    handle and as the plain [`CancellationToken`] (the same token);
 //! 2. when the request is abandoned (the response future or body is dropped before the body
-//!    reached its end), the token is cancelled once, the [`CancelReason`] and [`Phase`] are
-//!    recorded, and the cleanup callbacks run: the handler's own
-//!    ([`RequestCancellation::on_cancel`]), then the layer's ([`CancellationLayer::on_cancel`],
-//!    [`CancellationLayer::on_cancel_async`]);
+//!    reached its end), the server shuts down ([`CancellationLayer::shutdown_token`]) or its
+//!    deadline passes ([`CancellationLayer::timeout`], [`CancellationLayer::grpc_timeout`]),
+//!    the token is cancelled once, the [`CancelReason`] and [`Phase`] are recorded, and the
+//!    cleanup callbacks run: the handler's own ([`RequestCancellation::on_cancel`]), then the
+//!    layer's ([`CancellationLayer::on_cancel`], [`CancellationLayer::on_cancel_async`]);
 //! 3. a request that completes is never cancelled.
+//!
+//! Routes whose work must finish even when the client leaves use
+//! [`CancellationLayer::detached`]; async cleanups are bounded
+//! ([`CancellationLayer::cleanup_limit`]) so that a flood of cancellations cannot pile up tasks.
 //!
 //! # Example
 //!
@@ -61,7 +66,7 @@
 //! ```
 //!
 //! With hyper, axum or tonic the layer goes around the service you serve; see the
-//! repository's `examples/` for a complete hyper server.
+//! repository's `examples/` for a complete hyper server and a graceful shutdown.
 //!
 //! # Semantics
 //!
@@ -80,11 +85,16 @@
 //! * **Panics** in callbacks are caught and reported with `tracing::error!`; the remaining
 //!   callbacks still run, also when the drop happens while the thread is unwinding.
 //! * **Async cleanup** runs on the runtime the request arrived on, tracked by a
-//!   [`TaskTracker`](tokio_util::task::TaskTracker).
+//!   [`TaskTracker`](tokio_util::task::TaskTracker), at most
+//!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once.
+//! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
+//!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
+//!   answers. A request that arrives after the shutdown began starts cancelled.
 //! * **Explicit cancellation.** Cancelling the token from application code cancels the request
 //!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
 //!   polled pending, when the request ends, or when the handle is queried.
-//! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one.
+//! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one: its
+//!   callbacks, shutdown token and deadline (which can only shorten the outer one) apply.
 //! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`
 //!   (fields `reason`, `phase`, `method`, `path`, `elapsed`), inside the span that was
 //!   current when the request entered the layer.

@@ -236,5 +236,8 @@ async fn malformed_grpc_timeout_is_ignored_with_a_debug_event() {
         events[0].fields["message"],
         "ignoring malformed grpc-timeout header"
     );
-    assert_eq!(events[0].fields["why"], "not an ASCII digit before the unit");
+    assert_eq!(
+        events[0].fields["why"],
+        "not an ASCII digit before the unit"
+    );
 }
