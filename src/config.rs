@@ -11,7 +11,12 @@ use crate::deadline;
 use crate::hooks::Hook;
 use crate::shutdown::Shutdown;
 
+/// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
+/// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
+/// without the alignment the fields every request reads would share its cache line, which
+/// costs a cache miss per read on multi-threaded servers.
 #[derive(Clone)]
+#[repr(align(128))]
 pub(crate) struct Config {
     /// The layer's callbacks, in the order they were added.
     pub(crate) hooks: Vec<Hook>,
