@@ -237,3 +237,28 @@ async fn requests_that_finish_in_time_are_not_cancelled() {
     assert!(log.handles().iter().all(|rc| rc.deadline().is_some()));
     assert_all_completed(&log);
 }
+
+#[test]
+fn a_runtime_without_timers_leaves_the_deadline_unenforced_without_panicking() {
+    use tower::{ServiceExt, service_fn};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap(); // no `enable_time`: creating a timer would panic
+    let layer = CancellationLayer::new().timeout(Duration::from_millis(1));
+    let svc = tower::Layer::layer(
+        &layer,
+        service_fn(|req: http::Request<()>| async move {
+            tokio::task::yield_now().await; // pending once: the layer polls its deadline
+            let rc = req
+                .extensions()
+                .get::<tower_cancel::RequestCancellation>()
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(http::Response::new(format!("{:?}", rc.reason())))
+        }),
+    );
+    let body = runtime.block_on(async {
+        let response = svc.oneshot(http::Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    assert_eq!(body, "None");
+}
