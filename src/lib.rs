@@ -149,6 +149,10 @@ fn _assert_traits() {
     fn send_sync_clone<T: Send + Sync + Clone>() {}
     fn send<T: Send>() {}
     send_sync_clone::<CancellationLayer>();
+    send_sync_clone::<CancellationLayer<Detached>>();
+    send_sync_clone::<CancellationService<tower_layer::Identity, Detached>>();
+    send::<ResponseFuture<Detach<std::future::Ready<()>>>>();
+    send_sync_clone::<CleanupCounts>();
     send_sync_clone::<RequestCancellation>();
     send_sync_clone::<Cancelled>();
     send_sync_clone::<CancellationService<tower_layer::Identity>>();
