@@ -121,6 +121,8 @@ mod cleanup;
 mod config;
 mod deadline;
 mod detach;
+#[cfg(feature = "axum")]
+mod extract;
 mod future;
 mod hooks;
 mod layer;
@@ -133,6 +135,8 @@ pub use body::CancellableBody;
 pub use cancelled::{CancelReason, Cancelled, Phase};
 pub use cleanup::CleanupCounts;
 pub use detach::Detach;
+#[cfg(feature = "axum")]
+pub use extract::MissingCancellationLayer;
 pub use future::ResponseFuture;
 pub use layer::{Attached, CancellationLayer, Detached};
 pub use request::RequestCancellation;

@@ -1,0 +1,86 @@
+//! axum integration (feature `axum`): [`RequestCancellation`] as an extractor.
+
+use std::convert::Infallible;
+use std::fmt;
+
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum_core::response::{IntoResponse, Response};
+use http::StatusCode;
+use http::request::Parts;
+
+use crate::RequestCancellation;
+
+/// `RequestCancellation` extracts the request's cancellation scope in axum handlers.
+///
+/// It needs a [`CancellationLayer`](crate::CancellationLayer) around the route
+/// (`Router::layer` for every route, or `route_layer` for some). Without one, extraction fails
+/// with [`MissingCancellationLayer`]; extract `Option<RequestCancellation>` to make the layer
+/// optional.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_cancel::{CancellationLayer, RequestCancellation};
+///
+/// async fn report(cancel: RequestCancellation) -> String {
+///     tokio::select! {
+///         reason = cancel.cancelled() => format!("stopped: {reason}"),
+///         _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => "done".to_owned(),
+///     }
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/report", get(report))
+///     .layer(CancellationLayer::new());
+/// ```
+impl<S: Send + Sync> FromRequestParts<S> for RequestCancellation {
+    type Rejection = MissingCancellationLayer;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RequestCancellation>()
+            .cloned()
+            .ok_or(MissingCancellationLayer)
+    }
+}
+
+/// `Option<RequestCancellation>`: `None` when no [`CancellationLayer`](crate::CancellationLayer)
+/// wraps the route.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for RequestCancellation {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<RequestCancellation>().cloned())
+    }
+}
+
+/// Rejection of the [`RequestCancellation`] extractor: no
+/// [`CancellationLayer`](crate::CancellationLayer) wraps the route.
+///
+/// It is a server configuration error, so it answers `500 Internal Server Error`, with a body
+/// that says which layer to add, and logs an `error` event on target `tower_cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MissingCancellationLayer;
+
+impl fmt::Display for MissingCancellationLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the RequestCancellation extractor found no cancellation scope: add \
+             `.layer(tower_cancel::CancellationLayer::new())` to the Router (or a \
+             `route_layer` to this route)",
+        )
+    }
+}
+
+impl std::error::Error for MissingCancellationLayer {}
+
+impl IntoResponse for MissingCancellationLayer {
+    fn into_response(self) -> Response {
+        tracing::error!(target: "tower_cancel", "{self}");
+        (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+    }
+}

@@ -1,0 +1,157 @@
+//! axum over real sockets: the `RequestCancellation` extractor, an app-wide layer plus a
+//! per-route `route_layer` with extra cleanup, the rejection without a layer, the optional
+//! extractor, and an SSE stream that stops when its client leaves (phase `Body`).
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::sse::{Event, Sse};
+use axum::routing::get as route_get;
+use common::*;
+use futures_util::stream::{self, Stream};
+use http_body_util::BodyExt;
+use tower_cancel::{CancelReason, RequestCancellation};
+
+fn router(log: &Log) -> Router {
+    let (l1, l2, l3) = (log.clone(), log.clone(), log.clone());
+    Router::new()
+        .route(
+            "/slow",
+            route_get(move |cancel: RequestCancellation| slow(cancel, l1.clone())),
+        )
+        .route(
+            "/events",
+            route_get(move |cancel: RequestCancellation| events(cancel, l2.clone())),
+        )
+        .route(
+            "/upload",
+            route_get(move |cancel: RequestCancellation| slow(cancel, l3.clone()))
+                .route_layer(log.layer("route")),
+        )
+        .route(
+            "/optional",
+            route_get(|cancel: Option<RequestCancellation>| async move {
+                format!("layer present: {}", cancel.is_some())
+            }),
+        )
+        .layer(log.layer("app"))
+}
+
+async fn slow(cancel: RequestCancellation, log: Log) -> &'static str {
+    log.keep(cancel.clone());
+    let l = log.clone();
+    cancel.on_cancel(move |c| l.push(describe("handler", c)));
+    log.push("start");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    "slow"
+}
+
+/// One event every 5 ms, forever, until the client leaves.
+async fn events(
+    cancel: RequestCancellation,
+    log: Log,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    log.keep(cancel);
+    log.push("start");
+    let ticks = stream::unfold(0u64, |n| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Some((Ok(Event::default().data(format!("tick {n}"))), n + 1))
+    });
+    Sse::new(ticks)
+}
+
+#[tokio::test]
+async fn app_wide_and_per_route_layers_run_once_each() {
+    let log = Log::default();
+    let server = Server::start(router(&log)).await;
+    let stream = raw_request(&server, &get("/upload")).await;
+    log.wait_for("start").await;
+    drop(stream);
+    server.idle().await;
+    assert_eq!(
+        log.entries(),
+        [
+            "start",
+            "handler /upload disconnected handler",
+            "route /upload disconnected handler",
+            "app /upload disconnected handler",
+        ]
+    );
+    assert_eq!(log.handles()[0].reason(), Some(CancelReason::Disconnected));
+}
+
+#[tokio::test]
+async fn the_extractor_sees_its_client_leave() {
+    let log = Log::default();
+    let server = Server::start(router(&log)).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    let pending = tokio::spawn(h2.send_request(h2_get(&server, "/slow")));
+    log.wait_for("start").await;
+    pending.abort();
+    log.wait_for("app /slow disconnected handler").await;
+    assert_eq!(
+        log.entries(),
+        [
+            "start",
+            "handler /slow disconnected handler",
+            "app /slow disconnected handler"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_sse_client_that_leaves_cancels_in_the_body_phase() {
+    let log = Log::default();
+    let server = Server::start(router(&log)).await;
+    let mut stream = raw_request(&server, &get("/events")).await;
+    let received = read_until(&mut stream, "tick 2").await;
+    assert!(received.contains("text/event-stream"), "{received}");
+    drop(stream);
+    log.wait_for("app /events disconnected body").await;
+    server.idle().await;
+    assert_eq!(log.entries(), ["start", "app /events disconnected body"]);
+}
+
+#[tokio::test]
+async fn without_a_layer_the_extractor_rejects_and_says_what_to_add() {
+    let app = Router::new()
+        .route(
+            "/",
+            route_get(|_: RequestCancellation| async { "unreachable" }),
+        )
+        .route(
+            "/optional",
+            route_get(|cancel: Option<RequestCancellation>| async move {
+                format!("layer present: {}", cancel.is_some())
+            }),
+        );
+    let server = Server::start(app).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+
+    let response = h2.send_request(h2_get(&server, "/")).await.unwrap();
+    assert_eq!(response.status(), 500);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("CancellationLayer::new()") && body.contains("Router"),
+        "{body}"
+    );
+
+    let response = h2.send_request(h2_get(&server, "/optional")).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "layer present: false");
+}
+
+#[tokio::test]
+async fn the_optional_extractor_finds_the_layer() {
+    let log = Log::default();
+    let server = Server::start(router(&log)).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    let response = h2.send_request(h2_get(&server, "/optional")).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "layer present: true");
+    assert!(log.entries().is_empty(), "completed: {:?}", log.entries());
+}
