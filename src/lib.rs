@@ -127,6 +127,7 @@ mod future;
 mod hooks;
 mod layer;
 mod request;
+mod request_body;
 mod scope;
 mod service;
 mod shutdown;
@@ -140,6 +141,7 @@ pub use extract::MissingCancellationLayer;
 pub use future::ResponseFuture;
 pub use layer::{Attached, CancellationLayer, Detached};
 pub use request::RequestCancellation;
+pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
 pub use service::CancellationService;
 
 /// The README's examples, compiled (and, where they terminate, run) as doctests.
