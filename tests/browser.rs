@@ -1,0 +1,341 @@
+//! A real browser as the client: headless Chromium loads a page whose script starts a slow
+//! `fetch` and aborts it with an `AbortController`; the server must see the request cancelled
+//! as `Disconnected` while the browser is still running.
+
+mod common;
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+use tower_cancel::Cancelled;
+
+use common::*;
+
+/// The first browser request can wait for a cold Chromium start.
+const BROWSER_START: Duration = Duration::from_secs(30);
+
+/// The page: starts `fetch('/slow')`, polls `/started` until the server has seen it, aborts it,
+/// and reports the error the fetch failed with (and how long after the abort, in ms).
+const PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8">
+<title>abort a fetch</title>
+<script>
+(async () => {
+  const controller = new AbortController();
+  const slow = fetch('/slow', {signal: controller.signal, cache: 'no-store'});
+  // Abort only once the handler runs, so that the abort cancels a request in flight.
+  while ((await (await fetch('/started', {cache: 'no-store'})).text()) !== 'yes') {
+    await new Promise(resolve => setTimeout(resolve, 20));
+  }
+  const aborted = performance.now();
+  controller.abort();
+  let outcome;
+  try {
+    await slow;
+    outcome = 'aborted=none';
+  } catch (e) {
+    outcome = 'aborted=' + encodeURIComponent(e.name);
+  }
+  const ms = (performance.now() - aborted).toFixed(1);
+  await fetch('/report?' + outcome + '&ms=' + ms, {cache: 'no-store'});
+})().catch(e => fetch('/report?error=' + encodeURIComponent(String(e))));
+</script>
+"#;
+
+/// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
+/// present).
+fn chromium() -> Option<&'static str> {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some("chromium");
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chromium is missing on CI: .ci/run must install it"
+    );
+    eprintln!("skipping: chromium is not installed (apt-get install chromium)");
+    None
+}
+
+/// What the router saw, beside the log: every request's version, and when things happened.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, Version)>,
+    /// When `/started` first answered "yes": the page aborts right after it reads that.
+    started_yes: Option<Instant>,
+    report: Option<Instant>,
+    cancelled: Option<Instant>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+fn text(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<AppBody> {
+    let mut res = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+    res
+}
+
+/// Serves the page and its helper endpoints; forwards every other path to the test app.
+fn router(
+    log: Log,
+    seen: Shared,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<AppBody>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let app = app(log.clone());
+    tower::service_fn(move |req: Request<Incoming>| {
+        let (log, seen, app) = (log.clone(), seen.clone(), app.clone());
+        async move {
+            let path = req.uri().path().to_owned();
+            seen.lock()
+                .unwrap()
+                .requests
+                .push((path.clone(), req.version()));
+            Ok(match path.as_str() {
+                "/page" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+                "/started" => {
+                    if log.entries().iter().any(|e| e == "start /slow") {
+                        seen.lock()
+                            .unwrap()
+                            .started_yes
+                            .get_or_insert_with(Instant::now);
+                        text(StatusCode::OK, "text/plain", "yes")
+                    } else {
+                        text(StatusCode::OK, "text/plain", "no")
+                    }
+                }
+                "/report" => {
+                    seen.lock().unwrap().report = Some(Instant::now());
+                    log.push(format!("report {}", req.uri().query().unwrap_or("")));
+                    text(StatusCode::NO_CONTENT, "text/plain", "")
+                }
+                // Kept out of the app so that its log holds only `/slow`.
+                "/favicon.ico" => text(StatusCode::NOT_FOUND, "text/plain", ""),
+                _ => app.oneshot(req).await?,
+            })
+        }
+    })
+}
+
+/// The running browser: killed (with every process it started) and reaped on drop, even when
+/// the test panics; then its profile is removed. Prints its stderr if the test failed.
+struct Browser {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Browser {
+    fn launch(program: &str, url: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-cancel-browser-{}-{nanos}",
+            std::process::id()
+        ));
+        let profile = dir.join("profile");
+        std::fs::create_dir_all(&profile).unwrap();
+        let stderr = File::create(dir.join("stderr")).unwrap();
+        let child = Command::new(program)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Its own process group, so that drop can kill the renderers and helpers too.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Self { child, dir }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until `entry` is logged; panics if the browser exits first or `timeout` passes.
+    async fn wait_for(&mut self, log: &Log, entry: &str, timeout: Duration) {
+        self.wait_until(log, entry, timeout, |e| e == entry).await;
+    }
+
+    /// Waits until an entry matching `found` is logged and returns it; panics if the browser
+    /// exits first or `timeout` passes.
+    async fn wait_until(
+        &mut self,
+        log: &Log,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(entry) = log.entries().into_iter().find(|e| found(e)) {
+                return entry;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "chromium exited ({status}) before {what:?}; log: {:#?}",
+                    log.entries()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what:?}; log: {:#?}",
+                log.entries()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // The group is still ours while its leader is unreaped: kill it, then the leader.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("chromium stderr:\n{}", self.stderr());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::test]
+async fn aborted_fetch_in_chromium_cancels_the_request() {
+    let Some(chromium) = chromium() else { return };
+    let log = Log::default();
+    let seen = Shared::default();
+    let stamp = seen.clone();
+    let layer = log
+        .layer("layer")
+        .on_cancel(move |_: &Cancelled| stamp.lock().unwrap().cancelled = Some(Instant::now()));
+    let server = Server::start(
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(router(log.clone(), seen.clone())),
+    )
+    .await;
+
+    let mut browser = Browser::launch(chromium, &server.url("/page"));
+    browser.wait_for(&log, "start /slow", BROWSER_START).await;
+    browser
+        .wait_for(&log, "layer /slow disconnected handler", PATIENCE)
+        .await;
+    // The abort cancelled the request, not the browser going away.
+    assert!(
+        browser.is_running(),
+        "chromium exited before the request was cancelled"
+    );
+    let report = browser
+        .wait_until(&log, "the page's report", PATIENCE, |e| {
+            e.starts_with("report ")
+        })
+        .await;
+    assert!(
+        report.starts_with("report aborted=AbortError&ms="),
+        "the page reported {report:?}"
+    );
+    assert!(browser.is_running(), "chromium exited during the test");
+
+    // Everything the app logged: the one `/slow` request, dropped, then both callbacks.
+    let app_entries: Vec<_> = log
+        .entries()
+        .into_iter()
+        .filter(|e| !e.starts_with("report "))
+        .collect();
+    assert_eq!(
+        app_entries,
+        [
+            "start /slow",
+            "dropped /slow",
+            "handler /slow disconnected handler",
+            "layer /slow disconnected handler",
+        ]
+    );
+    let handles = log.handles();
+    assert_eq!(handles.len(), 1);
+    assert_eq!(
+        handles[0].reason(),
+        Some(tower_cancel::CancelReason::Disconnected)
+    );
+
+    let seen = seen.lock().unwrap();
+    // Chromium speaks HTTP/2 only over TLS: to a plain http:// origin it uses HTTP/1.1.
+    assert!(seen.requests.iter().any(|(path, _)| path == "/slow"));
+    assert!(
+        seen.requests.iter().all(|(_, v)| *v == Version::HTTP_11),
+        "versions: {:?}",
+        seen.requests
+    );
+    let (yes, cancelled, reported) = (
+        seen.started_yes.unwrap(),
+        seen.cancelled.unwrap(),
+        seen.report.unwrap(),
+    );
+    let signed = |a: Instant, b: Instant| {
+        if b >= a {
+            millis(b - a)
+        } else {
+            -millis(a - b)
+        }
+    };
+    eprintln!(
+        "requests: {:?}\n/started said yes → cancelled: {:.1} ms; report → cancelled: {:+.1} ms; \
+         page: {report}",
+        seen.requests,
+        signed(yes, cancelled),
+        signed(reported, cancelled),
+    );
+    drop(browser);
+}
