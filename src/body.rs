@@ -51,6 +51,14 @@ pin_project! {
     }
 }
 
+/// A body that guards nothing, for layers outside that build responses of their own (such as
+/// tower-http's `TimeoutLayer`, which needs `Default` bodies).
+impl<B: Default> Default for CancellableBody<B> {
+    fn default() -> Self {
+        Self::passthrough(B::default())
+    }
+}
+
 impl<B> CancellableBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {

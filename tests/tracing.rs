@@ -241,3 +241,24 @@ async fn malformed_grpc_timeout_is_ignored_with_a_debug_event() {
         "not an ASCII digit before the unit"
     );
 }
+
+#[tokio::test]
+async fn the_event_lands_in_tower_http_trace_layer_span() {
+    let capture = events();
+    let log = Log::default();
+    let svc = ServiceBuilder::new()
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(log.layer("layer"))
+        .service(app(log.clone()));
+    let server = Server::start(svc).await;
+    let stream = raw_request(&server, &get("/upload")).await;
+    log.wait_for("start /upload").await;
+    drop(stream);
+    server.idle().await;
+
+    let events = events_for(&capture, "/upload");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].fields["reason"], "disconnected");
+    // tower-http's span for the request is called `request`.
+    assert_eq!(events[0].span.as_deref(), Some("request"));
+}
