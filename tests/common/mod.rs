@@ -401,6 +401,8 @@ pub async fn h2_client(
     std::net::TcpStream,
 ) {
     let stream = TcpStream::connect(server.addr).await.unwrap();
+    // As real gRPC clients do: without it, a lone RST_STREAM waits ~40 ms for a delayed ACK.
+    stream.set_nodelay(true).unwrap();
     let socket = stream.into_std().unwrap();
     let kill = socket.try_clone().unwrap();
     let stream = TcpStream::from_std(socket).unwrap();
