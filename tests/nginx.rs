@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tower_cancel::CancelReason;
@@ -286,29 +285,6 @@ http {{
 }}
 "
     )
-}
-
-type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
-
-/// hyper's HTTP/2 client (prior knowledge) to nginx, with a clone of its socket so that a test
-/// can close the TCP connection under it. TCP_NODELAY as in real gRPC clients: otherwise Nagle
-/// holds the small RST_STREAM frame until nginx's delayed ACK, about 40 ms on Linux.
-async fn h2_client_to(
-    addr: SocketAddr,
-) -> (H2Sender, tokio::task::JoinHandle<()>, std::net::TcpStream) {
-    let socket = TcpStream::connect(addr).await.unwrap();
-    socket.set_nodelay(true).unwrap();
-    let socket = socket.into_std().unwrap();
-    let kill = socket.try_clone().unwrap();
-    let stream = TcpStream::from_std(socket).unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (send, task, kill)
 }
 
 /// A gRPC-style request: nginx's `grpc_pass` forwards anything, but this is what it is for.

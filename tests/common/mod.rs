@@ -391,16 +391,21 @@ pub async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+pub type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
 /// HTTP/2 client over prior knowledge, with a clone of its socket so that a test can close
 /// the TCP connection under it (hyper runs the h2 connection in a task of its own).
 pub async fn h2_client(
     server: &Server,
-) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
-    tokio::task::JoinHandle<()>,
-    std::net::TcpStream,
-) {
-    let stream = TcpStream::connect(server.addr).await.unwrap();
+) -> (H2Sender, tokio::task::JoinHandle<()>, std::net::TcpStream) {
+    h2_client_to(server.addr).await
+}
+
+/// [`h2_client`] to any address (a proxy in front of the server, for instance).
+pub async fn h2_client_to(
+    addr: SocketAddr,
+) -> (H2Sender, tokio::task::JoinHandle<()>, std::net::TcpStream) {
+    let stream = TcpStream::connect(addr).await.unwrap();
     // As real gRPC clients do: without it, a lone RST_STREAM waits ~40 ms for a delayed ACK.
     stream.set_nodelay(true).unwrap();
     let socket = stream.into_std().unwrap();
