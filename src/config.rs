@@ -1,6 +1,6 @@
 //! What a layer is configured with, shared by every service it builds and every request scope.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -9,7 +9,8 @@ use tokio_util::task::TaskTracker;
 use crate::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::deadline;
 use crate::hooks::Hook;
-use crate::shutdown::Shutdown;
+use crate::scope::Scope;
+use crate::shutdown::{Closed, Shutdown, Slot};
 
 /// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
 /// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
@@ -38,6 +39,22 @@ impl Config {
             shutdown: None,
             timeout: None,
             grpc_timeout: false,
+        }
+    }
+
+    /// Registers `scope` as in flight with this layer's shutdown registry, if it has one.
+    /// Fails once the shutdown began: the scope must then be cancelled.
+    pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Option<Slot>, Closed> {
+        match &self.shutdown {
+            Some(shutdown) => shutdown.register(scope).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Undoes a successful [`register`](Self::register).
+    pub(crate) fn deregister(&self, slot: Option<Slot>) {
+        if let (Some(slot), Some(shutdown)) = (slot, &self.shutdown) {
+            shutdown.deregister(slot);
         }
     }
 

@@ -18,6 +18,13 @@ use crate::config::Config;
 type SyncHook = dyn Fn(&Cancelled) + Send + Sync;
 type AsyncHook = dyn Fn(Cancelled) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
 
+/// One callback registered on a layer.
+#[derive(Clone)]
+pub(crate) enum Hook {
+    Sync(Arc<SyncHook>),
+    Async(Arc<AsyncHook>),
+}
+
 impl Hook {
     pub(crate) fn sync<F>(f: F) -> Self
     where
@@ -33,13 +40,6 @@ impl Hook {
     {
         Self::Async(Arc::new(move |c| Box::pin(f(c))))
     }
-}
-
-/// One callback registered on a layer.
-#[derive(Clone)]
-pub(crate) enum Hook {
-    Sync(Arc<SyncHook>),
-    Async(Arc<AsyncHook>),
 }
 
 /// A layer's configuration, bound to the runtime the request arrived on.

@@ -98,14 +98,6 @@ struct Joined {
     slot: Option<Slot>,
 }
 
-impl Joined {
-    fn deregister(&self) {
-        if let (Some(slot), Some(shutdown)) = (self.slot, &self.bound.config().shutdown) {
-            shutdown.deregister(slot);
-        }
-    }
-}
-
 /// What a late registration finds.
 enum Late {
     Cancelled(Cancelled),
@@ -145,11 +137,9 @@ impl Scope {
         };
         let mut shutting_down = false;
         let scope = Arc::new_cyclic(|this| {
-            let slot = creator.config().shutdown.as_ref().and_then(|shutdown| {
-                shutdown
-                    .register(this.clone())
-                    .inspect_err(|_| shutting_down = true)
-                    .ok()
+            let slot = creator.config().register(this.clone()).unwrap_or_else(|_| {
+                shutting_down = true;
+                None
             });
             Self {
                 state: AtomicU8::new(ARMED_HANDLER),
@@ -341,12 +331,13 @@ impl Scope {
         let late = {
             let mut registry = self.registry();
             if !registry.closed {
-                let slot = bound.config().shutdown.as_ref().and_then(|shutdown| {
-                    shutdown
-                        .register(Arc::downgrade(self))
-                        .inspect_err(|_| shutting_down = true)
-                        .ok()
-                });
+                let slot = bound
+                    .config()
+                    .register(Arc::downgrade(self))
+                    .unwrap_or_else(|_| {
+                        shutting_down = true;
+                        None
+                    });
                 registry.joined.push(Joined { bound, slot });
                 None
             } else {
@@ -367,11 +358,9 @@ impl Scope {
 
     /// Leaves the shutdown registries: the scope is no longer armed.
     fn deregister(&self, joined: &[Joined]) {
-        if let (Some(slot), Some(shutdown)) = (self.slot, &self.creator.config().shutdown) {
-            shutdown.deregister(slot);
-        }
+        self.creator.config().deregister(self.slot);
         for layer in joined {
-            layer.deregister();
+            layer.bound.config().deregister(layer.slot);
         }
     }
 
@@ -880,8 +869,13 @@ mod tests {
             let (config, shutdown) = with_shutdown();
             let scopes: Vec<_> = (0..4).map(|_| scope_with(&config)).collect();
             let runs: Vec<_> = scopes.iter().map(|s| counter(s)).collect();
+            // Odd rounds: no shutdown during the race, so the registry must hold exactly the
+            // one scope still in flight once the others ended concurrently.
+            let racing_shutdown = round % 2 == 0;
             thread::scope(|s| {
-                s.spawn(|| shutdown.close());
+                if racing_shutdown {
+                    s.spawn(|| shutdown.close());
+                }
                 s.spawn(|| scopes[0].finish());
                 s.spawn(|| scopes[1].abandon());
                 s.spawn(|| {
@@ -890,6 +884,10 @@ mod tests {
                 });
                 // scopes[3] stays in flight: only the shutdown can end it.
             });
+            if !racing_shutdown {
+                assert_eq!(shutdown.in_flight(), 1, "round {round}");
+                assert_eq!(shutdown.close(), 1, "round {round}");
+            }
             assert_eq!(
                 scopes[3].reason(),
                 Some(CancelReason::Shutdown),

@@ -158,7 +158,8 @@ impl Shutdown {
         self.inner.cancel_all()
     }
 
-    /// Number of in-flight requests registered (for tests).
+    /// Number of in-flight requests registered, for tests. Once closed, the registry is
+    /// empty by construction, so tests check it before closing.
     #[cfg(test)]
     pub(crate) fn in_flight(&self) -> usize {
         self.inner

@@ -1,6 +1,6 @@
 //! Composition with tower-http's `TimeoutLayer` over real sockets: which order gives which
-//! outcome, next to the layer's own `timeout`. (`TraceLayer` is covered in tests/tracing.rs,
-//! which owns the global subscriber.)
+//! outcome. The layer's own `timeout`, the alternative, is tested in tests/deadlines.rs;
+//! `TraceLayer` in tests/tracing.rs, which owns the global subscriber.
 
 mod common;
 
@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use tower::ServiceBuilder;
-use tower_cancel::CancelReason;
 use tower_http::timeout::TimeoutLayer;
 
 const LIMIT: Duration = Duration::from_millis(50);
@@ -70,31 +69,4 @@ async fn timeout_layer_inside_hides_the_timeout() {
     server.idle().await;
     assert_eq!(log.entries(), ["start /slow", "dropped /slow"]);
     assert_eq!(log.handles()[0].reason(), None);
-}
-
-#[tokio::test]
-async fn the_layers_own_timeout_keeps_the_handler_and_the_reason() {
-    let log = Log::default();
-    let svc = ServiceBuilder::new()
-        .layer(log.layer("layer").timeout(LIMIT))
-        .service(app(log.clone()));
-    let server = Server::start(svc).await;
-    assert!(
-        get_status(&server, "/honour")
-            .await
-            .starts_with("HTTP/1.1 503")
-    );
-    assert_eq!(
-        log.entries(),
-        [
-            "start /honour",
-            "handler /honour deadline_exceeded handler",
-            "layer /honour deadline_exceeded handler",
-            "stopped /honour deadline_exceeded",
-        ]
-    );
-    assert_eq!(
-        log.handles()[0].reason(),
-        Some(CancelReason::DeadlineExceeded)
-    );
 }
