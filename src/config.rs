@@ -7,7 +7,7 @@ use http::HeaderMap;
 use tokio_util::task::TaskTracker;
 
 use crate::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
-use crate::deadline;
+use crate::deadline::{self, TimeLimit};
 use crate::hooks::Hook;
 use crate::scope::Scope;
 use crate::shutdown::{Closed, Shutdown, Slot};
@@ -60,15 +60,12 @@ impl Config {
 
     /// How long a request with these headers may run: the shorter of the layer's timeout and
     /// a valid `grpc-timeout` header (when honoured).
-    pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<Duration> {
+    pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<TimeLimit> {
         let header = if self.grpc_timeout {
             deadline::grpc_timeout(headers)
         } else {
             None
         };
-        match (self.timeout, header) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        TimeLimit::shorter(self.timeout, header)
     }
 }

@@ -78,6 +78,34 @@ pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Result<Duration, Malformed> {
     })
 }
 
+/// How long a request may run, and whether the client chose it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TimeLimit {
+    pub(crate) after: Duration,
+    /// The client sent it (`grpc-timeout`) and enforces it too, on its own clock: that clock
+    /// started before the request reached us, so the client gives up a little before we would.
+    pub(crate) from_client: bool,
+}
+
+impl TimeLimit {
+    /// The shorter of the server's `timeout` and the client's `grpc-timeout`.
+    pub(crate) fn shorter(server: Option<Duration>, client: Option<Duration>) -> Option<Self> {
+        let server = server.map(|after| Self {
+            after,
+            from_client: false,
+        });
+        let client = client.map(|after| Self {
+            after,
+            from_client: true,
+        });
+        match (server, client) {
+            (Some(s), Some(c)) if c.after < s.after => Some(c),
+            (Some(s), _) => Some(s),
+            (None, c) => c,
+        }
+    }
+}
+
 /// The `grpc-timeout` of a request, if it carries a well-formed one. A malformed one is
 /// ignored with a `debug` event.
 pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {

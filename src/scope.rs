@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::deadline::Timer;
+use crate::deadline::{TimeLimit, Timer};
 use crate::hooks::{Bound, contain};
 use crate::shutdown::Slot;
 use crate::{CancelReason, Cancelled, Phase};
@@ -41,6 +41,18 @@ const CANCELLED: u8 = 0x80;
 
 /// `Scope::deadline` when the request has none.
 const NO_DEADLINE: u64 = u64::MAX;
+/// The low bit of `Scope::deadline`: the client chose the deadline (see [`TimeLimit`]).
+const FROM_CLIENT: u64 = 1;
+
+/// How close to its deadline a dropped request counts as timed out rather than abandoned, when
+/// the server chose the deadline: the resolution of tokio's timer, which rounds sleeps up to
+/// the next millisecond, so a layer outside this one with the same time limit may fire first.
+const SERVER_SLACK: Duration = Duration::from_millis(1);
+/// The same, when the client chose the deadline (`grpc-timeout`). The client enforces it on
+/// its own clock, which started before the request reached the server: a gRPC client resets
+/// the stream at its deadline, which reaches us early by the time the request took to arrive
+/// minus the time the reset takes (queueing on either side, not the network latency).
+const CLIENT_SLACK: Duration = Duration::from_millis(20);
 
 fn encode(reason: CancelReason, phase: Phase) -> u8 {
     let reason = match reason {
@@ -110,7 +122,8 @@ pub(crate) struct Scope {
     method: Method,
     uri: Uri,
     started: Instant,
-    /// Nanoseconds from `started` to the deadline, or `NO_DEADLINE`.
+    /// Nanoseconds from `started` to the deadline, with the low bit set if the client chose
+    /// it (`FROM_CLIENT`); or `NO_DEADLINE`.
     deadline: AtomicU64,
     /// The span that was current when the layer saw the request (if the event is enabled).
     span: Span,
@@ -128,7 +141,7 @@ impl Scope {
         method: Method,
         uri: Uri,
         creator: Bound,
-        time_limit: Option<Duration>,
+        time_limit: Option<TimeLimit>,
     ) -> Arc<Self> {
         let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
             Span::current()
@@ -147,7 +160,7 @@ impl Scope {
                 method,
                 uri,
                 started: Instant::now(),
-                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, offset)),
+                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, encode_deadline)),
                 span,
                 creator,
                 slot,
@@ -175,9 +188,19 @@ impl Scope {
 
     /// When the request's deadline passes, if it has one.
     pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline_and_source().map(|(deadline, _)| deadline)
+    }
+
+    /// The deadline, and whether the client chose it.
+    fn deadline_and_source(&self) -> Option<(Instant, bool)> {
         match self.deadline.load(Ordering::Acquire) {
             NO_DEADLINE => None,
-            nanos => self.started.checked_add(Duration::from_nanos(nanos)),
+            encoded => {
+                let deadline = self
+                    .started
+                    .checked_add(Duration::from_nanos(encoded & !FROM_CLIENT))?;
+                Some((deadline, encoded & FROM_CLIENT != 0))
+            }
         }
     }
 
@@ -284,13 +307,32 @@ impl Scope {
     }
 
     /// The guard was dropped before the request completed.
+    ///
+    /// A drop at the deadline is the deadline's doing, not the client's whim: a layer outside
+    /// this one that enforces the same deadline (tonic's server does, for `grpc-timeout`), or
+    /// the client enforcing its own deadline, dropped the request first.
     pub(crate) fn abandon(&self) {
         let reason = if self.token.is_cancelled() {
             CancelReason::Explicit
+        } else if self.deadline_reached() {
+            CancelReason::DeadlineExceeded
         } else {
             CancelReason::Disconnected
         };
         self.cancel(reason);
+    }
+
+    /// Whether the deadline passed, or is closer than its slack.
+    fn deadline_reached(&self) -> bool {
+        self.deadline_and_source()
+            .is_some_and(|(deadline, from_client)| {
+                let slack = if from_client {
+                    CLIENT_SLACK
+                } else {
+                    SERVER_SLACK
+                };
+                Instant::now() + slack >= deadline
+            })
     }
 
     /// Notices a token that application code cancelled while the handler or body was pending.
@@ -323,9 +365,10 @@ impl Scope {
     /// A layer deeper in the stack joins this scope: its time limit can only shorten the
     /// deadline, its shutdown token cancels the request too, and its callbacks run with the
     /// others. If the scope was already cancelled, its callbacks run at once.
-    pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<Duration>) {
+    pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<TimeLimit>) {
         if let Some(limit) = time_limit {
-            self.deadline.fetch_min(offset(limit), Ordering::AcqRel);
+            self.deadline
+                .fetch_min(encode_deadline(limit), Ordering::AcqRel);
         }
         let mut shutting_down = false;
         let late = {
@@ -436,9 +479,17 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// The deadline as an offset from the start; saturates far beyond any real deadline.
-fn offset(limit: Duration) -> u64 {
-    u64::try_from(limit.as_nanos()).map_or(NO_DEADLINE - 1, |nanos| nanos.min(NO_DEADLINE - 1))
+/// The deadline as an offset from the start in nanoseconds, its low bit telling whether the
+/// client chose it; saturates far beyond any real deadline. Comparing encoded values compares
+/// deadlines (to 2 ns), so `fetch_min` keeps the earliest.
+fn encode_deadline(limit: TimeLimit) -> u64 {
+    let nanos = u64::try_from(limit.after.as_nanos()).unwrap_or(u64::MAX);
+    let nanos = nanos.min(NO_DEADLINE - 2) & !FROM_CLIENT;
+    if limit.from_client {
+        nanos | FROM_CLIENT
+    } else {
+        nanos
+    }
 }
 
 /// Owned by the response future, then by the response body: dropping it while armed cancels
@@ -802,22 +853,84 @@ mod tests {
         (Arc::new(config), shutdown)
     }
 
+    fn server(after: Duration) -> Option<TimeLimit> {
+        Some(TimeLimit {
+            after,
+            from_client: false,
+        })
+    }
+
+    fn client(after: Duration) -> Option<TimeLimit> {
+        Some(TimeLimit {
+            after,
+            from_client: true,
+        })
+    }
+
+    fn limited(config: &Arc<Config>, limit: Option<TimeLimit>) -> Arc<Scope> {
+        Scope::new(
+            Method::GET,
+            Uri::from_static("/x"),
+            Bound::capture(config),
+            limit,
+        )
+    }
+
     #[test]
     fn a_joined_layer_can_only_shorten_the_deadline() {
         let config = Arc::new(Config::new());
-        let scope = Scope::new(
-            Method::GET,
-            Uri::from_static("/x"),
-            Bound::capture(&config),
-            Some(Duration::from_secs(10)),
-        );
+        let scope = limited(&config, server(Duration::from_secs(10)));
         let start = scope.deadline().unwrap() - Duration::from_secs(10);
-        scope.join(Bound::capture(&config), Some(Duration::from_secs(1)));
+        scope.join(Bound::capture(&config), client(Duration::from_secs(1)));
         assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
-        scope.join(Bound::capture(&config), Some(Duration::from_secs(20)));
+        assert_eq!(
+            scope.deadline_and_source(),
+            Some((start + Duration::from_secs(1), true))
+        );
+        scope.join(Bound::capture(&config), server(Duration::from_secs(20)));
         scope.join(Bound::capture(&config), None);
         assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
+        scope.join(Bound::capture(&config), server(Duration::from_millis(500)));
+        assert_eq!(
+            scope.deadline_and_source(),
+            Some((start + Duration::from_millis(500), false))
+        );
         assert_eq!(self::scope().deadline(), None);
+        // Absurd limits saturate instead of wrapping.
+        let forever = limited(&config, client(Duration::MAX));
+        assert!(forever.deadline().unwrap() > start + Duration::from_secs(100 * 365 * 86_400));
+    }
+
+    /// A drop at the deadline, or within its slack before it, is `DeadlineExceeded`: 1 ms for
+    /// the server's own limit, 20 ms for a deadline the client chose and enforces itself.
+    #[tokio::test(start_paused = true)]
+    async fn a_drop_at_the_deadline_is_a_deadline_not_a_disconnect() {
+        let config = Arc::new(Config::new());
+        let ms = Duration::from_millis;
+        let server_early = limited(&config, server(ms(100)));
+        let server_within = limited(&config, server(ms(100)));
+        let client_early = limited(&config, client(ms(100)));
+        let client_within = limited(&config, client(ms(100)));
+        let after = limited(&config, server(ms(100)));
+        let unlimited = limited(&config, None);
+        tokio::time::advance(ms(79)).await;
+        client_early.abandon();
+        tokio::time::advance(ms(2)).await; // 81 ms: 19 ms before the client's deadline
+        client_within.abandon();
+        tokio::time::advance(ms(17)).await; // 98 ms
+        server_early.abandon();
+        tokio::time::advance(Duration::from_micros(1_500)).await; // 0.5 ms before
+        server_within.abandon();
+        tokio::time::advance(ms(5)).await;
+        after.abandon();
+        unlimited.abandon();
+        let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
+        assert_eq!(reason(&client_early), Some(CancelReason::Disconnected));
+        assert_eq!(reason(&client_within), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(reason(&server_early), Some(CancelReason::Disconnected));
+        assert_eq!(reason(&server_within), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(reason(&after), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(reason(&unlimited), Some(CancelReason::Disconnected));
     }
 
     #[test]
