@@ -1,14 +1,13 @@
 //! axum integration (feature `axum`): [`RequestCancellation`] as an extractor.
 
 use std::convert::Infallible;
-use std::fmt;
 
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::RequestCancellation;
+use crate::{MissingCancellationLayer, RequestCancellation};
 
 /// `RequestCancellation` extracts the request's cancellation scope in axum handlers.
 ///
@@ -36,11 +35,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestCancellation {
     type Rejection = MissingCancellationLayer;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<RequestCancellation>()
-            .cloned()
-            .ok_or(MissingCancellationLayer)
+        RequestCancellation::from_extensions(&parts.extensions)
     }
 }
 
@@ -57,27 +52,8 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for RequestCancellation {
     }
 }
 
-/// Rejection of the [`RequestCancellation`] extractor: no
-/// [`CancellationLayer`](crate::CancellationLayer) wraps the route.
-///
-/// It is a server configuration error, so it answers `500 Internal Server Error`, with a body
-/// that says which layer to add, and logs an `error` event on target `tower_cancel`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct MissingCancellationLayer;
-
-impl fmt::Display for MissingCancellationLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "the RequestCancellation extractor found no cancellation scope: add \
-             `.layer(tower_cancel::CancellationLayer::new())` to the Router (or a \
-             `route_layer` to this route)",
-        )
-    }
-}
-
-impl std::error::Error for MissingCancellationLayer {}
-
+/// A missing layer is a server configuration error: `500 Internal Server Error`, with a body
+/// that says which layer to add, and an `error` event on target `tower_cancel`.
 impl IntoResponse for MissingCancellationLayer {
     fn into_response(self) -> Response {
         tracing::error!(target: "tower_cancel", "{self}");

@@ -124,6 +124,8 @@ mod detach;
 #[cfg(feature = "axum")]
 mod extract;
 mod future;
+#[cfg(feature = "tonic")]
+mod grpc;
 mod hooks;
 mod layer;
 mod request;
@@ -136,11 +138,9 @@ pub use body::CancellableBody;
 pub use cancelled::{CancelReason, Cancelled, Phase};
 pub use cleanup::CleanupCounts;
 pub use detach::Detach;
-#[cfg(feature = "axum")]
-pub use extract::MissingCancellationLayer;
 pub use future::ResponseFuture;
 pub use layer::{Attached, CancellationLayer, Detached};
-pub use request::RequestCancellation;
+pub use request::{MissingCancellationLayer, RequestCancellation};
 pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
 pub use service::CancellationService;
 

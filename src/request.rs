@@ -63,6 +63,32 @@ impl RequestCancellation {
         &self.scope
     }
 
+    /// The handle the layer inserted into these request extensions.
+    ///
+    /// The way in for handlers that see the extensions rather than an extractor: plain hyper
+    /// and tower services (`req.extensions()`), and tonic, whose `Request::extensions()` carries
+    /// the HTTP request's. Fails with [`MissingCancellationLayer`] when no
+    /// [`CancellationLayer`](crate::CancellationLayer) wraps the service; with the `tonic`
+    /// feature that error converts into a `tonic::Status` (`INTERNAL`), so `?` works in a tonic
+    /// method.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_cancel::RequestCancellation;
+    ///
+    /// let req = Request::new(()); // no layer inserted a scope
+    /// let missing = RequestCancellation::from_extensions(req.extensions()).unwrap_err();
+    /// assert!(missing.to_string().contains("CancellationLayer::new()"));
+    /// ```
+    pub fn from_extensions(
+        extensions: &http::Extensions,
+    ) -> Result<Self, MissingCancellationLayer> {
+        extensions
+            .get::<Self>()
+            .cloned()
+            .ok_or(MissingCancellationLayer)
+    }
+
     /// The request's token: the same token the layer inserted into the request extensions.
     ///
     /// Hand it (or a [`child_token`](CancellationToken::child_token)) to work that should stop
@@ -156,3 +182,25 @@ impl fmt::Debug for RequestCancellation {
             .finish()
     }
 }
+
+/// No [`CancellationLayer`](crate::CancellationLayer) wraps the service: the request carries
+/// no cancellation scope.
+///
+/// Returned by [`RequestCancellation::from_extensions`] and by the axum extractor (feature
+/// `axum`), where it answers `500 Internal Server Error`. With the `tonic` feature it converts
+/// into `tonic::Status::internal`. Its message says which layer to add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MissingCancellationLayer;
+
+impl fmt::Display for MissingCancellationLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the request has no cancellation scope: wrap the service in \
+             `tower_cancel::CancellationLayer::new()` (axum: `.layer(..)` on the Router, or \
+             `.route_layer(..)` for this route; tonic: `Server::builder().layer(..)`)",
+        )
+    }
+}
+
+impl std::error::Error for MissingCancellationLayer {}

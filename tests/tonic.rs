@@ -1,0 +1,372 @@
+//! tonic over real sockets: a tonic server with the layer in `Server::builder().layer(..)`, and
+//! a tonic client (`Channel`) that completes, cancels, stops reading a stream, sends a deadline,
+//! or is in flight at shutdown. The service is the example's (no `protoc` needed).
+
+#[path = "../examples/tonic/reports.rs"]
+mod reports;
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use common::{Log, PATIENCE, assert_all_completed, describe};
+use futures_util::{Stream, stream};
+use reports::{Report, ReportRequest, Reports, ReportsClient, ReportsServer, Tick, WatchRequest};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Endpoint, Server};
+use tonic::{Code, Request, Response, Status};
+use tower_cancel::{CancelReason, CancellationLayer, RequestCancellation};
+
+const GENERATE: &str = "/reports.Reports/Generate";
+const WATCH: &str = "/reports.Reports/Watch";
+
+/// Logs `start {name}`, `dropped {name}` if tonic drops the method, `handler ...` from its
+/// own `on_cancel`, and answers the cancellation's status if it sees its token first.
+struct Recorder {
+    log: Log,
+}
+
+/// Logs a message when dropped, unless the method returned.
+struct OnDrop(Option<(Log, String)>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some((log, message)) = self.0.take() {
+            log.push(message);
+        }
+    }
+}
+
+impl Reports for Recorder {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;
+
+    async fn generate(&self, request: Request<ReportRequest>) -> Result<Response<Report>, Status> {
+        let cancel = RequestCancellation::from_extensions(request.extensions())?;
+        let ReportRequest { name, millis } = request.into_inner();
+        self.log.keep(cancel.clone());
+        self.log.push(format!("start {name}"));
+        let log = self.log.clone();
+        cancel.on_cancel(move |c| log.push(describe("handler", c)));
+        let mut dropped = OnDrop(Some((self.log.clone(), format!("dropped {name}"))));
+        let answer = tokio::select! {
+            reason = cancel.cancelled() => Err(reason.into()),
+            _ = sleep(Duration::from_millis(millis.into())) => {
+                Ok(Response::new(Report { text: format!("report {name}") }))
+            }
+        };
+        dropped.0 = None;
+        answer
+    }
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let cancel = RequestCancellation::from_extensions(request.extensions())?;
+        self.log.keep(cancel);
+        let WatchRequest {
+            interval_millis,
+            count,
+        } = request.into_inner();
+        let ticks = stream::unfold(0u64, move |n| async move {
+            if count != 0 && n >= u64::from(count) {
+                return None;
+            }
+            sleep(Duration::from_millis(interval_millis.into())).await;
+            Some((Ok(Tick { n }), n + 1))
+        });
+        Ok(Response::new(Box::pin(ticks)))
+    }
+}
+
+/// A tonic server on 127.0.0.1:0, stopped gracefully through `stop`.
+struct GrpcServer {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl GrpcServer {
+    async fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpIncoming, WaitForCancellationFutureOwned) -> Fut,
+        Fut: Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let task = tokio::spawn(serve(incoming, stop.clone().cancelled_owned()));
+        Self { addr, stop, task }
+    }
+
+    /// The `Recorder` service behind `layer`.
+    async fn with_layer(log: &Log, layer: CancellationLayer) -> Self {
+        let service = ReportsServer::new(Recorder { log: log.clone() });
+        Self::spawn(|incoming, stop| {
+            Server::builder()
+                .layer(layer)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop)
+        })
+        .await
+    }
+
+    async fn client(&self) -> ReportsClient {
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap();
+        ReportsClient::new(channel)
+    }
+
+    /// Graceful shutdown: after this every connection was served and dropped, so everything
+    /// a call could trigger has happened.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the tonic server did not drain")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn report(name: &str, millis: u32) -> ReportRequest {
+    ReportRequest {
+        name: name.to_owned(),
+        millis,
+    }
+}
+
+/// Everything but the `start` entries.
+fn cancellations(log: &Log) -> Vec<String> {
+    log.entries()
+        .into_iter()
+        .filter(|e| !e.starts_with("start"))
+        .collect()
+}
+
+#[tokio::test]
+async fn calls_and_streams_that_complete_are_not_cancelled() {
+    let log = Log::default();
+    let server = GrpcServer::with_layer(&log, log.layer("layer")).await;
+    let mut client = server.client().await;
+
+    let answer = client.generate(report("a", 5)).await.unwrap();
+    assert_eq!(answer.into_inner().text, "report a");
+    let mut ticks = client
+        .watch(WatchRequest {
+            interval_millis: 2,
+            count: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(tick) = ticks.message().await.unwrap() {
+        seen.push(tick.n);
+    }
+    assert_eq!(seen, [0, 1, 2]);
+
+    drop((ticks, client));
+    server.stop().await;
+    assert_eq!(cancellations(&log), Vec::<String>::new());
+    assert_eq!(log.handles().len(), 2);
+    assert_all_completed(&log);
+}
+
+#[tokio::test]
+async fn a_call_the_client_drops_is_disconnected_in_the_handler() {
+    let log = Log::default();
+    let server = GrpcServer::with_layer(&log, log.layer("layer")).await;
+    let mut client = server.client().await;
+
+    let mut call = Box::pin(client.generate(report("gone", 30_000)));
+    tokio::select! {
+        result = &mut call => panic!("the call returned: {result:?}"),
+        () = log.wait_for("start gone") => {}
+    }
+    let dropped_at = Instant::now();
+    drop(call); // tonic's channel resets the HTTP/2 stream (RST_STREAM CANCEL)
+    log.wait_for(&format!("layer {GENERATE} disconnected handler"))
+        .await;
+    eprintln!(
+        "tonic client drop -> layer callback: {:?}",
+        dropped_at.elapsed()
+    );
+    assert_eq!(
+        cancellations(&log),
+        [
+            "dropped gone".to_owned(),
+            format!("handler {GENERATE} disconnected handler"),
+            format!("layer {GENERATE} disconnected handler"),
+        ]
+    );
+
+    // The channel still works, and the next call completes.
+    let answer = client.generate(report("next", 1)).await.unwrap();
+    assert_eq!(answer.into_inner().text, "report next");
+    drop(client);
+    server.stop().await;
+    let handles = log.handles();
+    assert_eq!(handles[0].reason(), Some(CancelReason::Disconnected));
+    assert_eq!(handles[1].reason(), None);
+}
+
+#[tokio::test]
+async fn a_stream_the_client_stops_reading_is_disconnected_in_the_body() {
+    let log = Log::default();
+    let server = GrpcServer::with_layer(&log, log.layer("layer")).await;
+    let mut client = server.client().await;
+
+    let mut ticks = client
+        .watch(WatchRequest {
+            interval_millis: 5,
+            count: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for expected in 0..3 {
+        assert_eq!(ticks.message().await.unwrap().unwrap().n, expected);
+    }
+    drop(ticks);
+    log.wait_for(&format!("layer {WATCH} disconnected body"))
+        .await;
+    drop(client);
+    server.stop().await;
+    assert_eq!(
+        cancellations(&log),
+        [format!("layer {WATCH} disconnected body")]
+    );
+}
+
+/// Two others enforce `grpc-timeout` besides the layer: tonic's server, in a layer outside the
+/// user's whose timer started a little earlier, and tonic's client, whose timer started before
+/// the request was even sent (it resets the stream at its deadline, which reaches the server
+/// a few milliseconds early when calls queue). Whoever drops the call first, the layer records
+/// `DeadlineExceeded`, never `Disconnected`. Concurrent calls make the races real.
+#[tokio::test]
+async fn grpc_timeout_is_a_deadline_even_when_tonic_enforces_it() {
+    let log = Log::default();
+    let layer = log.layer("layer").grpc_timeout(true);
+    let server = GrpcServer::with_layer(&log, layer).await;
+    let client = server.client().await;
+
+    let calls: Vec<_> = (0..20u64)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut request = Request::new(report(&format!("t{i}"), 30_000));
+                request.set_timeout(Duration::from_millis(30 + i));
+                client.generate(request).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let status = call.await.unwrap().expect_err("the deadline passed");
+        // The client's or the server's tonic answers (tonic reports a timeout as CANCELLED).
+        assert!(
+            matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+            "{status:?}"
+        );
+    }
+    drop(client);
+    server.stop().await;
+
+    let layer_entries = log.with_prefix("layer");
+    assert_eq!(layer_entries.len(), 20, "{:#?}", log.entries());
+    for entry in &layer_entries {
+        assert_eq!(
+            entry,
+            &format!("layer {GENERATE} deadline_exceeded handler")
+        );
+    }
+    for rc in log.handles() {
+        assert!(rc.deadline().is_some());
+        assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+    }
+}
+
+/// Without `grpc_timeout(true)` the layer knows no deadline: tonic's own enforcement drops the
+/// method, which the layer can only see as the request going away.
+#[tokio::test]
+async fn without_grpc_timeout_tonics_enforcement_looks_like_a_disconnect() {
+    let log = Log::default();
+    let server = GrpcServer::with_layer(&log, log.layer("layer")).await;
+    let mut client = server.client().await;
+
+    let mut request = Request::new(report("t", 30_000));
+    request.set_timeout(Duration::from_millis(20));
+    client.generate(request).await.expect_err("tonic's timeout");
+    drop(client);
+    server.stop().await;
+    assert_eq!(
+        log.with_prefix("layer"),
+        [format!("layer {GENERATE} disconnected handler")]
+    );
+    assert_eq!(log.handles()[0].deadline(), None);
+}
+
+#[tokio::test]
+async fn shutdown_answers_unavailable_and_the_server_drains() {
+    let log = Log::default();
+    let shutdown = CancellationToken::new();
+    let layer = log.layer("layer").shutdown_token(shutdown.clone());
+    let server = GrpcServer::with_layer(&log, layer).await;
+    let mut client = server.client().await;
+
+    let call = tokio::spawn(async move { client.generate(report("busy", 30_000)).await });
+    log.wait_for("start busy").await;
+    shutdown.cancel();
+    let status = call.await.unwrap().expect_err("cancelled by the shutdown");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "the server is shutting down");
+    server.stop().await;
+    assert_eq!(
+        cancellations(&log),
+        [
+            format!("handler {GENERATE} shutdown handler"),
+            format!("layer {GENERATE} shutdown handler"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_the_layer_answers_internal_naming_the_layer() {
+    let log = Log::default();
+    let service = ReportsServer::new(Recorder { log: log.clone() });
+    let server = GrpcServer::spawn(|incoming, stop| {
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
+    let mut client = server.client().await;
+
+    let status = client.generate(report("x", 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(
+        status
+            .message()
+            .contains("CancellationLayer::new()` (axum: `.layer(..)` on the Router")
+            && status
+                .message()
+                .contains("tonic: `Server::builder().layer(..)`"),
+        "{}",
+        status.message()
+    );
+    drop(client);
+    server.stop().await;
+    assert_eq!(log.entries(), Vec::<String>::new());
+}
