@@ -197,6 +197,11 @@ impl<M> CancellationLayer<M> {
     /// `S` (seconds), `m` (milliseconds), `u` (microseconds) or `n` (nanoseconds). Anything
     /// else (empty, 9 digits or more, a sign, a space, an unknown unit, non-ASCII, or the
     /// header repeated) is ignored with a `debug` event on target `tower_cancel`.
+    ///
+    /// Turn it on for gRPC servers. The client enforces the same deadline (it resets the
+    /// stream when it passes), and so does tonic's server; without this the layer knows no
+    /// deadline and records their drops as `Disconnected`. With it, a drop at the deadline is
+    /// recorded as [`DeadlineExceeded`](crate::CancelReason::DeadlineExceeded).
     pub fn grpc_timeout(self, honour: bool) -> Self {
         self.configure(|config| config.grpc_timeout = honour)
     }

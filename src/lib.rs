@@ -65,8 +65,17 @@
 //! # }
 //! ```
 //!
-//! With hyper, axum or tonic the layer goes around the service you serve; see the
-//! repository's `examples/` for a complete hyper server and a graceful shutdown.
+//! With hyper, axum or tonic the layer goes around the service you serve: hyper's
+//! `TowerToHyperService`, axum's `Router::layer`, tonic's `Server::builder().layer(..)`. The
+//! repository's `examples/` have a complete server for each, and a graceful shutdown.
+//!
+//! # Features
+//!
+//! * `axum`: [`RequestCancellation`] is an axum extractor (`FromRequestParts`, and
+//!   `OptionalFromRequestParts` for `Option<RequestCancellation>`).
+//! * `tonic`: [`CancelReason`] and [`MissingCancellationLayer`] convert into `tonic::Status`,
+//!   so that a tonic method can answer `Err(reason.into())` and use `?` on
+//!   [`RequestCancellation::from_extensions`].
 //!
 //! # Semantics
 //!
@@ -89,7 +98,9 @@
 //!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once.
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
-//!   answers. A request that arrives after the shutdown began starts cancelled.
+//!   answers. A request that arrives after the shutdown began starts cancelled. A request
+//!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client) is
+//!   recorded as `DeadlineExceeded`, not `Disconnected`.
 //! * **Explicit cancellation.** Cancelling the token from application code cancels the request
 //!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
 //!   polled pending, when the request ends, or when the handle is queried.
