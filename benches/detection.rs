@@ -24,6 +24,7 @@
 //! Run with `cargo bench --bench detection`; `DETECTION_ITERS=20 cargo bench --bench detection`
 //! for a quick run (the default is 200 iterations per scenario).
 
+#[allow(dead_code, unreachable_pub)]
 #[path = "../examples/tonic/reports.rs"]
 mod reports;
 

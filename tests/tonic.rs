@@ -2,6 +2,7 @@
 //! a tonic client (`Channel`) that completes, cancels, stops reading a stream, sends a deadline,
 //! or is in flight at shutdown. The service is the example's (no `protoc` needed).
 
+#[allow(dead_code, unreachable_pub)]
 #[path = "../examples/tonic/reports.rs"]
 mod reports;
 

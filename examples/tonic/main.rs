@@ -14,6 +14,7 @@
 //! `reports.rs` is what `tonic-build` would generate from the `.proto` it quotes.
 //! Set `PORT` to listen on a fixed port.
 
+#[allow(dead_code, unreachable_pub)]
 mod reports;
 
 use std::error::Error;

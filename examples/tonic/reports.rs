@@ -1,26 +1,27 @@
-//! What `tonic-build` generates from the service below, written out by hand so that the
-//! example and the tests build without `protoc`. In a real project, generate it:
-//!
-//! ```proto
-//! syntax = "proto3";
-//! package reports;
-//!
-//! service Reports {
-//!   // Works for `millis` milliseconds, then answers.
-//!   rpc Generate(ReportRequest) returns (Report);
-//!   // Sends `count` ticks (0: forever), one every `interval_millis`.
-//!   rpc Watch(WatchRequest) returns (stream Tick);
-//! }
-//!
-//! message ReportRequest { string name = 1; uint32 millis = 2; }
-//! message Report { string text = 1; }
-//! message WatchRequest { uint32 interval_millis = 1; uint32 count = 2; }
-//! message Tick { uint64 n = 1; }
-//! ```
-//!
-//! Nothing here knows about cancellation: the layer wraps the generated server from outside.
-
-#![allow(dead_code, unreachable_pub)]
+// What `tonic-build` generates from the service below, written out by hand so that the
+// example and the tests build without `protoc`. In a real project, generate it:
+//
+// ```proto
+// syntax = "proto3";
+// package reports;
+//
+// service Reports {
+//   // Works for `millis` milliseconds, then answers.
+//   rpc Generate(ReportRequest) returns (Report);
+//   // Sends `count` ticks (0: forever), one every `interval_millis`.
+//   rpc Watch(WatchRequest) returns (stream Tick);
+// }
+//
+// message ReportRequest { string name = 1; uint32 millis = 2; }
+// message Report { string text = 1; }
+// message WatchRequest { uint32 interval_millis = 1; uint32 count = 2; }
+// message Tick { uint64 n = 1; }
+// ```
+//
+// Nothing here knows about cancellation: the layer wraps the generated server from outside.
+//
+// Plain comments, not `//!`, and no inner attributes: the README's tonic snippet `include!`s
+// this file. Modules that use it add `#[allow(dead_code, unreachable_pub)]`.
 
 use std::convert::Infallible;
 use std::future::Future;
