@@ -504,45 +504,53 @@ fn h2_get(addr: SocketAddr, id: u64) -> Request<Empty<Bytes>> {
         .expect("valid request")
 }
 
-/// Drops the response future of an HTTP/2 request in flight: hyper's client sends
-/// `RST_STREAM(CANCEL)`.
-async fn h2_rst_stream(bench: &mut Bench, id: u64) -> (Instant, Sample) {
-    let recorder = &bench.recorder;
-    let mut call = Box::pin(bench.h2.send_request(h2_get(bench.plain, id)));
+/// Polls `call` until the handler of request `id` started, then takes the client's gone-action
+/// `leave` (given the call, it returns whatever must outlive the wait) and waits for the
+/// layer's callback. Returns when the client left and what the server recorded.
+async fn leave_once_started<F, K>(
+    recorder: &Recorder,
+    id: u64,
+    mut call: Pin<Box<F>>,
+    leave: impl FnOnce(Pin<Box<F>>) -> K,
+) -> (Instant, Sample)
+where
+    F: Future<Output: fmt::Debug>,
+{
     tokio::select! {
-        response = &mut call => fail(format!("h2 request {id} returned: {response:?}")),
+        answer = &mut call => fail(format!("request {id} returned: {answer:?}")),
         _ = recorder.wait(id, "the handler to start", |s| s.started) => {}
     }
     let left = Instant::now();
-    drop(call);
+    let keep = leave(call);
     let sample = recorder
         .wait(id, "the callback", |s| s.callback.is_some())
         .await;
+    drop(keep);
     (left, sample)
+}
+
+/// Drops the response future of an HTTP/2 request in flight: hyper's client sends
+/// `RST_STREAM(CANCEL)`.
+async fn h2_rst_stream(bench: &mut Bench, id: u64) -> (Instant, Sample) {
+    let call = Box::pin(bench.h2.send_request(h2_get(bench.plain, id)));
+    leave_once_started(&bench.recorder, id, call, drop).await
 }
 
 /// Closes the TCP connection of an HTTP/2 client with one request in flight.
 async fn h2_conn_close(bench: &Bench, id: u64) -> (Instant, Sample) {
-    let recorder = &bench.recorder;
     let (mut sender, socket) = h2_client(bench.plain).await;
-    let mut call = Box::pin(sender.send_request(h2_get(bench.plain, id)));
-    tokio::select! {
-        response = &mut call => fail(format!("h2 request {id} returned: {response:?}")),
-        _ = recorder.wait(id, "the handler to start", |s| s.started) => {}
-    }
-    let left = Instant::now();
-    socket
-        .shutdown(std::net::Shutdown::Both)
-        .expect("failed to close the connection");
-    let sample = recorder
-        .wait(id, "the callback", |s| s.callback.is_some())
-        .await;
-    (left, sample)
+    let call = Box::pin(sender.send_request(h2_get(bench.plain, id)));
+    leave_once_started(&bench.recorder, id, call, |call| {
+        socket
+            .shutdown(std::net::Shutdown::Both)
+            .expect("failed to close the connection");
+        call
+    })
+    .await
 }
 
 /// Drops a tonic call in flight: tonic's channel resets the stream.
 async fn grpc_client_cancel(bench: &mut Bench, id: u64) -> (Instant, Sample) {
-    let recorder = &bench.recorder;
     let mut request = tonic::Request::new(ReportRequest {
         name: id.to_string(),
         millis: u32::try_from(SLOW.as_millis()).expect("SLOW fits in u32 milliseconds"),
@@ -551,17 +559,8 @@ async fn grpc_client_cancel(bench: &mut Bench, id: u64) -> (Instant, Sample) {
         ID_HEADER,
         id.to_string().parse().expect("a number is valid metadata"),
     );
-    let mut call = Box::pin(bench.grpc.generate(request));
-    tokio::select! {
-        answer = &mut call => fail(format!("gRPC call {id} returned: {answer:?}")),
-        _ = recorder.wait(id, "the method to start", |s| s.started) => {}
-    }
-    let left = Instant::now();
-    drop(call);
-    let sample = recorder
-        .wait(id, "the callback", |s| s.callback.is_some())
-        .await;
-    (left, sample)
+    let call = Box::pin(bench.grpc.generate(request));
+    leave_once_started(&bench.recorder, id, call, drop).await
 }
 
 async fn grpc_client(addr: SocketAddr) -> ReportsClient {
