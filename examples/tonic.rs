@@ -11,10 +11,11 @@
 //! 5. shutdown with a call in flight: the method answers `UNAVAILABLE` and the server drains.
 //!
 //! In your own server, the lines that matter are the layer and `Server::builder().layer(..)`;
-//! `reports.rs` is what `tonic-build` would generate from the `.proto` it quotes.
+//! `tonic/reports.rs` is what `tonic-build` would generate from the `.proto` it quotes.
 //! Set `PORT` to listen on a fixed port.
 
 #[allow(dead_code, unreachable_pub)]
+#[path = "tonic/reports.rs"]
 mod reports;
 
 use std::error::Error;
