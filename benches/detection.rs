@@ -47,7 +47,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use reports::{Report, ReportRequest, Reports, ReportsClient, ReportsServer, Tick, WatchRequest};
+use reports::reports_client::ReportsClient;
+use reports::reports_server::{Reports, ReportsServer};
+use reports::{Report, ReportRequest, Tick, WatchRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -199,7 +201,7 @@ struct Bench {
     body_watch: SocketAddr,
     /// One HTTP/2 connection to `plain`, reused by `h2_rst_stream`.
     h2: H2Sender,
-    grpc: ReportsClient,
+    grpc: ReportsClient<tonic::transport::Channel>,
     next_id: u64,
 }
 
@@ -563,7 +565,7 @@ async fn grpc_client_cancel(bench: &mut Bench, id: u64) -> (Instant, Sample) {
     leave_once_started(&bench.recorder, id, call, drop).await
 }
 
-async fn grpc_client(addr: SocketAddr) -> ReportsClient {
+async fn grpc_client(addr: SocketAddr) -> ReportsClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("valid endpoint")
         .tcp_nodelay(true)
@@ -853,6 +855,7 @@ struct SlowReports {
     recorder: Recorder,
 }
 
+#[tonic::async_trait]
 impl Reports for SlowReports {
     type WatchStream = futures_util::stream::Empty<Result<Tick, tonic::Status>>;
 

@@ -32,7 +32,9 @@ use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
 use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
 
-use reports::{Report, ReportRequest, Reports, ReportsClient, ReportsServer, Tick, WatchRequest};
+use reports::reports_client::ReportsClient;
+use reports::reports_server::{Reports, ReportsServer};
+use reports::{Report, ReportRequest, Tick, WatchRequest};
 
 /// Prints a line with the time since the example started.
 fn say(line: impl std::fmt::Display) {
@@ -47,6 +49,7 @@ fn ms(millis: u32) -> Duration {
 
 struct ReportService;
 
+#[tonic::async_trait]
 impl Reports for ReportService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;
 

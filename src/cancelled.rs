@@ -34,7 +34,7 @@ pub enum CancelReason {
     /// Also recorded when the request is dropped at its deadline, a moment before the layer's
     /// own timer fires: by another layer enforcing the same deadline (tonic's server does), or
     /// by a gRPC client resetting the stream at its own deadline. "At" means after the deadline,
-    /// or less than 1 ms before a deadline the server chose, or less than 20 ms before one the
+    /// or at most 1 ms before a deadline the server chose, or at most 20 ms before one the
     /// client chose (its clock started before the request reached the server).
     DeadlineExceeded,
     /// Application code cancelled the request's [`CancellationToken`] directly.

@@ -66,6 +66,9 @@ impl Config {
         } else {
             None
         };
-        TimeLimit::shorter(self.timeout, header)
+        TimeLimit::earliest(
+            self.timeout.map(TimeLimit::server),
+            header.map(TimeLimit::client),
+        )
     }
 }

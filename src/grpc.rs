@@ -11,7 +11,12 @@ use crate::{CancelReason, MissingCancellationLayer};
 /// | `Disconnected` | `CANCELLED` | the client cancelled the call (nobody reads the answer) |
 /// | `Shutdown` | `UNAVAILABLE` | the server is going away; gRPC clients may retry elsewhere |
 /// | `DeadlineExceeded` | `DEADLINE_EXCEEDED` | the call's deadline passed |
-/// | `Explicit` | `CANCELLED` | application code cancelled the request |
+/// | `Explicit` | `CANCELLED` | application code cancelled the request (`ABORTED` means a concurrency conflict in gRPC) |
+///
+/// With `grpc-timeout`, tonic's server enforces the deadline itself and answers the client
+/// `CANCELLED` "Timeout expired", discarding the method's answer: `DEADLINE_EXCEEDED` from a
+/// method reaches the client when the layer's own [`timeout`](crate::CancellationLayer::timeout)
+/// is the shorter deadline.
 ///
 /// ```
 /// use tonic::{Code, Request, Response, Status};

@@ -99,8 +99,9 @@
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
 //!   answers. A request that arrives after the shutdown began starts cancelled. A request
-//!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client) is
-//!   recorded as `DeadlineExceeded`, not `Disconnected`.
+//!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client), when the
+//!   layer knows that deadline (`timeout`, or `grpc_timeout(true)`), is recorded as
+//!   `DeadlineExceeded`, not `Disconnected`.
 //! * **Explicit cancellation.** Cancelling the token from application code cancels the request
 //!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
 //!   polled pending, when the request ends, or when the handle is queried.

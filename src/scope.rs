@@ -41,18 +41,6 @@ const CANCELLED: u8 = 0x80;
 
 /// `Scope::deadline` when the request has none.
 const NO_DEADLINE: u64 = u64::MAX;
-/// The low bit of `Scope::deadline`: the client chose the deadline (see [`TimeLimit`]).
-const FROM_CLIENT: u64 = 1;
-
-/// How close to its deadline a dropped request counts as timed out rather than abandoned, when
-/// the server chose the deadline: the resolution of tokio's timer, which rounds sleeps up to
-/// the next millisecond, so a layer outside this one with the same time limit may fire first.
-const SERVER_SLACK: Duration = Duration::from_millis(1);
-/// The same, when the client chose the deadline (`grpc-timeout`). The client enforces it on
-/// its own clock, which started before the request reached the server: a gRPC client resets
-/// the stream at its deadline, which reaches us early by the time the request took to arrive
-/// minus the time the reset takes (queueing on either side, not the network latency).
-const CLIENT_SLACK: Duration = Duration::from_millis(20);
 
 fn encode(reason: CancelReason, phase: Phase) -> u8 {
     let reason = match reason {
@@ -122,9 +110,11 @@ pub(crate) struct Scope {
     method: Method,
     uri: Uri,
     started: Instant,
-    /// Nanoseconds from `started` to the deadline, with the low bit set if the client chose
-    /// it (`FROM_CLIENT`); or `NO_DEADLINE`.
+    /// Nanoseconds from `started` to the deadline, or `NO_DEADLINE`.
     deadline: AtomicU64,
+    /// Nanoseconds from `started` after which a drop counts as the deadline's doing: the
+    /// earliest of the limits' `timed_out_from` (see [`TimeLimit`]), or `NO_DEADLINE`.
+    timed_out_from: AtomicU64,
     /// The span that was current when the layer saw the request (if the event is enabled).
     span: Span,
     /// The configuration of the layer that created the scope (the outermost one).
@@ -160,7 +150,10 @@ impl Scope {
                 method,
                 uri,
                 started: Instant::now(),
-                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, encode_deadline)),
+                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, |l| nanos(l.after))),
+                timed_out_from: AtomicU64::new(
+                    time_limit.map_or(NO_DEADLINE, |l| nanos(l.timed_out_from)),
+                ),
                 span,
                 creator,
                 slot,
@@ -188,19 +181,14 @@ impl Scope {
 
     /// When the request's deadline passes, if it has one.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.deadline_and_source().map(|(deadline, _)| deadline)
+        self.at(&self.deadline)
     }
 
-    /// The deadline, and whether the client chose it.
-    fn deadline_and_source(&self) -> Option<(Instant, bool)> {
-        match self.deadline.load(Ordering::Acquire) {
+    /// `started` plus one of the offsets, if set.
+    fn at(&self, offset: &AtomicU64) -> Option<Instant> {
+        match offset.load(Ordering::Acquire) {
             NO_DEADLINE => None,
-            encoded => {
-                let deadline = self
-                    .started
-                    .checked_add(Duration::from_nanos(encoded & !FROM_CLIENT))?;
-                Some((deadline, encoded & FROM_CLIENT != 0))
-            }
+            nanos => self.started.checked_add(Duration::from_nanos(nanos)),
         }
     }
 
@@ -322,17 +310,10 @@ impl Scope {
         self.cancel(reason);
     }
 
-    /// Whether the deadline passed, or is closer than its slack.
+    /// Whether the deadline passed, or is no further away than its slack.
     fn deadline_reached(&self) -> bool {
-        self.deadline_and_source()
-            .is_some_and(|(deadline, from_client)| {
-                let slack = if from_client {
-                    CLIENT_SLACK
-                } else {
-                    SERVER_SLACK
-                };
-                Instant::now() + slack >= deadline
-            })
+        self.at(&self.timed_out_from)
+            .is_some_and(|from| Instant::now() >= from)
     }
 
     /// Notices a token that application code cancelled while the handler or body was pending.
@@ -368,7 +349,9 @@ impl Scope {
     pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<TimeLimit>) {
         if let Some(limit) = time_limit {
             self.deadline
-                .fetch_min(encode_deadline(limit), Ordering::AcqRel);
+                .fetch_min(nanos(limit.after), Ordering::AcqRel);
+            self.timed_out_from
+                .fetch_min(nanos(limit.timed_out_from), Ordering::AcqRel);
         }
         let mut shutting_down = false;
         let late = {
@@ -479,17 +462,9 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// The deadline as an offset from the start in nanoseconds, its low bit telling whether the
-/// client chose it; saturates far beyond any real deadline. Comparing encoded values compares
-/// deadlines (to 2 ns), so `fetch_min` keeps the earliest.
-fn encode_deadline(limit: TimeLimit) -> u64 {
-    let nanos = u64::try_from(limit.after.as_nanos()).unwrap_or(u64::MAX);
-    let nanos = nanos.min(NO_DEADLINE - 2) & !FROM_CLIENT;
-    if limit.from_client {
-        nanos | FROM_CLIENT
-    } else {
-        nanos
-    }
+/// An offset from the start in nanoseconds; saturates far beyond any real deadline.
+fn nanos(offset: Duration) -> u64 {
+    u64::try_from(offset.as_nanos()).map_or(NO_DEADLINE - 1, |n| n.min(NO_DEADLINE - 1))
 }
 
 /// Owned by the response future, then by the response body: dropping it while armed cancels
@@ -854,17 +829,11 @@ mod tests {
     }
 
     fn server(after: Duration) -> Option<TimeLimit> {
-        Some(TimeLimit {
-            after,
-            from_client: false,
-        })
+        Some(TimeLimit::server(after))
     }
 
     fn client(after: Duration) -> Option<TimeLimit> {
-        Some(TimeLimit {
-            after,
-            from_client: true,
-        })
+        Some(TimeLimit::client(after))
     }
 
     fn limited(config: &Arc<Config>, limit: Option<TimeLimit>) -> Arc<Scope> {
@@ -883,18 +852,9 @@ mod tests {
         let start = scope.deadline().unwrap() - Duration::from_secs(10);
         scope.join(Bound::capture(&config), client(Duration::from_secs(1)));
         assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
-        assert_eq!(
-            scope.deadline_and_source(),
-            Some((start + Duration::from_secs(1), true))
-        );
         scope.join(Bound::capture(&config), server(Duration::from_secs(20)));
         scope.join(Bound::capture(&config), None);
         assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
-        scope.join(Bound::capture(&config), server(Duration::from_millis(500)));
-        assert_eq!(
-            scope.deadline_and_source(),
-            Some((start + Duration::from_millis(500), false))
-        );
         assert_eq!(self::scope().deadline(), None);
         // Absurd limits saturate instead of wrapping.
         let forever = limited(&config, client(Duration::MAX));
@@ -908,29 +868,64 @@ mod tests {
         let config = Arc::new(Config::new());
         let ms = Duration::from_millis;
         let server_early = limited(&config, server(ms(100)));
-        let server_within = limited(&config, server(ms(100)));
+        let server_at_slack = limited(&config, server(ms(100)));
         let client_early = limited(&config, client(ms(100)));
-        let client_within = limited(&config, client(ms(100)));
+        let client_at_slack = limited(&config, client(ms(100)));
         let after = limited(&config, server(ms(100)));
         let unlimited = limited(&config, None);
-        tokio::time::advance(ms(79)).await;
+        tokio::time::advance(Duration::from_micros(79_999)).await;
         client_early.abandon();
-        tokio::time::advance(ms(2)).await; // 81 ms: 19 ms before the client's deadline
-        client_within.abandon();
-        tokio::time::advance(ms(17)).await; // 98 ms
+        tokio::time::advance(Duration::from_micros(1)).await; // 80 ms: exactly 20 ms before
+        client_at_slack.abandon();
+        tokio::time::advance(Duration::from_micros(18_999)).await; // 1 ms and 1 µs before
         server_early.abandon();
-        tokio::time::advance(Duration::from_micros(1_500)).await; // 0.5 ms before
-        server_within.abandon();
+        tokio::time::advance(Duration::from_micros(1)).await; // exactly 1 ms before
+        server_at_slack.abandon();
         tokio::time::advance(ms(5)).await;
         after.abandon();
         unlimited.abandon();
         let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
         assert_eq!(reason(&client_early), Some(CancelReason::Disconnected));
-        assert_eq!(reason(&client_within), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(
+            reason(&client_at_slack),
+            Some(CancelReason::DeadlineExceeded)
+        );
         assert_eq!(reason(&server_early), Some(CancelReason::Disconnected));
-        assert_eq!(reason(&server_within), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(
+            reason(&server_at_slack),
+            Some(CancelReason::DeadlineExceeded)
+        );
         assert_eq!(reason(&after), Some(CancelReason::DeadlineExceeded));
         assert_eq!(reason(&unlimited), Some(CancelReason::Disconnected));
+    }
+
+    /// With both a server limit and a client deadline, each keeps its own slack: a tie or a
+    /// near-tie does not lose the client's.
+    #[tokio::test(start_paused = true)]
+    async fn mixed_deadlines_keep_the_widest_slack_that_applies() {
+        let config = Arc::new(Config::new());
+        let ms = Duration::from_millis;
+        // The server's layer and a stacked client deadline, equal.
+        let tie = limited(&config, server(ms(100)));
+        tie.join(Bound::capture(&config), client(ms(100)));
+        // The client's deadline half a millisecond after the server's.
+        let near = limited(&config, server(ms(100)));
+        near.join(
+            Bound::capture(&config),
+            client(Duration::from_micros(100_500)),
+        );
+        // A server deadline well before the client's: its own 1 ms slack applies.
+        let server_first = limited(&config, client(ms(200)));
+        server_first.join(Bound::capture(&config), server(ms(100)));
+        tokio::time::advance(ms(85)).await;
+        tie.abandon();
+        near.abandon();
+        server_first.abandon();
+        let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
+        assert_eq!(reason(&tie), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(reason(&near), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(reason(&server_first), Some(CancelReason::Disconnected));
+        assert_eq!(tie.deadline(), near.deadline());
     }
 
     #[test]

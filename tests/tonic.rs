@@ -11,11 +11,14 @@ mod common;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::{Log, PATIENCE, assert_all_completed, describe};
 use futures_util::{Stream, stream};
-use reports::{Report, ReportRequest, Reports, ReportsClient, ReportsServer, Tick, WatchRequest};
+use reports::reports_client::ReportsClient;
+use reports::reports_server::{Reports, ReportsServer};
+use reports::{Report, ReportRequest, Tick, WatchRequest};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
@@ -45,6 +48,7 @@ impl Drop for OnDrop {
     }
 }
 
+#[tonic::async_trait]
 impl Reports for Recorder {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;
 
@@ -120,7 +124,7 @@ impl GrpcServer {
         .await
     }
 
-    async fn client(&self) -> ReportsClient {
+    async fn client(&self) -> ReportsClient<tonic::transport::Channel> {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .tcp_nodelay(true)
@@ -252,41 +256,73 @@ async fn a_stream_the_client_stops_reading_is_disconnected_in_the_body() {
     );
 }
 
-/// Two others enforce `grpc-timeout` besides the layer: tonic's server, in a layer outside the
-/// user's whose timer started a little earlier, and tonic's client, whose timer started before
-/// the request was even sent (it resets the stream at its deadline, which reaches the server
-/// a few milliseconds early when calls queue). Whoever drops the call first, the layer records
-/// `DeadlineExceeded`, never `Disconnected`. Concurrent calls make the races real.
-#[tokio::test]
-async fn grpc_timeout_is_a_deadline_even_when_tonic_enforces_it() {
-    let log = Log::default();
-    let layer = log.layer("layer").grpc_timeout(true);
-    let server = GrpcServer::with_layer(&log, layer).await;
-    let client = server.client().await;
+/// Delays every call by 3 ms before passing it on, as an authentication layer would.
+#[derive(Clone)]
+struct Delay<S>(S);
 
-    let calls: Vec<_> = (0..20u64)
-        .map(|i| {
-            let mut client = client.clone();
-            tokio::spawn(async move {
-                let mut request = Request::new(report(&format!("t{i}"), 30_000));
-                request.set_timeout(Duration::from_millis(30 + i));
-                client.generate(request).await
-            })
+impl<S, R> tower::Service<R> for Delay<S>
+where
+    S: tower::Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let mut inner = self.0.clone();
+        Box::pin(async move {
+            sleep(Duration::from_millis(3)).await;
+            inner.call(req).await
         })
-        .collect();
-    for call in calls {
-        let status = call.await.unwrap().expect_err("the deadline passed");
-        // The client's or the server's tonic answers (tonic reports a timeout as CANCELLED).
-        assert!(
-            matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
-            "{status:?}"
-        );
+    }
+}
+
+/// Besides the layer, two others enforce `grpc-timeout`: tonic's server, in a layer outside
+/// the user's, and tonic's client, which resets the stream at its own deadline. Both timers
+/// started before the layer's: here by 3 ms more, because a slow layer sits in front of it, so
+/// one of them always drops the call before the layer's timer fires. The layer still records
+/// `DeadlineExceeded`, not `Disconnected`.
+#[tokio::test]
+async fn grpc_timeout_is_a_deadline_even_when_tonic_drops_the_call_first() {
+    let log = Log::default();
+    let service = ReportsServer::new(Recorder { log: log.clone() });
+    let layer = log.layer("layer").grpc_timeout(true);
+    let server = GrpcServer::spawn(|incoming, stop| {
+        Server::builder()
+            .layer(tower::layer::layer_fn(Delay))
+            .layer(layer)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
+    let mut client = server.client().await;
+
+    for i in 0..5 {
+        let mut request = Request::new(report(&format!("t{i}"), 30_000));
+        request.set_timeout(Duration::from_millis(30));
+        let status = client
+            .generate(request)
+            .await
+            .expect_err("the deadline passed");
+        // tonic reports its own timeouts as CANCELLED: the method's answer never leaves.
+        assert_eq!(status.code(), Code::Cancelled, "{status:?}");
     }
     drop(client);
     server.stop().await;
+    assert_every_call_timed_out(&log, 5);
+    // Every one was dropped: the layer's timer never fired first.
+    assert_eq!(log.with_prefix("dropped").len(), 5, "{:#?}", log.entries());
+}
 
+fn assert_every_call_timed_out(log: &Log, calls: usize) {
     let layer_entries = log.with_prefix("layer");
-    assert_eq!(layer_entries.len(), 20, "{:#?}", log.entries());
+    assert_eq!(layer_entries.len(), calls, "{:#?}", log.entries());
     for entry in &layer_entries {
         assert_eq!(
             entry,
