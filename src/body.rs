@@ -122,8 +122,9 @@ impl<B: Body> Body for CancellableBody<B> {
         if ended {
             this.guard.take().finish();
         } else if poll.is_ready() {
-            // A body that is always ready never reaches `pending`: check the deadline here.
-            this.guard.poll_deadline(cx);
+            // A body that is always ready never reaches `pending`: check the deadline here,
+            // against the clock (a timer is only armed when the body waits).
+            this.guard.check_deadline();
         }
         poll
     }

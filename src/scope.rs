@@ -508,6 +508,20 @@ impl Guard {
         }
     }
 
+    /// Cancels the request with `DeadlineExceeded` if its deadline passed, without arming a
+    /// timer: for a body that produced a frame and is polled again at once.
+    pub(crate) fn check_deadline(&self) {
+        let Some(scope) = self.scope.as_deref() else {
+            return;
+        };
+        let passed = scope
+            .deadline()
+            .is_some_and(|deadline| Instant::now() >= deadline);
+        if passed && scope.is_armed() {
+            scope.cancel(CancelReason::DeadlineExceeded);
+        }
+    }
+
     /// Moves the guard out (from the response future into the body), leaving a disarmed one.
     pub(crate) fn take(&mut self) -> Self {
         mem::take(self)

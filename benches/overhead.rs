@@ -1,0 +1,380 @@
+//! What does `CancellationLayer` cost per request, next to the alternatives?
+//!
+//! Measures, on one thread and in process, the whole life of one request: build
+//! `GET /api/items/42` with an empty body, poll readiness, call the service, poll its future
+//! to completion, drain the response body to its end (`poll_frame` until `None`) and drop
+//! everything. Every variant pays the same request construction and inner service; the
+//! differences are the middleware. Variants (benchmark ids `<body>/<variant>`):
+//!
+//! - `bare`: the inner service alone, an immediately ready response;
+//! - `on_early_drop`: tower-http's `OnEarlyDropLayer` with no-op future-drop and body-drop
+//!   callbacks;
+//! - `hand_written`: the pattern of tonic's cancellation example as the cheapest honest layer:
+//!   per request a new `CancellationToken` in the request extensions and a `DropGuard` held by
+//!   the response future, disarmed when the handler completes (no reason, no body guard, no
+//!   shutdown, no deadline);
+//! - `layer`: `CancellationLayer::new()`;
+//! - `layer_shutdown`: with `.shutdown_token(..)` (never cancelled);
+//! - `layer_deadline`: with `.timeout(30 s)` (never fires);
+//! - `layer_shutdown_deadline`: both.
+//!
+//! Each variant runs with two response bodies (one benchmark group each): `full`, a
+//! `Full<Bytes>` of 5 bytes (its end is known from its size), and `streamed`, 3 data frames
+//! with no size hint whose end is only seen when it returns `None`.
+//!
+//! Futures and bodies are polled with a no-op waker, with no runtime in the loop; the thread
+//! only enters a Tokio runtime, on which the layer spawns its shutdown watcher and registers
+//! its deadline timers. After criterion's own report, a summary table (Markdown) gives each
+//! variant's median ns/request over criterion's measurement samples, the difference from
+//! `bare` and the ratio to `hand_written`.
+//!
+//! Run with `cargo bench --bench overhead` (about a minute; append `-- <filter>`, such as
+//! `-- streamed/` or `-- layer`, to run some benchmarks only). Criterion only measures under
+//! `cargo bench`: `cargo test --benches` runs each benchmark once as a smoke test and prints
+//! no table, and CI only compiles this file (`cargo bench --no-run`).
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkGroup, Criterion, Throughput, measurement::WallTime};
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::{Layer, Service};
+use tower_cancel::CancellationLayer;
+use tower_http::on_early_drop::{OnBodyDropFn, OnEarlyDropLayer};
+
+/// Criterion samples per benchmark; the summary is the median over exactly these.
+const SAMPLE_SIZE: usize = 100;
+
+/// The inner service: an immediately ready response whose body `make_body` builds.
+fn inner<B, F>(
+    make_body: F,
+) -> impl Service<
+    Request<()>,
+    Response = Response<B>,
+    Error = Infallible,
+    Future = Ready<Result<Response<B>, Infallible>>,
+> + Clone
+where
+    F: Fn() -> B + Clone,
+{
+    tower::service_fn(move |_req: Request<()>| ready(Ok(Response::new(make_body()))))
+}
+
+fn full_body() -> Full<Bytes> {
+    Full::new(Bytes::from_static(b"hello"))
+}
+
+/// A streamed response: 3 data frames, no size hint, and the end only known when `None` is
+/// returned, so a guard cannot complete before the last poll.
+#[derive(Debug)]
+struct Streamed {
+    frames_left: u8,
+    ended: bool,
+}
+
+impl Streamed {
+    fn new() -> Self {
+        Self {
+            frames_left: 3,
+            ended: false,
+        }
+    }
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.frames_left == 0 {
+            this.ended = true;
+            return Poll::Ready(None);
+        }
+        this.frames_left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"chunk")))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+/// tonic's cancellation example as a tower layer: a token per request in the extensions,
+/// cancelled if the response future is dropped before the handler completes.
+#[derive(Debug, Clone, Copy)]
+struct HandWrittenLayer;
+
+impl<S> Layer<S> for HandWrittenLayer {
+    type Service = HandWritten<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HandWritten { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct HandWritten<S> {
+    inner: S,
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for HandWritten<S>
+where
+    S: Service<Request<ReqBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = HandWrittenFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let token = CancellationToken::new();
+        req.extensions_mut().insert(token.clone());
+        HandWrittenFuture {
+            inner: self.inner.call(req),
+            guard: Some(token.drop_guard()),
+        }
+    }
+}
+
+pin_project! {
+    /// The handler's future, cancelling the token if dropped before it completes.
+    struct HandWrittenFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<DropGuard>,
+    }
+}
+
+impl<F: Future> Future for HandWrittenFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        // The handler finished: its token must not be cancelled any more.
+        if let Some(guard) = this.guard.take() {
+            guard.disarm();
+        }
+        Poll::Ready(output)
+    }
+}
+
+/// One request: build it, poll readiness, call, poll the future to completion, drain the
+/// body to its end, drop everything.
+fn one_request<S, B>(svc: &mut S, cx: &mut Context<'_>)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let request = Request::get("/api/items/42")
+        .body(())
+        .expect("valid request");
+    loop {
+        if let Poll::Ready(ready) = svc.poll_ready(cx) {
+            ready.expect("service failed");
+            break;
+        }
+    }
+    let mut future = pin!(svc.call(request));
+    let response = loop {
+        if let Poll::Ready(response) = future.as_mut().poll(cx) {
+            break response.expect("service failed");
+        }
+    };
+    let mut body = pin!(response.into_body());
+    loop {
+        match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(frame)) => {
+                black_box(frame.expect("body failed"));
+            }
+            Poll::Ready(None) => break,
+            Poll::Pending => {}
+        }
+    }
+}
+
+/// One line of the summary.
+struct Row {
+    body: &'static str,
+    variant: &'static str,
+    ns_per_request: f64,
+}
+
+/// Benchmarks `svc` as `<body>/<name>` and, if criterion measured it in full, appends its
+/// median ns/request to `rows`.
+fn bench_variant<S, B>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rows: &mut Vec<Row>,
+    body: &'static str,
+    name: &'static str,
+    mut svc: S,
+) where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    // ns/request of every call of the routine: criterion's warm-up calls first, then exactly
+    // `SAMPLE_SIZE` measurement samples.
+    let mut per_call = Vec::new();
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut cx = Context::from_waker(Waker::noop());
+            let start = Instant::now();
+            for _ in 0..iters {
+                one_request(&mut svc, &mut cx);
+            }
+            let elapsed = start.elapsed();
+            per_call.push(elapsed.as_nanos() as f64 / iters as f64);
+            elapsed
+        });
+    });
+    // Filtered out, or run once by `cargo test --benches`: nothing to report.
+    if per_call.len() < SAMPLE_SIZE {
+        return;
+    }
+    let mut samples = per_call.split_off(per_call.len() - SAMPLE_SIZE);
+    samples.sort_by(f64::total_cmp);
+    let ns_per_request = (samples[SAMPLE_SIZE / 2 - 1] + samples[SAMPLE_SIZE / 2]) / 2.0;
+    rows.push(Row {
+        body,
+        variant: name,
+        ns_per_request,
+    });
+}
+
+/// Every variant around the inner service whose body `make_body` builds.
+fn bench_body<B, F>(c: &mut Criterion, rows: &mut Vec<Row>, body: &'static str, make_body: F)
+where
+    B: Body,
+    B::Error: std::fmt::Debug,
+    F: Fn() -> B + Clone,
+{
+    let mut group = c.benchmark_group(body);
+    group
+        .throughput(Throughput::Elements(1))
+        .sample_size(SAMPLE_SIZE)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+
+    let svc = inner(make_body);
+    bench_variant(&mut group, rows, body, "bare", svc.clone());
+
+    let on_early_drop = OnEarlyDropLayer::builder()
+        .on_future_drop(|_: &Request<()>| || {})
+        .on_body_drop(OnBodyDropFn::new(|_: &Request<()>| {
+            |_: &http::response::Parts| || {}
+        }));
+    bench_variant(
+        &mut group,
+        rows,
+        body,
+        "on_early_drop",
+        on_early_drop.layer(svc.clone()),
+    );
+
+    bench_variant(
+        &mut group,
+        rows,
+        body,
+        "hand_written",
+        HandWrittenLayer.layer(svc.clone()),
+    );
+
+    let deadline = Duration::from_secs(30);
+    let layers = [
+        ("layer", CancellationLayer::new()),
+        (
+            "layer_shutdown",
+            CancellationLayer::new().shutdown_token(CancellationToken::new()),
+        ),
+        ("layer_deadline", CancellationLayer::new().timeout(deadline)),
+        (
+            "layer_shutdown_deadline",
+            CancellationLayer::new()
+                .shutdown_token(CancellationToken::new())
+                .timeout(deadline),
+        ),
+    ];
+    for (name, layer) in layers {
+        bench_variant(&mut group, rows, body, name, layer.layer(svc.clone()));
+    }
+
+    group.finish();
+}
+
+/// Prints the rows as a Markdown table, with each variant's cost above `bare` and its ratio
+/// to `hand_written` in the same body.
+fn print_summary(rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let find = |body: &str, variant: &str| {
+        rows.iter()
+            .find(|row| row.body == body && row.variant == variant)
+            .map(|row| row.ns_per_request)
+    };
+    println!();
+    println!(
+        "Per-request overhead, one thread, in process (median of {SAMPLE_SIZE} criterion samples):"
+    );
+    println!();
+    println!(
+        "| {:<8} | {:<23} | {:>10} | {:>10} | {:>14} |",
+        "body", "variant", "ns/request", "above bare", "÷ hand_written"
+    );
+    println!(
+        "|{:-<10}|{:-<25}|{:->11}:|{:->11}:|{:->15}:|",
+        "", "", "", "", ""
+    );
+    for row in rows {
+        let above_bare = find(row.body, "bare").map_or_else(
+            || "—".to_owned(),
+            |bare| format!("{:+.1}", row.ns_per_request - bare),
+        );
+        let ratio = find(row.body, "hand_written").map_or_else(
+            || "—".to_owned(),
+            |hand_written| format!("{:.2}", row.ns_per_request / hand_written),
+        );
+        println!(
+            "| {:<8} | {:<23} | {:>10.1} | {:>10} | {:>14} |",
+            row.body, row.variant, row.ns_per_request, above_bare, ratio
+        );
+    }
+}
+
+fn main() {
+    // The layer spawns its shutdown watcher and registers deadline timers on the runtime it
+    // is called in; nothing in the measured loop runs on it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("failed to build the runtime");
+    let _runtime = rt.enter();
+
+    let mut c = Criterion::default().configure_from_args();
+    let mut rows = Vec::new();
+    bench_body(&mut c, &mut rows, "full", full_body);
+    bench_body(&mut c, &mut rows, "streamed", Streamed::new);
+    c.final_summary();
+    print_summary(&rows);
+}
