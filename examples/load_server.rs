@@ -1,0 +1,79 @@
+//! The smallest server behind `CancellationLayer`: every request gets `hello`, over HTTP/1.1
+//! and HTTP/2 (prior knowledge) on the same port. `scripts/load.sh` measures it with and
+//! without the layer.
+//!
+//! Run with: cargo run --release --example load_server -- layer   (or `bare`: no layer)
+//!
+//! Then: `curl http://127.0.0.1:3000/` or `curl --http2-prior-knowledge http://127.0.0.1:3000/`.
+//! Set `PORT` to listen elsewhere (`PORT=0` picks a free port; the address is printed).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::{Service, ServiceBuilder, service_fn};
+use tower_cancel::CancellationLayer;
+
+async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let with_layer = match std::env::args().nth(1).as_deref() {
+        Some("bare") => false,
+        Some("layer") => true,
+        _ => {
+            eprintln!("usage: load_server bare|layer");
+            std::process::exit(2);
+        }
+    };
+    let port: u16 = match std::env::var("PORT") {
+        Ok(port) => port.parse().expect("PORT is a port number"),
+        Err(_) => 3000,
+    };
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("listening on {}", listener.local_addr()?);
+
+    if with_layer {
+        let svc = ServiceBuilder::new()
+            .layer(CancellationLayer::new())
+            .service(service_fn(hello));
+        serve(listener, svc).await
+    } else {
+        serve(listener, service_fn(hello)).await
+    }
+}
+
+/// Accepts connections forever, each served by hyper-util's `auto` builder: it answers
+/// HTTP/1.1, and HTTP/2 when the client opens with the HTTP/2 preface.
+async fn serve<S, B>(listener: TcpListener, svc: S) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        // Small responses: send them now rather than waiting for Nagle.
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(svc.clone());
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            // Errors are the client's doing (a reset, a malformed request): nothing to do.
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
