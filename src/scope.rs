@@ -115,8 +115,9 @@ pub(crate) struct Scope {
     /// Nanoseconds from `started` after which a drop counts as the deadline's doing: the
     /// earliest of the limits' `timed_out_from` (see [`TimeLimit`]), or `NO_DEADLINE`.
     timed_out_from: AtomicU64,
-    /// The span that was current when the layer saw the request (if the event is enabled).
-    span: Span,
+    /// The span that was current when the layer saw the request, if the event is enabled
+    /// (boxed: most requests carry none, and a `Span` is 40 bytes).
+    span: Option<Box<Span>>,
     /// The configuration of the layer that created the scope (the outermost one).
     creator: Bound,
     /// Where the creator's shutdown registry holds this scope.
@@ -134,9 +135,9 @@ impl Scope {
         time_limit: Option<TimeLimit>,
     ) -> Arc<Self> {
         let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
-            Span::current()
+            Some(Box::new(Span::current()))
         } else {
-            Span::none()
+            None
         };
         let mut shutting_down = false;
         let scope = Arc::new_cyclic(|this| {
@@ -164,6 +165,12 @@ impl Scope {
             scope.cancel(CancelReason::Shutdown);
         }
         scope
+    }
+
+    /// The request's span, or no span.
+    fn span(&self) -> &Span {
+        static NONE: Span = Span::none();
+        self.span.as_deref().unwrap_or(&NONE)
     }
 
     pub(crate) fn token(&self) -> &CancellationToken {
@@ -337,7 +344,7 @@ impl Scope {
             self.late(&registry)
         };
         if let Late::Cancelled(cancelled) = late {
-            self.span.in_scope(|| {
+            self.span().in_scope(|| {
                 contain("on_cancel callback", &cancelled, || callback(&cancelled));
             });
         }
@@ -376,7 +383,7 @@ impl Scope {
             }
             None => {}
             Some((Late::Cancelled(cancelled), bound)) => {
-                self.span.in_scope(|| bound.run(&cancelled, &self.span));
+                self.span().in_scope(|| bound.run(&cancelled, self.span()));
             }
             Some((Late::Completed, _)) => {}
         }
@@ -424,7 +431,7 @@ impl Scope {
             )
         };
         self.deregister(&joined);
-        self.span.in_scope(|| {
+        self.span().in_scope(|| {
             tracing::debug!(
                 target: "tower_cancel",
                 reason = %reason,
@@ -440,9 +447,9 @@ impl Scope {
                 contain("on_cancel callback", &cancelled, || callback(&cancelled));
             }
             for layer in joined.iter().rev() {
-                layer.bound.run(&cancelled, &self.span);
+                layer.bound.run(&cancelled, self.span());
             }
-            self.creator.run(&cancelled, &self.span);
+            self.creator.run(&cancelled, self.span());
         });
     }
 }
