@@ -33,10 +33,11 @@
 //! `cargo bench`: `cargo test --benches` runs each benchmark once as a smoke test and prints
 //! no table, and CI only compiles this file (`cargo bench --no-run`).
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
-use std::hint::black_box;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,13 @@ where
     F: Fn() -> B + Clone,
 {
     tower::service_fn(move |_req: Request<()>| ready(Ok(Response::new(make_body()))))
+}
+
+/// The request every variant gets (built inside the measured loop: all variants pay it).
+fn request() -> Request<()> {
+    Request::get("/api/items/42")
+        .body(())
+        .expect("valid request")
 }
 
 fn full_body() -> Full<Bytes> {
@@ -175,42 +183,6 @@ impl<F: Future> Future for HandWrittenFuture<F> {
     }
 }
 
-/// One request: build it, poll readiness, call, poll the future to completion, drain the
-/// body to its end, drop everything.
-fn one_request<S, B>(svc: &mut S, cx: &mut Context<'_>)
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: Body,
-    B::Error: std::fmt::Debug,
-{
-    let request = Request::get("/api/items/42")
-        .body(())
-        .expect("valid request");
-    loop {
-        if let Poll::Ready(ready) = svc.poll_ready(cx) {
-            ready.expect("service failed");
-            break;
-        }
-    }
-    let mut future = pin!(svc.call(request));
-    let response = loop {
-        if let Poll::Ready(response) = future.as_mut().poll(cx) {
-            break response.expect("service failed");
-        }
-    };
-    let mut body = pin!(response.into_body());
-    loop {
-        match body.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
-                black_box(frame.expect("body failed"));
-            }
-            Poll::Ready(None) => break,
-            Poll::Pending => {}
-        }
-    }
-}
-
 /// One line of the summary.
 struct Row {
     body: &'static str,
@@ -240,7 +212,7 @@ fn bench_variant<S, B>(
             let mut cx = Context::from_waker(Waker::noop());
             let start = Instant::now();
             for _ in 0..iters {
-                one_request(&mut svc, &mut cx);
+                support::one_request(&mut svc, request(), &mut cx);
             }
             let elapsed = start.elapsed();
             per_call.push(elapsed.as_nanos() as f64 / iters as f64);

@@ -19,12 +19,13 @@
 //!
 //! Run with `cargo bench --bench scaling` (append `-- <filter>` to run some variants only).
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::Barrier;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -56,38 +57,6 @@ fn inner() -> impl Service<
     })
 }
 
-/// One request: poll readiness, call, poll the future to completion, drain the body.
-fn one_request<S, B>(svc: &mut S, cx: &mut Context<'_>)
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: Body,
-    B::Error: std::fmt::Debug,
-{
-    loop {
-        if let Poll::Ready(ready) = svc.poll_ready(cx) {
-            ready.expect("service failed");
-            break;
-        }
-    }
-    let mut future = pin!(svc.call(Request::new(())));
-    let response = loop {
-        if let Poll::Ready(response) = future.as_mut().poll(cx) {
-            break response.expect("service failed");
-        }
-    };
-    let mut body = pin!(response.into_body());
-    loop {
-        match body.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
-                black_box(frame.expect("body failed"));
-            }
-            Poll::Ready(None) => break,
-            Poll::Pending => {}
-        }
-    }
-}
-
 /// Runs `iters` requests split evenly over `threads` threads, each with its own clone of
 /// `svc` and inside `rt`'s context, calling `per_request` after each request. Returns the wall
 /// time from the barrier's release until every thread is done.
@@ -112,7 +81,7 @@ where
                 let mut cx = Context::from_waker(Waker::noop());
                 barrier.wait();
                 for _ in 0..n {
-                    one_request(&mut svc, &mut cx);
+                    support::one_request(&mut svc, Request::new(()), &mut cx);
                     per_request();
                 }
             });

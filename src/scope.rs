@@ -521,10 +521,11 @@ impl Guard {
         let Some(scope) = self.scope.as_deref() else {
             return;
         };
-        let passed = scope
+        // `cancel` does nothing to a request that completed or was already cancelled.
+        if scope
             .deadline()
-            .is_some_and(|deadline| Instant::now() >= deadline);
-        if passed && scope.is_armed() {
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
             scope.cancel(CancelReason::DeadlineExceeded);
         }
     }
