@@ -1,7 +1,8 @@
 //! What does `CancellationLayer` cost per request, next to the alternatives?
 //!
 //! Measures, on one thread and in process, the whole life of one request: build
-//! `GET /api/items/42` with an empty body, poll readiness, call the service, poll its future
+//! `GET /api/items/42` with an empty body (its URI a slice of a shared read buffer, as hyper
+//! parses it), poll readiness, call the service, poll its future
 //! to completion, drain the response body to its end (`poll_frame` until `None`) and drop
 //! everything. Every variant pays the same request construction and inner service; the
 //! differences are the middleware. Variants (benchmark ids `<body>/<variant>`):
@@ -13,6 +14,10 @@
 //!   per request a new `CancellationToken` in the request extensions and a `DropGuard` held by
 //!   the response future, disarmed when the handler completes (no reason, no body guard, no
 //!   shutdown, no deadline);
+//! - `contract_floor`: `hand_written` plus what the crate's contract adds before any logic: a
+//!   second extensions entry, a handle to per-request state shared through an `Arc` (the
+//!   layer's `RequestCancellation`). Same allocations as the layer (six), none of its work: a
+//!   floor for any implementation of the contract on this allocator;
 //! - `layer`: `CancellationLayer::new()`;
 //! - `layer_shutdown`: with `.shutdown_token(..)` (never cancelled);
 //! - `layer_deadline`: with `.timeout(30 s)` (never fires);
@@ -36,18 +41,17 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
+use std::future::{Ready, ready};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkGroup, Criterion, Throughput, measurement::WallTime};
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame};
 use http_body_util::Full;
-use pin_project_lite::pin_project;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service};
 use tower_cancel::CancellationLayer;
 use tower_http::on_early_drop::{OnBodyDropFn, OnEarlyDropLayer};
@@ -70,11 +74,25 @@ where
     tower::service_fn(move |_req: Request<()>| ready(Ok(Response::new(make_body()))))
 }
 
+/// The head of the request every variant gets, as it sits in a connection's read buffer.
+const HEAD: &[u8] = b"GET /api/items/42 HTTP/1.1\r\nhost: bench\r\n\r\n";
+/// Where its path is in `HEAD`.
+const PATH: std::ops::Range<usize> = 4..17;
+
+/// The read buffer the requests are parsed from: a shared `Bytes`, as hyper freezes it.
+fn read_buffer() -> Bytes {
+    BytesMut::from(HEAD).split().freeze()
+}
+
 /// The request every variant gets (built inside the measured loop: all variants pay it).
-fn request() -> Request<()> {
-    Request::get("/api/items/42")
-        .body(())
-        .expect("valid request")
+///
+/// Its URI is built the way hyper 1.x's HTTP/1.1 parser builds it: `Uri::from_maybe_shared`
+/// on a slice of the frozen read buffer, so cloning it counts a reference, as in a server.
+/// `Request::get("/api/items/42")` would instead copy the path into a buffer that allocates
+/// again the first time it is cloned, a cost no request that came off a socket has.
+fn request(read_buffer: &Bytes) -> Request<()> {
+    let uri = Uri::from_maybe_shared(read_buffer.slice(PATH)).expect("valid path");
+    Request::get(uri).body(()).expect("valid request")
 }
 
 fn full_body() -> Full<Bytes> {
@@ -120,69 +138,6 @@ impl Body for Streamed {
     }
 }
 
-/// tonic's cancellation example as a tower layer: a token per request in the extensions,
-/// cancelled if the response future is dropped before the handler completes.
-#[derive(Debug, Clone, Copy)]
-struct HandWrittenLayer;
-
-impl<S> Layer<S> for HandWrittenLayer {
-    type Service = HandWritten<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        HandWritten { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct HandWritten<S> {
-    inner: S,
-}
-
-impl<S, ReqBody> Service<Request<ReqBody>> for HandWritten<S>
-where
-    S: Service<Request<ReqBody>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = HandWrittenFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let token = CancellationToken::new();
-        req.extensions_mut().insert(token.clone());
-        HandWrittenFuture {
-            inner: self.inner.call(req),
-            guard: Some(token.drop_guard()),
-        }
-    }
-}
-
-pin_project! {
-    /// The handler's future, cancelling the token if dropped before it completes.
-    struct HandWrittenFuture<F> {
-        #[pin]
-        inner: F,
-        guard: Option<DropGuard>,
-    }
-}
-
-impl<F: Future> Future for HandWrittenFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let output = std::task::ready!(this.inner.poll(cx));
-        // The handler finished: its token must not be cancelled any more.
-        if let Some(guard) = this.guard.take() {
-            guard.disarm();
-        }
-        Poll::Ready(output)
-    }
-}
-
 /// One line of the summary.
 struct Row {
     body: &'static str,
@@ -210,9 +165,10 @@ fn bench_variant<S, B>(
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut cx = Context::from_waker(Waker::noop());
+            let read_buffer = read_buffer();
             let start = Instant::now();
             for _ in 0..iters {
-                support::one_request(&mut svc, request(), &mut cx);
+                support::one_request(&mut svc, request(&read_buffer), &mut cx);
             }
             let elapsed = start.elapsed();
             per_call.push(elapsed.as_nanos() as f64 / iters as f64);
@@ -268,7 +224,21 @@ where
         rows,
         body,
         "hand_written",
-        HandWrittenLayer.layer(svc.clone()),
+        support::HandWrittenLayer {
+            shared_handle: false,
+        }
+        .layer(svc.clone()),
+    );
+
+    bench_variant(
+        &mut group,
+        rows,
+        body,
+        "contract_floor",
+        support::HandWrittenLayer {
+            shared_handle: true,
+        }
+        .layer(svc.clone()),
     );
 
     let deadline = Duration::from_secs(30);

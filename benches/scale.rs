@@ -55,6 +55,13 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, service_fn};
 use tower_cancel::{CancelReason, CancellationLayer, Cancelled, RequestCancellation};
 
+mod support;
+
+/// The least any implementation of the contract holds per request (see benches/support).
+const CONTRACT_FLOOR: support::HandWrittenLayer = support::HandWrittenLayer {
+    shared_handle: true,
+};
+
 /// Requests held in flight.
 const REQUESTS: usize = 10_000;
 /// HTTP/2 client connections the requests are spread over.
@@ -157,6 +164,14 @@ fn main() {
                  extensions stay allocated)",
                 memory(Probe::KeptBare, Probe::KeptLayer),
             ),
+            (
+                "*contract floor* instead of the layer, in-process, request dropped",
+                memory(Probe::LocalBare, Probe::LocalFloor),
+            ),
+            (
+                "*contract floor* instead of the layer, in-process, request kept",
+                memory(Probe::KeptBare, Probe::KeptFloor),
+            ),
         ],
     );
     println!("\nTotal run time: {:.1} s", started.elapsed().as_secs_f64());
@@ -203,7 +218,9 @@ fn print_report(timings: &[(String, &Vec<Duration>, &str)], memory: &[(&str, (f6
          sides and allocator slack; the difference is what matters. Layer: \
          `CancellationLayer::new().shutdown_token(..).on_cancel(..)`. Bare over HTTP/2: the \
          same handler waiting on a `Notify` instead of its token; bare in-process: the inner \
-         service alone."
+         service alone. Contract floor: the bench's hand-written layer with its second \
+         entry (benches/support: a token and an `Arc` handle in the extensions, a drop \
+         guard, no logic), the least any implementation of the crate's contract holds."
     );
 }
 
@@ -568,18 +585,22 @@ enum Probe {
     H2Layer,
     LocalBare,
     LocalLayer,
+    LocalFloor,
     KeptBare,
     KeptLayer,
+    KeptFloor,
 }
 
 impl Probe {
-    const ALL: [Probe; 6] = [
+    const ALL: [Probe; 8] = [
         Probe::H2Bare,
         Probe::H2Layer,
         Probe::LocalBare,
         Probe::LocalLayer,
+        Probe::LocalFloor,
         Probe::KeptBare,
         Probe::KeptLayer,
+        Probe::KeptFloor,
     ];
 
     fn name(self) -> &'static str {
@@ -588,8 +609,10 @@ impl Probe {
             Probe::H2Layer => "h2-layer",
             Probe::LocalBare => "local-bare",
             Probe::LocalLayer => "local-layer",
+            Probe::LocalFloor => "local-floor",
             Probe::KeptBare => "kept-bare",
             Probe::KeptLayer => "kept-layer",
+            Probe::KeptFloor => "kept-floor",
         }
     }
 
@@ -629,6 +652,8 @@ impl Probe {
             Probe::LocalLayer => local_memory(layer.layer(never_answers())),
             Probe::KeptBare => local_memory(never_answers_keeping_request()),
             Probe::KeptLayer => local_memory(layer.layer(never_answers_keeping_request())),
+            Probe::LocalFloor => local_memory(CONTRACT_FLOOR.layer(never_answers())),
+            Probe::KeptFloor => local_memory(CONTRACT_FLOOR.layer(never_answers_keeping_request())),
         }
     }
 }

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::mem;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Context;
 use std::time::Duration;
@@ -82,14 +82,33 @@ type HandlerCallback = Box<dyn FnOnce(&Cancelled) + Send>;
 
 #[derive(Default)]
 struct Registry {
-    /// Set once the scope left the armed state and the lists below were drained.
+    /// Set once the scope left the armed state and the lists were drained.
     closed: bool,
     /// `Some` once cancelled: the time from start to cancellation, for late registrations.
     elapsed: Option<Duration>,
+    /// Allocated by the first registration: most requests have none, and two empty `Vec`s
+    /// would cost every request 48 bytes.
+    lists: Option<Box<Lists>>,
+}
+
+#[derive(Default)]
+struct Lists {
     /// The handler's `on_cancel` registrations, in registration order.
     handler: Vec<HandlerCallback>,
     /// Layers deeper in the stack that joined this scope, outermost first.
     joined: Vec<Joined>,
+}
+
+impl Registry {
+    fn lists(&mut self) -> &mut Lists {
+        self.lists.get_or_insert_with(Box::default)
+    }
+
+    /// Closes the registry and takes what was registered.
+    fn close(&mut self) -> Lists {
+        self.closed = true;
+        self.lists.take().map(|lists| *lists).unwrap_or_default()
+    }
 }
 
 /// A deeper layer that joined the scope, and its shutdown registration if it has a token.
@@ -106,6 +125,9 @@ enum Late {
 
 pub(crate) struct Scope {
     state: AtomicU8,
+    /// Set (under the registry lock) once anything was added to the registry, so that a
+    /// request that completes without registrations skips the lock. See [`Scope::finish`].
+    registered: AtomicBool,
     token: CancellationToken,
     method: Method,
     uri: Uri,
@@ -147,6 +169,7 @@ impl Scope {
             });
             Self {
                 state: AtomicU8::new(ARMED_HANDLER),
+                registered: AtomicBool::new(false),
                 token: CancellationToken::new(),
                 method,
                 uri,
@@ -268,6 +291,12 @@ impl Scope {
 
     /// The request reached its end. A token that application code cancelled meanwhile makes it
     /// an `Explicit` cancellation instead.
+    ///
+    /// Completion leaves the registry alone unless something was registered: the common
+    /// request takes no lock. A registration racing with completion cannot be stranded: it
+    /// sets `registered` and then reads the state, completion writes the state and then reads
+    /// `registered` (all `SeqCst`), so at least one of the two sees the other and drops the
+    /// registrations (doing it twice is harmless).
     pub(crate) fn finish(&self) {
         if self.token.is_cancelled() {
             self.cancel(CancelReason::Explicit);
@@ -278,26 +307,37 @@ impl Scope {
             match self.state.compare_exchange_weak(
                 current,
                 COMPLETED,
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    // Drop the registrations (outside the lock): they will never run, and a
-                    // closure holding a handle to this scope would otherwise keep it alive.
-                    let (handler, joined) = {
-                        let mut registry = self.registry();
-                        registry.closed = true;
-                        (
-                            mem::take(&mut registry.handler),
-                            mem::take(&mut registry.joined),
-                        )
-                    };
-                    self.deregister(&joined);
-                    drop((handler, joined));
+                    self.creator.config().deregister(self.slot);
+                    if self.registered.load(Ordering::SeqCst) {
+                        self.drop_registrations();
+                    }
                     return;
                 }
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// After completion: drops the registrations (outside the lock); joined layers leave their
+    /// shutdown registries. They will never run, and a closure holding a handle to this scope would
+    /// otherwise keep it alive.
+    fn drop_registrations(&self) {
+        let Lists { handler, joined } = self.registry().close();
+        for layer in &joined {
+            layer.bound.config().deregister(layer.slot);
+        }
+        drop((handler, joined));
+    }
+
+    /// Called after adding to the registry, outside the lock: if the request completed
+    /// meanwhile, its `finish` may not have seen the addition (see [`Scope::finish`]).
+    fn registered(&self) {
+        if self.state.load(Ordering::SeqCst) == COMPLETED {
+            self.drop_registrations();
         }
     }
 
@@ -338,7 +378,10 @@ impl Scope {
         let late = {
             let mut registry = self.registry();
             if !registry.closed {
-                registry.handler.push(callback);
+                registry.lists().handler.push(callback);
+                self.registered.store(true, Ordering::SeqCst);
+                drop(registry);
+                self.registered();
                 return;
             }
             self.late(&registry)
@@ -371,7 +414,8 @@ impl Scope {
                         shutting_down = true;
                         None
                     });
-                registry.joined.push(Joined { bound, slot });
+                registry.lists().joined.push(Joined { bound, slot });
+                self.registered.store(true, Ordering::SeqCst);
                 None
             } else {
                 Some((self.late(&registry), bound))
@@ -381,7 +425,7 @@ impl Scope {
             None if shutting_down => {
                 self.cancel(CancelReason::Shutdown);
             }
-            None => {}
+            None => self.registered(),
             Some((Late::Cancelled(cancelled), bound)) => {
                 self.span().in_scope(|| bound.run(&cancelled, self.span()));
             }
@@ -421,14 +465,10 @@ impl Scope {
         self.token.cancel();
         let elapsed = self.started.elapsed();
         let cancelled = self.cancelled(reason, phase, elapsed);
-        let (handler, joined) = {
+        let Lists { handler, joined } = {
             let mut registry = self.registry();
-            registry.closed = true;
             registry.elapsed = Some(elapsed);
-            (
-                mem::take(&mut registry.handler),
-                mem::take(&mut registry.joined),
-            )
+            registry.close()
         };
         self.deregister(&joined);
         self.span().in_scope(|| {
@@ -1028,6 +1068,35 @@ mod tests {
                 assert_eq!(runs.load(Ordering::SeqCst), expected, "round {round}");
             }
             assert_eq!(shutdown.in_flight(), 0, "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_registration_racing_completion_is_dropped_not_stranded() {
+        for round in 0..2000 {
+            let (config, shutdown) = with_shutdown();
+            let scope = scope();
+            // The registration holds a handle to the scope, as a handler's closure would: if
+            // neither side dropped it, the scope would keep itself alive.
+            let held = Arc::clone(&scope);
+            thread::scope(|s| {
+                s.spawn(|| scope.finish());
+                s.spawn(|| {
+                    scope.on_cancel(Box::new(move |_| drop(held)));
+                    scope.join(Bound::capture(&config), None);
+                });
+            });
+            assert_eq!(scope.cancellation(), None, "round {round}");
+            assert_eq!(
+                Arc::strong_count(&scope),
+                1,
+                "round {round}: a registration leaked"
+            );
+            assert_eq!(
+                shutdown.in_flight(),
+                0,
+                "round {round}: a joined layer stayed registered"
+            );
         }
     }
 }
