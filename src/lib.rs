@@ -140,11 +140,14 @@ mod future;
 mod grpc;
 mod hooks;
 mod layer;
+#[cfg(all(test, tower_cancel_loom))]
+mod loom;
 mod request;
 mod request_body;
 mod scope;
 mod service;
 mod shutdown;
+mod sync;
 
 pub use body::CancellableBody;
 pub use cancelled::{CancelReason, Cancelled, Phase};

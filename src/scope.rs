@@ -18,8 +18,7 @@
 
 use std::fmt;
 use std::mem;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::task::Context;
 use std::time::Duration;
 
@@ -31,11 +30,16 @@ use tracing::Span;
 use crate::deadline::{TimeLimit, Timer};
 use crate::hooks::{Bound, contain};
 use crate::shutdown::Slot;
+use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use crate::sync::{Mutex, MutexGuard};
 use crate::{CancelReason, Cancelled, Phase};
 
 const ARMED_HANDLER: u8 = 0;
 const ARMED_BODY: u8 = 1;
 const COMPLETED: u8 = 2;
+/// Set on top of any state once something was added to the registry, so that completion
+/// knows whether it must take the registry lock (see [`Scope::finish`]).
+const REGISTERED: u8 = 0x40;
 /// Set in every cancelled state; the low bits carry the phase (bit 0) and the reason.
 const CANCELLED: u8 = 0x80;
 
@@ -57,10 +61,16 @@ fn encode(reason: CancelReason, phase: Phase) -> u8 {
 }
 
 fn is_armed(state: u8) -> bool {
+    let state = state & !REGISTERED;
     state == ARMED_HANDLER || state == ARMED_BODY
 }
 
+fn is_completed(state: u8) -> bool {
+    state & !REGISTERED == COMPLETED
+}
+
 fn decode(state: u8) -> Option<(CancelReason, Phase)> {
+    let state = state & !REGISTERED;
     if state & CANCELLED == 0 {
         return None;
     }
@@ -125,9 +135,6 @@ enum Late {
 
 pub(crate) struct Scope {
     state: AtomicU8,
-    /// Set (under the registry lock) once anything was added to the registry, so that a
-    /// request that completes without registrations skips the lock. See [`Scope::finish`].
-    registered: AtomicBool,
     token: CancellationToken,
     method: Method,
     uri: Uri,
@@ -169,7 +176,6 @@ impl Scope {
             });
             Self {
                 state: AtomicU8::new(ARMED_HANDLER),
-                registered: AtomicBool::new(false),
                 token: CancellationToken::new(),
                 method,
                 uri,
@@ -254,12 +260,11 @@ impl Scope {
     pub(crate) fn enter_body(&self) {
         self.notice_token();
         // Fails only if the scope already left the armed state, which is then final.
-        let _ = self.state.compare_exchange(
-            ARMED_HANDLER,
-            ARMED_BODY,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state & !REGISTERED == ARMED_HANDLER).then_some(ARMED_BODY | state & REGISTERED)
+            });
     }
 
     /// Records `reason` if the scope is still armed and, if so, cancels the token and runs
@@ -268,7 +273,7 @@ impl Scope {
     pub(crate) fn cancel(&self, reason: CancelReason) -> Option<(CancelReason, Phase)> {
         let mut current = self.state.load(Ordering::Acquire);
         loop {
-            let phase = match current {
+            let phase = match current & !REGISTERED {
                 ARMED_HANDLER => Phase::Handler,
                 ARMED_BODY => Phase::Body,
                 COMPLETED => return None,
@@ -293,10 +298,11 @@ impl Scope {
     /// an `Explicit` cancellation instead.
     ///
     /// Completion leaves the registry alone unless something was registered: the common
-    /// request takes no lock. A registration racing with completion cannot be stranded: it
-    /// sets `registered` and then reads the state, completion writes the state and then reads
-    /// `registered` (all `SeqCst`), so at least one of the two sees the other and drops the
-    /// registrations (doing it twice is harmless).
+    /// request takes no lock. Registering sets `REGISTERED` in the state after adding to the
+    /// registry, and reads the state it replaced; completion replaces the state and reads
+    /// whether it carried `REGISTERED`. Both are read-modify-writes of the same atomic, so one
+    /// comes first: either completion sees the flag, or the registration sees the completion,
+    /// and that side drops the registrations (both doing it is harmless).
     pub(crate) fn finish(&self) {
         if self.token.is_cancelled() {
             self.cancel(CancelReason::Explicit);
@@ -307,12 +313,12 @@ impl Scope {
             match self.state.compare_exchange_weak(
                 current,
                 COMPLETED,
-                Ordering::SeqCst,
+                Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
                     self.creator.config().deregister(self.slot);
-                    if self.registered.load(Ordering::SeqCst) {
+                    if current & REGISTERED != 0 {
                         self.drop_registrations();
                     }
                     return;
@@ -333,12 +339,11 @@ impl Scope {
         drop((handler, joined));
     }
 
-    /// Called after adding to the registry, outside the lock: if the request completed
-    /// meanwhile, its `finish` may not have seen the addition (see [`Scope::finish`]).
-    fn registered(&self) {
-        if self.state.load(Ordering::SeqCst) == COMPLETED {
-            self.drop_registrations();
-        }
+    /// Called after adding to the registry: flags the state, and returns whether the request
+    /// had completed meanwhile, in which case its `finish` may not have seen the addition and
+    /// the caller must drop the registrations (see [`Scope::finish`]).
+    fn flag_registered(&self) -> bool {
+        is_completed(self.state.fetch_or(REGISTERED, Ordering::AcqRel))
     }
 
     /// The guard was dropped before the request completed.
@@ -379,9 +384,11 @@ impl Scope {
             let mut registry = self.registry();
             if !registry.closed {
                 registry.lists().handler.push(callback);
-                self.registered.store(true, Ordering::SeqCst);
+                let completed = self.flag_registered();
                 drop(registry);
-                self.registered();
+                if completed {
+                    self.drop_registrations();
+                }
                 return;
             }
             self.late(&registry)
@@ -404,6 +411,7 @@ impl Scope {
                 .fetch_min(nanos(limit.timed_out_from), Ordering::AcqRel);
         }
         let mut shutting_down = false;
+        let mut completed = false;
         let late = {
             let mut registry = self.registry();
             if !registry.closed {
@@ -415,17 +423,19 @@ impl Scope {
                         None
                     });
                 registry.lists().joined.push(Joined { bound, slot });
-                self.registered.store(true, Ordering::SeqCst);
+                completed = self.flag_registered();
                 None
             } else {
                 Some((self.late(&registry), bound))
             }
         };
         match late {
+            // Completed first: a completed request is not cancelled by a shutdown.
+            None if completed => self.drop_registrations(),
             None if shutting_down => {
                 self.cancel(CancelReason::Shutdown);
             }
-            None => self.registered(),
+            None => {}
             Some((Late::Cancelled(cancelled), bound)) => {
                 self.span().in_scope(|| bound.run(&cancelled, self.span()));
             }
@@ -500,7 +510,7 @@ impl fmt::Debug for Scope {
         let mut d = f.debug_struct("Scope");
         match decode(state) {
             Some((reason, phase)) => d.field("cancelled", &reason).field("phase", &phase),
-            None if state == COMPLETED => d.field("completed", &true),
+            None if is_completed(state) => d.field("completed", &true),
             None => d.field("armed", &true),
         };
         d.field("method", &self.method)

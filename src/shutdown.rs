@@ -14,7 +14,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::task::Poll;
 
 use tokio::runtime::Handle;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::CancelReason;
 use crate::scope::Scope;
+use crate::sync::{Mutex, MutexGuard};
 
 /// Where a scope is registered, to remove it when the request ends.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +48,6 @@ struct Inner {
 
 /// One lock and its slots, alone on its cache lines (128 bytes covers adjacent-line prefetch).
 #[repr(align(128))]
-#[derive(Default)]
 struct Shard {
     slots: Mutex<Slots>,
 }
@@ -86,7 +86,11 @@ impl Shutdown {
                 token,
                 watching: AtomicBool::new(false),
                 dropped: CancellationToken::new(),
-                shards: (0..shards).map(|_| Shard::default()).collect(),
+                shards: (0..shards)
+                    .map(|_| Shard {
+                        slots: Mutex::new(Slots::default()),
+                    })
+                    .collect(),
             }),
         }
     }

@@ -1,0 +1,280 @@
+//! Loom models of the scope state machine: every interleaving (up to the preemption bound) of
+//! completion, a drop before completion, shutdown, the deadline, the application cancelling the
+//! token, handler registrations and a joining layer.
+//!
+//! Run with `RUSTFLAGS="--cfg tower_cancel_loom" cargo test --release --lib loom` (a separate
+//! target directory keeps the normal build: `CARGO_TARGET_DIR=target/loom`).
+//! `LOOM_MAX_PREEMPTIONS` overrides the bound of 3. The cfg is the crate's own rather than
+//! `loom`: under `--cfg loom`, Tokio leaves out `tokio::net`, which hyper-util needs.
+//!
+//! Invariants checked at the end of every interleaving:
+//! * the scope ends in exactly one of completed and cancelled, and once cancelled, its recorded
+//!   reason is one of the reasons that raced;
+//! * the token is cancelled if and only if the scope was (or the application cancelled it);
+//! * every callback (the layers' and the handler's) ran exactly once if the request was
+//!   cancelled, and never if it completed;
+//! * every registration was either run or dropped: nothing registered stays behind (the
+//!   closures hold a marker whose count must return to one), and no layer keeps the scope in
+//!   its shutdown registry.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use http::{Method, Uri};
+use loom::thread;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::deadline::TimeLimit;
+use crate::hooks::{Bound, Hook};
+use crate::scope::Scope;
+use crate::shutdown::Shutdown;
+use crate::{CancelReason, Cancelled};
+
+/// Runs `f` under loom with a preemption bound of 3, unless `LOOM_MAX_PREEMPTIONS` says
+/// otherwise.
+fn model<F: Fn() + Sync + Send + 'static>(f: F) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(3);
+    }
+    builder.check(f);
+}
+
+/// Counts how often the callbacks of one layer (or the handler's) ran.
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn hit(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A layer configuration with one sync callback counting into `runs`, and the shutdown
+/// registry if `shutdown` is given.
+fn config(runs: &Runs, shutdown: Option<&Shutdown>) -> Arc<Config> {
+    let mut config = Config::new();
+    let runs = runs.clone();
+    config
+        .hooks
+        .push(Hook::sync(move |_: &Cancelled| runs.hit()));
+    config.shutdown = shutdown.cloned();
+    Arc::new(config)
+}
+
+fn scope(config: &Arc<Config>) -> Arc<Scope> {
+    Scope::new(
+        Method::GET,
+        Uri::from_static("/loom"),
+        Bound::capture(config),
+        None,
+    )
+}
+
+/// Registers a handler callback counting into `runs` and holding `marker`, as a handler's
+/// closure would hold its state.
+fn register(scope: &Scope, runs: &Runs, marker: &Arc<()>) {
+    let (runs, marker) = (runs.clone(), Arc::clone(marker));
+    scope.on_cancel(Box::new(move |_| {
+        let _held = marker;
+        runs.hit();
+    }));
+}
+
+/// The invariants every model ends with.
+fn check(scope: &Scope, layers: &[&Runs], handler: &Runs, marker: &Arc<()>) {
+    assert!(
+        !scope.is_armed(),
+        "the request neither completed nor was cancelled"
+    );
+    let cancelled = usize::from(scope.cancellation().is_some());
+    for runs in layers {
+        assert_eq!(
+            runs.count(),
+            cancelled,
+            "a layer's callbacks ran {} times",
+            runs.count()
+        );
+    }
+    assert_eq!(
+        handler.count(),
+        cancelled,
+        "the handler's callback ran {} times",
+        handler.count()
+    );
+    assert_eq!(
+        Arc::strong_count(marker),
+        1,
+        "a registration was neither run nor dropped"
+    );
+    if cancelled == 1 {
+        assert!(
+            scope.token().is_cancelled(),
+            "cancelled without cancelling the token"
+        );
+    }
+}
+
+#[test]
+fn loom_completion_races_shutdown_and_a_registration() {
+    model(|| {
+        let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+        let shutdown = Shutdown::new(CancellationToken::new());
+        let scope = scope(&config(&layer, Some(&shutdown)));
+
+        let owner = {
+            let scope = Arc::clone(&scope);
+            thread::spawn(move || {
+                scope.enter_body();
+                scope.finish();
+            })
+        };
+        let closer = {
+            let shutdown = shutdown.clone();
+            thread::spawn(move || {
+                shutdown.close();
+            })
+        };
+        register(&scope, &handler, &marker);
+        owner.join().unwrap();
+        closer.join().unwrap();
+
+        check(&scope, &[&layer], &handler, &marker);
+        if let Some((reason, _)) = scope.cancellation() {
+            assert_eq!(reason, CancelReason::Shutdown);
+        } else {
+            assert!(
+                !scope.token().is_cancelled(),
+                "a completed request's token was cancelled"
+            );
+        }
+    });
+}
+
+#[test]
+fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
+    model(|| {
+        let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+        let scope = scope(&config(&layer, None));
+        register(&scope, &handler, &marker);
+
+        let owner = {
+            let scope = Arc::clone(&scope);
+            thread::spawn(move || scope.abandon())
+        };
+        let timer = {
+            let scope = Arc::clone(&scope);
+            thread::spawn(move || {
+                scope.cancel(CancelReason::DeadlineExceeded);
+            })
+        };
+        scope.token().cancel();
+        let seen = scope.reason();
+        owner.join().unwrap();
+        timer.join().unwrap();
+
+        check(&scope, &[&layer], &handler, &marker);
+        let (reason, _) = scope.cancellation().expect("every path cancels");
+        assert!(matches!(
+            reason,
+            CancelReason::Disconnected | CancelReason::DeadlineExceeded | CancelReason::Explicit
+        ));
+        // What the application read right after cancelling is what stays recorded.
+        assert_eq!(seen, Some(reason));
+    });
+}
+
+#[test]
+fn loom_a_registration_races_a_drop() {
+    model(|| {
+        let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+        let scope = scope(&config(&layer, None));
+
+        let owner = {
+            let scope = Arc::clone(&scope);
+            thread::spawn(move || scope.abandon())
+        };
+        register(&scope, &handler, &marker);
+        owner.join().unwrap();
+
+        // Registered before or after the drop, the callback runs exactly once.
+        check(&scope, &[&layer], &handler, &marker);
+        assert_eq!(handler.count(), 1);
+    });
+}
+
+#[test]
+fn loom_a_joining_layer_races_completion_or_a_drop() {
+    for drop_it in [false, true] {
+        model(move || {
+            let (outer, inner, handler, marker) = (
+                Runs::default(),
+                Runs::default(),
+                Runs::default(),
+                Arc::new(()),
+            );
+            let inner_shutdown = Shutdown::new(CancellationToken::new());
+            let scope = scope(&config(&outer, None));
+            let joining = config(&inner, Some(&inner_shutdown));
+
+            let owner = {
+                let scope = Arc::clone(&scope);
+                thread::spawn(move || {
+                    if drop_it {
+                        scope.abandon();
+                    } else {
+                        scope.finish();
+                    }
+                })
+            };
+            scope.join(
+                Bound::capture(&joining),
+                Some(TimeLimit::server(std::time::Duration::from_secs(1))),
+            );
+            register(&scope, &handler, &marker);
+            owner.join().unwrap();
+
+            check(&scope, &[&outer, &inner], &handler, &marker);
+            assert_eq!(scope.cancellation().is_some(), drop_it);
+            assert_eq!(
+                inner_shutdown.in_flight(),
+                0,
+                "the joined layer kept the scope"
+            );
+        });
+    }
+}
+
+#[test]
+fn loom_shutdown_races_a_new_request() {
+    model(|| {
+        let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+        let shutdown = Shutdown::new(CancellationToken::new());
+        let config = config(&layer, Some(&shutdown));
+
+        let closer = {
+            let shutdown = shutdown.clone();
+            thread::spawn(move || {
+                shutdown.close();
+            })
+        };
+        let scope = scope(&config);
+        register(&scope, &handler, &marker);
+        closer.join().unwrap();
+        // The request either was registered before the close, which cancelled it, or arrived
+        // after it and started cancelled: it cannot miss the shutdown.
+        let (reason, _) = scope
+            .cancellation()
+            .expect("the shutdown reached the request");
+        assert_eq!(reason, CancelReason::Shutdown);
+        scope.finish();
+
+        check(&scope, &[&layer], &handler, &marker);
+        assert_eq!(shutdown.in_flight(), 0);
+    });
+}
