@@ -1,10 +1,10 @@
-//! Loom models of the scope state machine: every interleaving (up to the preemption bound) of
+//! Loom models of the scope state machine: every interleaving (loom's exhaustive search) of
 //! completion, a drop before completion, shutdown, the deadline, the application cancelling the
 //! token, handler registrations and a joining layer.
 //!
 //! Run with `RUSTFLAGS="--cfg tower_cancel_loom" cargo test --release --lib loom` (a separate
 //! target directory keeps the normal build: `CARGO_TARGET_DIR=target/loom`).
-//! `LOOM_MAX_PREEMPTIONS` overrides the bound of 3. The cfg is the crate's own rather than
+//! `LOOM_MAX_PREEMPTIONS` bounds the search. The cfg is the crate's own rather than
 //! `loom`: under `--cfg loom`, Tokio leaves out `tokio::net`, which hyper-util needs.
 //!
 //! Invariants checked at the end of every interleaving:
@@ -31,14 +31,20 @@ use crate::scope::Scope;
 use crate::shutdown::Shutdown;
 use crate::{CancelReason, Cancelled};
 
-/// Runs `f` under loom with a preemption bound of 3, unless `LOOM_MAX_PREEMPTIONS` says
-/// otherwise.
-fn model<F: Fn() + Sync + Send + 'static>(f: F) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(3);
-    }
-    builder.check(f);
+/// Runs `f` under loom, exhaustively unless `LOOM_MAX_PREEMPTIONS` bounds the search, and
+/// prints how many interleavings it explored (shown with `--nocapture`).
+fn model<F: Fn() + Sync + Send + 'static>(name: &str, f: F) {
+    let builder = loom::model::Builder::new();
+    let explored = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&explored);
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    println!(
+        "{name}: {} interleavings",
+        explored.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 /// Counts how often the callbacks of one layer (or the handler's) ran.
@@ -122,7 +128,7 @@ fn check(scope: &Scope, layers: &[&Runs], handler: &Runs, marker: &Arc<()>) {
 
 #[test]
 fn loom_completion_races_shutdown_and_a_registration() {
-    model(|| {
+    model("completion_races_shutdown_and_a_registration", || {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let shutdown = Shutdown::new(CancellationToken::new());
         let scope = scope(&config(&layer, Some(&shutdown)));
@@ -157,41 +163,108 @@ fn loom_completion_races_shutdown_and_a_registration() {
 }
 
 #[test]
-fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
-    model(|| {
+fn loom_completion_races_the_application_cancelling_the_token() {
+    model(
+        "completion_races_the_application_cancelling_the_token",
+        || {
+            let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+            let scope = scope(&config(&layer, None));
+
+            let owner = {
+                let scope = Arc::clone(&scope);
+                thread::spawn(move || {
+                    scope.enter_body();
+                    scope.finish();
+                })
+            };
+            let application = {
+                let scope = Arc::clone(&scope);
+                thread::spawn(move || {
+                    scope.token().cancel();
+                    scope.reason()
+                })
+            };
+            register(&scope, &handler, &marker);
+            owner.join().unwrap();
+            let seen = application.join().unwrap();
+
+            check(&scope, &[&layer], &handler, &marker);
+            // Cancelled before the end: `Explicit`, callbacks ran. After: the request completed,
+            // the callbacks did not run, and the application still reads its own cancellation.
+            if let Some((reason, _)) = scope.cancellation() {
+                assert_eq!(reason, CancelReason::Explicit);
+            }
+            assert_eq!(seen, Some(CancelReason::Explicit));
+        },
+    );
+}
+
+#[test]
+fn loom_completion_races_the_deadline() {
+    model("completion_races_the_deadline", || {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let scope = scope(&config(&layer, None));
         register(&scope, &handler, &marker);
 
-        let owner = {
-            let scope = Arc::clone(&scope);
-            thread::spawn(move || scope.abandon())
-        };
         let timer = {
             let scope = Arc::clone(&scope);
-            thread::spawn(move || {
-                scope.cancel(CancelReason::DeadlineExceeded);
-            })
+            thread::spawn(move || scope.cancel(CancelReason::DeadlineExceeded))
         };
-        scope.token().cancel();
-        let seen = scope.reason();
-        owner.join().unwrap();
-        timer.join().unwrap();
+        scope.enter_body();
+        scope.finish();
+        let fired = timer.join().unwrap();
 
         check(&scope, &[&layer], &handler, &marker);
-        let (reason, _) = scope.cancellation().expect("every path cancels");
-        assert!(matches!(
-            reason,
-            CancelReason::Disconnected | CancelReason::DeadlineExceeded | CancelReason::Explicit
-        ));
-        // What the application read right after cancelling is what stays recorded.
-        assert_eq!(seen, Some(reason));
+        // The timer learns what was recorded: its own deadline, or nothing if the request
+        // completed first.
+        assert_eq!(fired, scope.cancellation());
+        if let Some((reason, _)) = fired {
+            assert_eq!(reason, CancelReason::DeadlineExceeded);
+        }
     });
 }
 
 #[test]
+fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
+    model(
+        "a_drop_races_the_deadline_and_the_application_cancelling_the_token",
+        || {
+            let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+            let scope = scope(&config(&layer, None));
+            register(&scope, &handler, &marker);
+
+            let owner = {
+                let scope = Arc::clone(&scope);
+                thread::spawn(move || scope.abandon())
+            };
+            let timer = {
+                let scope = Arc::clone(&scope);
+                thread::spawn(move || {
+                    scope.cancel(CancelReason::DeadlineExceeded);
+                })
+            };
+            scope.token().cancel();
+            let seen = scope.reason();
+            owner.join().unwrap();
+            timer.join().unwrap();
+
+            check(&scope, &[&layer], &handler, &marker);
+            let (reason, _) = scope.cancellation().expect("every path cancels");
+            assert!(matches!(
+                reason,
+                CancelReason::Disconnected
+                    | CancelReason::DeadlineExceeded
+                    | CancelReason::Explicit
+            ));
+            // What the application read right after cancelling is what stays recorded.
+            assert_eq!(seen, Some(reason));
+        },
+    );
+}
+
+#[test]
 fn loom_a_registration_races_a_drop() {
-    model(|| {
+    model("a_registration_races_a_drop", || {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let scope = scope(&config(&layer, None));
 
@@ -211,7 +284,12 @@ fn loom_a_registration_races_a_drop() {
 #[test]
 fn loom_a_joining_layer_races_completion_or_a_drop() {
     for drop_it in [false, true] {
-        model(move || {
+        let name = if drop_it {
+            "a joining layer races a drop"
+        } else {
+            "a joining layer races completion"
+        };
+        model(name, move || {
             let (outer, inner, handler, marker) = (
                 Runs::default(),
                 Runs::default(),
@@ -252,7 +330,7 @@ fn loom_a_joining_layer_races_completion_or_a_drop() {
 
 #[test]
 fn loom_shutdown_races_a_new_request() {
-    model(|| {
+    model("shutdown_races_a_new_request", || {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let shutdown = Shutdown::new(CancellationToken::new());
         let config = config(&layer, Some(&shutdown));
