@@ -5,15 +5,20 @@
 //! and runs it in the same task, so a flood of cancellations (HTTP/2 rapid reset) never turns
 //! into a flood of tasks. Queued cleanups are not spawned yet, but each holds a token of the
 //! layer's `TaskTracker`, so `tracker.wait()` waits for them too.
+//!
+//! At shutdown, [`Limiter::drain`] waits until nothing runs or waits, and reports every
+//! cleanup still unfinished when its time is up.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -33,12 +38,26 @@ pub(crate) struct Limiter {
     state: Mutex<State>,
     refused: AtomicU64,
     completed: AtomicU64,
+    /// Notified whenever the last running cleanup ends with nothing queued.
+    idle: Notify,
 }
 
 #[derive(Default)]
 struct State {
     running: usize,
-    queue: VecDeque<(Job, TaskTrackerToken)>,
+    queue: VecDeque<Queued>,
+    /// The requests whose cleanups run now, by worker: what a drain that runs out of time
+    /// reports.
+    active: Vec<(u64, Cancelled)>,
+    /// Numbers the workers, to find their entry in `active`.
+    next_worker: u64,
+}
+
+/// A cleanup waiting for a running slot, tracked so that `tracker.wait()` covers it.
+struct Queued {
+    job: Job,
+    cancelled: Cancelled,
+    _tracked: TaskTrackerToken,
 }
 
 /// How a layer's async cleanups are doing: a snapshot for metrics and health checks.
@@ -65,6 +84,7 @@ impl Limiter {
             state: Mutex::new(State::default()),
             refused: AtomicU64::new(0),
             completed: AtomicU64::new(0),
+            idle: Notify::new(),
         }
     }
 
@@ -97,10 +117,17 @@ impl Limiter {
         let mut state = self.lock();
         if state.running < self.max_running {
             state.running += 1;
+            let worker = state.next_worker;
+            state.next_worker += 1;
+            state.active.push((worker, cancelled.clone()));
             drop(state);
-            tracker.spawn_on(Arc::clone(self).work(job), runtime);
+            tracker.spawn_on(Arc::clone(self).work(worker, job), runtime);
         } else if state.queue.len() < self.max_queued {
-            state.queue.push_back((job, tracker.token()));
+            state.queue.push_back(Queued {
+                job,
+                cancelled: cancelled.clone(),
+                _tracked: tracker.token(),
+            });
         } else {
             drop(state);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -119,9 +146,10 @@ impl Limiter {
     }
 
     /// One running slot: runs `job`, then whatever is queued, then gives the slot back.
-    async fn work(self: Arc<Self>, mut job: Job) {
+    async fn work(self: Arc<Self>, worker: u64, mut job: Job) {
         let mut slot = RunningSlot {
             limiter: &self,
+            worker,
             held: true,
         };
         loop {
@@ -131,31 +159,125 @@ impl Limiter {
             match state.queue.pop_front() {
                 // The queued cleanup's tracker token is dropped as it starts: this task is
                 // tracked and keeps the tracker open until the cleanup ends.
-                Some((next, _tracked)) => job = next,
+                Some(next) => {
+                    job = next.job;
+                    if let Some(entry) = state.active.iter_mut().find(|(w, _)| *w == worker) {
+                        entry.1 = next.cancelled;
+                    }
+                }
                 None => {
                     // Under the lock, so a submitter cannot queue behind a slot that is leaving.
-                    state.running -= 1;
+                    let idle = state.leave(worker);
                     slot.held = false;
+                    drop(state);
+                    if idle {
+                        self.idle.notify_waiters();
+                    }
                     return;
                 }
             }
         }
+    }
+
+    /// Waits until no cleanup runs or waits, for at most `timeout`. If time runs out, each
+    /// unfinished cleanup gets a `warn` event naming its request, and the error counts them:
+    /// they are not lost silently when the runtime shuts down next.
+    pub(crate) async fn drain(&self, timeout: Duration) -> Result<CleanupCounts, CleanupsOverran> {
+        let idle = async {
+            loop {
+                let mut notified = pin!(self.idle.notified());
+                // Registered before looking, so an end between the look and the wait is seen.
+                notified.as_mut().enable();
+                {
+                    let state = self.lock();
+                    if state.running == 0 && state.queue.is_empty() {
+                        return;
+                    }
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(timeout, idle).await.is_ok() {
+            return Ok(self.counts());
+        }
+        let (running, queued) = {
+            let state = self.lock();
+            let running: Vec<Cancelled> = state.active.iter().map(|(_, c)| c.clone()).collect();
+            let queued: Vec<Cancelled> = state.queue.iter().map(|q| q.cancelled.clone()).collect();
+            (running, queued)
+        };
+        for (cancelled, status) in running
+            .iter()
+            .map(|c| (c, "running"))
+            .chain(queued.iter().map(|c| (c, "queued")))
+        {
+            tracing::warn!(
+                target: "tower_cancel",
+                status,
+                reason = %cancelled.reason(),
+                method = %cancelled.method(),
+                path = cancelled.uri().path(),
+                waited = ?timeout,
+                "async cancellation cleanup unfinished when the drain ran out of time",
+            );
+        }
+        Err(CleanupsOverran {
+            timeout,
+            counts: self.counts(),
+        })
+    }
+}
+
+impl State {
+    /// A worker gives its slot back; returns whether nothing runs or waits any more.
+    fn leave(&mut self, worker: u64) -> bool {
+        self.running -= 1;
+        self.active.retain(|(w, _)| *w != worker);
+        self.running == 0 && self.queue.is_empty()
     }
 }
 
 /// Gives the running slot back if the worker task is dropped early (runtime shutdown).
 struct RunningSlot<'a> {
     limiter: &'a Limiter,
+    worker: u64,
     held: bool,
 }
 
 impl Drop for RunningSlot<'_> {
     fn drop(&mut self) {
         if self.held {
-            self.limiter.lock().running -= 1;
+            let idle = self.limiter.lock().leave(self.worker);
+            if idle {
+                self.limiter.idle.notify_waiters();
+            }
         }
     }
 }
+
+/// [`CancellationLayer::drain_cleanups`](crate::CancellationLayer::drain_cleanups) ran out of
+/// time with async cleanups still running or queued. Each of them was reported with a `warn`
+/// event (target `tower_cancel`) naming its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanupsOverran {
+    /// How long the drain waited.
+    pub timeout: Duration,
+    /// The counts when it gave up: `running` and `queued` are the unfinished cleanups.
+    pub counts: CleanupCounts,
+}
+
+impl fmt::Display for CleanupsOverran {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} async cancellation cleanup(s) still running and {} queued after {:?}",
+            self.counts.running, self.counts.queued, self.timeout
+        )
+    }
+}
+
+impl std::error::Error for CleanupsOverran {}
 
 impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
-use crate::cleanup::{CleanupCounts, Limiter};
+use crate::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
 use crate::config::Config;
 use crate::hooks::Hook;
 use crate::shutdown::Shutdown;
@@ -228,6 +228,40 @@ impl<M> CancellationLayer<M> {
     /// ```
     pub fn cleanup_counts(&self) -> CleanupCounts {
         self.config.limiter.counts()
+    }
+
+    /// Waits, at shutdown, until every async cleanup of this layer has finished (the running
+    /// ones and the ones queued behind the [`cleanup_limit`](Self::cleanup_limit)), for at
+    /// most `timeout`.
+    ///
+    /// Call it after the server stopped taking requests and the in-flight ones ended (for
+    /// example after hyper-util's `GracefulShutdown`), and before the runtime shuts down: a
+    /// runtime that shuts down drops the cleanups it still holds. If time runs out, every
+    /// unfinished cleanup is reported with a `warn` event (target `tower_cancel`) naming its
+    /// request, and the error counts them.
+    ///
+    /// Unlike waiting on the [`tracker`](Self::tracker), this waits for cleanups only, not for
+    /// [`detached`](Self::detached) handlers or other tasks sharing the tracker.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = tower_cancel::CancellationLayer::new()
+    ///     .on_cancel_async(|_| async { /* release what the request held */ });
+    /// // ... serve, stop accepting, let the connections close, then:
+    /// match layer.drain_cleanups(Duration::from_secs(5)).await {
+    ///     Ok(counts) => println!("{} cleanups ran, {} refused", counts.completed, counts.refused),
+    ///     Err(overran) => eprintln!("shutting down anyway: {overran}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn drain_cleanups(
+        &self,
+        timeout: Duration,
+    ) -> Result<CleanupCounts, CleanupsOverran> {
+        self.config.limiter.drain(timeout).await
     }
 
     /// The tracker async cleanups are spawned on: the one given to

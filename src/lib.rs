@@ -151,7 +151,7 @@ mod sync;
 
 pub use body::CancellableBody;
 pub use cancelled::{CancelReason, Cancelled, Phase};
-pub use cleanup::CleanupCounts;
+pub use cleanup::{CleanupCounts, CleanupsOverran};
 pub use detach::Detach;
 pub use future::ResponseFuture;
 pub use layer::{Attached, CancellationLayer, Detached};

@@ -1,0 +1,224 @@
+//! Graceful shutdown with async cleanups still pending: `drain_cleanups` awaits every one of
+//! them, running or queued behind the limit, and reports the ones that overrun its deadline.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, service_fn};
+use tower_cancel::{CancellationLayer, Cancelled, CleanupCounts, RequestCancellation};
+use tracing_subscriber::layer::SubscriberExt;
+
+const REQUESTS: usize = 10;
+
+/// A handler that waits for its request to be cancelled, then answers 503.
+fn until_cancelled() -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(|req: Request<Incoming>| async move {
+        let rc = RequestCancellation::from_extensions(req.extensions()).unwrap();
+        rc.cancelled().await;
+        let mut response = Response::new(Full::new(Bytes::from_static(b"shutting down")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, Infallible>(response)
+    })
+}
+
+/// Sends `count` requests on one HTTP/2 connection. One that reaches the layer after the
+/// shutdown began starts cancelled, so each request gets its cleanup either way.
+async fn in_flight(
+    server: &Server,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<Result<Response<Incoming>, hyper::Error>>> {
+    let (h2, _conn, _socket) = h2_client(server).await;
+    let requests = (0..count)
+        .map(|i| {
+            let mut h2 = h2.clone();
+            let request = h2_get(server, &format!("/job/{i}"));
+            tokio::spawn(async move { h2.send_request(request).await })
+        })
+        .collect();
+    requests
+}
+
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let wait = async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+fn pending(c: &CleanupCounts) -> usize {
+    c.running + c.queued
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_awaits_every_cleanup_running_or_queued() {
+    let shutdown = CancellationToken::new();
+    let done = Arc::new(Mutex::new(Vec::<String>::new()));
+    let d = done.clone();
+    let layer = CancellationLayer::new()
+        .shutdown_token(shutdown.clone())
+        .cleanup_limit(2, 100)
+        .on_cancel_async(move |c: Cancelled| {
+            let done = d.clone();
+            async move {
+                // Stands for cleanup I/O.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                done.lock().unwrap().push(c.uri().path().to_owned());
+            }
+        });
+    let server = Server::start(layer.layer(until_cancelled())).await;
+    let requests = in_flight(&server, REQUESTS).await;
+
+    shutdown.cancel();
+    eventually("every cleanup to be submitted", || {
+        let c = layer.cleanup_counts();
+        pending(&c) + c.completed as usize == REQUESTS
+    })
+    .await;
+    let at_drain = layer.cleanup_counts();
+    assert!(
+        at_drain.queued > 0,
+        "some cleanups wait behind the limit of 2: {at_drain:?}"
+    );
+
+    let counts = layer
+        .drain_cleanups(PATIENCE)
+        .await
+        .expect("the drain finished in time");
+    assert_eq!(
+        (
+            counts.running,
+            counts.queued,
+            counts.refused,
+            counts.completed
+        ),
+        (0, 0, 0, REQUESTS as u64)
+    );
+    let mut paths = done.lock().unwrap().clone();
+    paths.sort();
+    let mut expected: Vec<String> = (0..REQUESTS).map(|i| format!("/job/{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        paths, expected,
+        "each cleanup ran to its end before the drain returned"
+    );
+
+    for request in requests {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
+
+/// The `warn` events of target `tower_cancel`, as "status path" lines.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::WARN || meta.target() != "tower_cancel" {
+            return;
+        }
+        struct Fields(Vec<String>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if matches!(field.name(), "status" | "path") {
+                    self.0.push(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut fields = Fields(Vec::new());
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0.join(" "));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanups_that_overrun_the_drain_are_reported_then_still_awaited() {
+    let warnings = Warnings::default();
+    // The drain runs on this thread, so a thread-local subscriber sees its events.
+    let _subscriber =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let shutdown = CancellationToken::new();
+    let release = CancellationToken::new();
+    let r = release.clone();
+    let layer = CancellationLayer::new()
+        .shutdown_token(shutdown.clone())
+        .cleanup_limit(1, 10)
+        .on_cancel_async(move |_: Cancelled| {
+            let release = r.clone();
+            async move { release.cancelled().await }
+        });
+    let server = Server::start(layer.layer(until_cancelled())).await;
+    let requests = in_flight(&server, 3).await;
+
+    shutdown.cancel();
+    eventually("one cleanup running and two queued", || {
+        let c = layer.cleanup_counts();
+        (c.running, c.queued) == (1, 2)
+    })
+    .await;
+
+    let overran = layer
+        .drain_cleanups(Duration::from_millis(100))
+        .await
+        .expect_err("the cleanups wait for a release that has not come");
+    assert_eq!((overran.counts.running, overran.counts.queued), (1, 2));
+    assert_eq!(overran.timeout, Duration::from_millis(100));
+    assert_eq!(
+        overran.to_string(),
+        "1 async cancellation cleanup(s) still running and 2 queued after 100ms"
+    );
+    let mut reported = warnings.0.lock().unwrap().clone();
+    reported.sort();
+    assert_eq!(
+        reported.len(),
+        3,
+        "one event per unfinished cleanup: {reported:?}"
+    );
+    assert_eq!(
+        reported
+            .iter()
+            .filter(|line| line.starts_with("running /job/"))
+            .count(),
+        1,
+        "{reported:?}"
+    );
+    assert_eq!(
+        reported
+            .iter()
+            .filter(|line| line.starts_with("queued /job/"))
+            .count(),
+        2,
+        "{reported:?}"
+    );
+
+    // Nothing was dropped by the report: released, all three run, and a second drain sees it.
+    release.cancel();
+    let counts = layer.drain_cleanups(PATIENCE).await.unwrap();
+    assert_eq!((counts.running, counts.queued, counts.completed), (0, 0, 3));
+    for request in requests {
+        assert_eq!(
+            request.await.unwrap().unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}
