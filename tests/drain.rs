@@ -42,14 +42,13 @@ async fn in_flight(
     count: usize,
 ) -> Vec<tokio::task::JoinHandle<Result<Response<Incoming>, hyper::Error>>> {
     let (h2, _conn, _socket) = h2_client(server).await;
-    let requests = (0..count)
+    (0..count)
         .map(|i| {
             let mut h2 = h2.clone();
             let request = h2_get(server, &format!("/job/{i}"));
             tokio::spawn(async move { h2.send_request(request).await })
         })
-        .collect();
-    requests
+        .collect()
 }
 
 async fn eventually(what: &str, done: impl Fn() -> bool) {
