@@ -159,6 +159,15 @@ pub use request::{MissingCancellationLayer, RequestCancellation};
 pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
 pub use service::CancellationService;
 
+/// The number of request scopes alive in this process, in debug builds only: a leak check for
+/// tests (every request's scope is freed once its future, body and handles are gone). Not part
+/// of the API; it may change or disappear in any release.
+#[doc(hidden)]
+#[cfg(debug_assertions)]
+pub fn __live_scopes() -> usize {
+    scope::live()
+}
+
 /// The README's examples, compiled (and, where they terminate, run) as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

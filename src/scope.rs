@@ -190,6 +190,8 @@ impl Scope {
                 registry: Mutex::new(Registry::default()),
             }
         });
+        #[cfg(debug_assertions)]
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if shutting_down {
             scope.cancel(CancelReason::Shutdown);
         }
@@ -501,6 +503,23 @@ impl Scope {
             }
             self.creator.run(&cancelled, self.span());
         });
+    }
+}
+
+/// Scopes alive in this process, counted in debug builds only (an atomic every request would
+/// write is not free): the soak test checks that it returns to zero.
+#[cfg(debug_assertions)]
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(debug_assertions)]
+pub(crate) fn live() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(debug_assertions)]
+impl Drop for Scope {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
