@@ -168,6 +168,17 @@ pub fn __live_scopes() -> usize {
     scope::live()
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (`cargo fuzz` builds with `--cfg fuzzing`). Not
+/// part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// The `grpc-timeout` parser: the duration, or `None` for a malformed value.
+    pub fn grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
+        crate::deadline::parse_grpc_timeout(value).ok()
+    }
+}
+
 /// The README's examples, compiled (and, where they terminate, run) as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
