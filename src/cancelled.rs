@@ -154,3 +154,22 @@ impl Cancelled {
         self.elapsed
     }
 }
+
+/// `GET /path cancelled (disconnected) in handler after 1.2s`.
+impl fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} cancelled ({}) in {} after {:?}",
+            self.method,
+            self.uri.path(),
+            self.reason,
+            self.phase,
+            self.elapsed
+        )
+    }
+}
+
+/// The error of [`RequestCancellation::run`](crate::RequestCancellation::run): the work was
+/// stopped because its request was cancelled.
+impl std::error::Error for Cancelled {}

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{CancelReason, MissingCancellationLayer};
+use crate::{CancelReason, Cancelled, MissingCancellationLayer};
 
 /// The gRPC status a method answers when it stops because its request was cancelled.
 ///
@@ -44,6 +44,31 @@ impl From<CancelReason> for Status {
             CancelReason::Explicit => (Code::Cancelled, "the call was cancelled"),
         };
         Status::new(code, message)
+    }
+}
+
+/// What [`RequestCancellation::run`](crate::RequestCancellation::run) returns when the request
+/// was cancelled: the reason's status (see `From<CancelReason>`), so a tonic method can write
+/// `cancel.run(work).await?`.
+///
+/// ```
+/// use tonic::{Request, Response, Status};
+/// use tower_cancel::RequestCancellation;
+///
+/// async fn generate(request: Request<String>) -> Result<Response<String>, Status> {
+///     let cancel = RequestCancellation::from_extensions(request.extensions())?;
+///     let report = cancel
+///         .run(async {
+///             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+///             "report".to_owned()
+///         })
+///         .await?;
+///     Ok(Response::new(report))
+/// }
+/// ```
+impl From<Cancelled> for Status {
+    fn from(cancelled: Cancelled) -> Self {
+        cancelled.reason().into()
     }
 }
 

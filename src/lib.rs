@@ -142,6 +142,7 @@ mod hooks;
 mod layer;
 #[cfg(all(test, tower_cancel_loom))]
 mod loom;
+mod propagate;
 mod request;
 mod request_body;
 mod scope;
@@ -155,6 +156,7 @@ pub use cleanup::{CleanupCounts, CleanupsOverran};
 pub use detach::Detach;
 pub use future::ResponseFuture;
 pub use layer::{Attached, CancellationLayer, Detached};
+pub use propagate::{InboundCancelled, Propagate, PropagateBody, PropagateFuture, PropagateLayer};
 pub use request::{MissingCancellationLayer, RequestCancellation};
 pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
 pub use service::CancellationService;

@@ -1,6 +1,7 @@
 //! `RequestCancellation`: the handler's view of its request's cancellation scope.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -161,6 +162,45 @@ impl RequestCancellation {
         F: FnOnce(&Cancelled) + Send + 'static,
     {
         self.scope.on_cancel(Box::new(callback));
+    }
+
+    /// Runs `work` until it finishes or the request is cancelled, whichever comes first: the
+    /// one-line way to bind any future to the request, without a hand-written `select!`.
+    ///
+    /// Returns the work's output, or the request's [`Cancelled`] record once it is cancelled
+    /// (the work is then dropped at its current `.await`). A request already cancelled does
+    /// not start the work. `Cancelled` is an error type, so `?` works in a handler returning
+    /// a boxed error (and, with the `tonic` feature, in a tonic method: it converts into the
+    /// reason's `Status`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use tower_cancel::{Cancelled, RequestCancellation};
+    ///
+    /// async fn report(rc: &RequestCancellation) -> Result<String, Cancelled> {
+    ///     let rows = rc.run(async {
+    ///         tokio::time::sleep(Duration::from_millis(5)).await; // a slow query
+    ///         vec![1, 2, 3]
+    ///     })
+    ///     .await?;
+    ///     Ok(format!("{} rows", rows.len()))
+    /// }
+    /// ```
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe if `work` is.
+    pub async fn run<F: Future>(&self, work: F) -> Result<F::Output, Cancelled> {
+        match self.scope.token().run_until_cancelled(work).await {
+            Some(output) => Ok(output),
+            None => Err(self.scope.record()),
+        }
+    }
+
+    /// The record of this request's cancellation, if it was cancelled.
+    pub(crate) fn record(&self) -> Cancelled {
+        self.scope.record()
     }
 
     /// The request's deadline, if one applies: the earliest of the layers'

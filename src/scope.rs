@@ -462,6 +462,18 @@ impl Scope {
         }
     }
 
+    /// The record of this request's cancellation, for code that saw its token cancelled: the
+    /// recorded one, or, for a token that application code cancelled after the request had
+    /// completed, `Explicit` with the time until now.
+    pub(crate) fn record(&self) -> Cancelled {
+        let reason = self.reason().unwrap_or(CancelReason::Explicit);
+        let elapsed = self.registry().elapsed;
+        match (self.cancellation(), elapsed) {
+            (Some((reason, phase)), Some(elapsed)) => self.cancelled(reason, phase, elapsed),
+            _ => self.cancelled(reason, Phase::Body, self.started.elapsed()),
+        }
+    }
+
     fn cancelled(&self, reason: CancelReason, phase: Phase, elapsed: Duration) -> Cancelled {
         Cancelled {
             reason,
@@ -474,7 +486,6 @@ impl Scope {
 
     /// Runs once, by the winner of the transition to cancelled.
     fn fire(&self, reason: CancelReason, phase: Phase) {
-        self.token.cancel();
         let elapsed = self.started.elapsed();
         let cancelled = self.cancelled(reason, phase, elapsed);
         let Lists { handler, joined } = {
@@ -482,6 +493,9 @@ impl Scope {
             registry.elapsed = Some(elapsed);
             registry.close()
         };
+        // After the elapsed time is recorded: whoever wakes on the token finds the whole
+        // record (see `record`).
+        self.token.cancel();
         self.deregister(&joined);
         self.span().in_scope(|| {
             tracing::debug!(
