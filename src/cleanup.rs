@@ -70,7 +70,8 @@ pub struct CleanupCounts {
     pub running: usize,
     /// Cleanups waiting for a running slot (at most the configured queue length).
     pub queued: usize,
-    /// Cleanups refused since the layer was built, because the queue was full.
+    /// Cleanups refused since the layer was built, because the queue was full, or dropped
+    /// unfinished because the runtime they ran on shut down. Each got a `warn` event.
     pub refused: u64,
     /// Cleanups that ran to their end (or panicked, which is reported) since the layer was built.
     pub completed: u64,
@@ -121,7 +122,14 @@ impl Limiter {
             state.next_worker += 1;
             state.active.push((worker, cancelled.clone()));
             drop(state);
-            tracker.spawn_on(Arc::clone(self).work(worker, job), runtime);
+            // Made here, not in the task: a task dropped before its first poll (its runtime
+            // shutting down) still gives the slot back.
+            let slot = RunningSlot {
+                limiter: Arc::clone(self),
+                worker,
+                held: true,
+            };
+            tracker.spawn_on(work(slot, job), runtime);
         } else if state.queue.len() < self.max_queued {
             state.queue.push_back(Queued {
                 job,
@@ -142,40 +150,6 @@ impl Limiter {
                 refused_total = refused,
                 "async cancellation cleanup refused: the cleanup queue is full",
             );
-        }
-    }
-
-    /// One running slot: runs `job`, then whatever is queued, then gives the slot back.
-    async fn work(self: Arc<Self>, worker: u64, mut job: Job) {
-        let mut slot = RunningSlot {
-            limiter: &self,
-            worker,
-            held: true,
-        };
-        loop {
-            job.await;
-            self.completed.fetch_add(1, Ordering::Relaxed);
-            let mut state = self.lock();
-            match state.queue.pop_front() {
-                // The queued cleanup's tracker token is dropped as it starts: this task is
-                // tracked and keeps the tracker open until the cleanup ends.
-                Some(next) => {
-                    job = next.job;
-                    if let Some(entry) = state.active.iter_mut().find(|(w, _)| *w == worker) {
-                        entry.1 = next.cancelled;
-                    }
-                }
-                None => {
-                    // Under the lock, so a submitter cannot queue behind a slot that is leaving.
-                    let idle = state.leave(worker);
-                    slot.held = false;
-                    drop(state);
-                    if idle {
-                        self.idle.notify_waiters();
-                    }
-                    return;
-                }
-            }
         }
     }
 
@@ -228,6 +202,36 @@ impl Limiter {
     }
 }
 
+/// One running slot: runs `job`, then whatever is queued, then gives the slot back.
+async fn work(mut slot: RunningSlot, mut job: Job) {
+    let limiter = Arc::clone(&slot.limiter);
+    loop {
+        job.await;
+        limiter.completed.fetch_add(1, Ordering::Relaxed);
+        let mut state = limiter.lock();
+        match state.queue.pop_front() {
+            // The queued cleanup's tracker token is dropped as it starts: this task is
+            // tracked and keeps the tracker open until the cleanup ends.
+            Some(next) => {
+                job = next.job;
+                if let Some(entry) = state.active.iter_mut().find(|(w, _)| *w == slot.worker) {
+                    entry.1 = next.cancelled;
+                }
+            }
+            None => {
+                // Under the lock, so a submitter cannot queue behind a slot that is leaving.
+                let idle = state.leave(slot.worker);
+                slot.held = false;
+                drop(state);
+                if idle {
+                    limiter.idle.notify_waiters();
+                }
+                return;
+            }
+        }
+    }
+}
+
 impl State {
     /// A worker gives its slot back; returns whether nothing runs or waits any more.
     fn leave(&mut self, worker: u64) -> bool {
@@ -237,20 +241,62 @@ impl State {
     }
 }
 
-/// Gives the running slot back if the worker task is dropped early (runtime shutdown).
-struct RunningSlot<'a> {
-    limiter: &'a Limiter,
+/// Gives the running slot back if the worker task is dropped early: its runtime shut down,
+/// before or while it ran.
+struct RunningSlot {
+    limiter: Arc<Limiter>,
     worker: u64,
     held: bool,
 }
 
-impl Drop for RunningSlot<'_> {
+impl Drop for RunningSlot {
     fn drop(&mut self) {
         if self.held {
-            let idle = self.limiter.lock().leave(self.worker);
-            if idle {
-                self.limiter.idle.notify_waiters();
+            self.limiter.abandoned(self.worker);
+        }
+    }
+}
+
+impl Limiter {
+    /// A worker task was dropped before it finished. Its cleanup is lost, and if it was the
+    /// last running slot, nothing would ever run the queue: those cleanups are dropped too.
+    /// Each one is reported (a `warn` event naming its request) and counted as refused.
+    fn abandoned(&self, worker: u64) {
+        let (lost, idle) = {
+            let mut state = self.lock();
+            let running = state
+                .active
+                .iter()
+                .find(|(w, _)| *w == worker)
+                .map(|(_, c)| c.clone());
+            state.leave(worker);
+            let mut lost: Vec<Cancelled> = running.into_iter().collect();
+            let mut dropped = Vec::new();
+            if state.running == 0 {
+                dropped.extend(state.queue.drain(..));
             }
+            lost.extend(dropped.iter().map(|queued| queued.cancelled.clone()));
+            (
+                (lost, dropped),
+                state.running == 0 && state.queue.is_empty(),
+            )
+        };
+        let (lost, dropped) = lost;
+        // The queued jobs are dropped outside the lock: they are user futures.
+        drop(dropped);
+        for cancelled in &lost {
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                target: "tower_cancel",
+                reason = %cancelled.reason(),
+                method = %cancelled.method(),
+                path = cancelled.uri().path(),
+                refused_total = refused,
+                "async cancellation cleanup dropped: its runtime shut down before it finished",
+            );
+        }
+        if idle {
+            self.idle.notify_waiters();
         }
     }
 }
@@ -344,5 +390,41 @@ mod tests {
                 completed: 5
             }
         );
+    }
+
+    #[test]
+    fn a_runtime_shutting_down_drops_and_reports_its_cleanups() {
+        let limiter = Arc::new(Limiter::new(1, 4));
+        let tracker = TaskTracker::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            let job: Job = Box::pin(std::future::pending());
+            limiter.submit(job, &tracker, runtime.handle(), &cancelled());
+        }
+        let counts = limiter.counts();
+        assert_eq!((counts.running, counts.queued), (1, 2));
+        // The worker task was spawned but never polled: the runtime never ran.
+        drop(runtime);
+        let counts = limiter.counts();
+        assert_eq!(
+            (
+                counts.running,
+                counts.queued,
+                counts.refused,
+                counts.completed
+            ),
+            (0, 0, 3, 0),
+            "the slot came back, and all three cleanups were reported as lost"
+        );
+        assert!(tracker.is_empty(), "nothing left on the tracker");
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let drained = other.block_on(limiter.drain(Duration::from_millis(10)));
+        assert!(drained.is_ok(), "nothing to wait for: {drained:?}");
     }
 }

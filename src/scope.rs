@@ -712,6 +712,17 @@ mod tests {
         assert_eq!(decode(ARMED_HANDLER), None);
         assert_eq!(decode(ARMED_BODY), None);
         assert_eq!(decode(COMPLETED), None);
+        // The registered flag changes nothing a reader sees.
+        for reason in [CancelReason::Disconnected, CancelReason::Explicit] {
+            for phase in [Phase::Handler, Phase::Body] {
+                let state = encode(reason, phase) | REGISTERED;
+                assert_eq!(decode(state), Some((reason, phase)));
+                assert!(!is_armed(state) && !is_completed(state));
+            }
+        }
+        assert!(is_armed(ARMED_HANDLER | REGISTERED) && is_armed(ARMED_BODY | REGISTERED));
+        assert!(is_completed(COMPLETED | REGISTERED) && !is_armed(COMPLETED | REGISTERED));
+        assert_eq!(decode(COMPLETED | REGISTERED), None);
     }
 
     #[test]
@@ -1112,6 +1123,18 @@ mod tests {
             }
             assert_eq!(shutdown.in_flight(), 0, "round {round}");
         }
+    }
+
+    #[test]
+    fn a_registration_keeps_the_phase() {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.enter_body();
+        assert_eq!(
+            scope.cancel(CancelReason::Disconnected),
+            Some((CancelReason::Disconnected, Phase::Body))
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[test]

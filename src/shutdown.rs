@@ -127,6 +127,10 @@ impl Shutdown {
             // The watcher took every entry already.
             return;
         }
+        debug_assert!(
+            matches!(slots.entries[slot.key], Entry::Occupied(_)),
+            "a slot deregistered twice"
+        );
         let free = slots.free;
         slots.entries[slot.key] = Entry::Vacant(free);
         slots.free = Some(slot.key);

@@ -70,15 +70,18 @@ fn pending(c: &CleanupCounts) -> usize {
 async fn the_drain_awaits_every_cleanup_running_or_queued() {
     let shutdown = CancellationToken::new();
     let done = Arc::new(Mutex::new(Vec::<String>::new()));
-    let d = done.clone();
+    // The cleanups wait for this gate, so that the queue is seen full before the drain.
+    let gate = CancellationToken::new();
+    let (d, g) = (done.clone(), gate.clone());
     let layer = CancellationLayer::new()
         .shutdown_token(shutdown.clone())
         .cleanup_limit(2, 100)
         .on_cancel_async(move |c: Cancelled| {
-            let done = d.clone();
+            let (done, gate) = (d.clone(), g.clone());
             async move {
+                gate.cancelled().await;
                 // Stands for cleanup I/O.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 done.lock().unwrap().push(c.uri().path().to_owned());
             }
         });
@@ -92,10 +95,12 @@ async fn the_drain_awaits_every_cleanup_running_or_queued() {
     })
     .await;
     let at_drain = layer.cleanup_counts();
-    assert!(
-        at_drain.queued > 0,
-        "some cleanups wait behind the limit of 2: {at_drain:?}"
+    assert_eq!(
+        (at_drain.running, at_drain.queued),
+        (2, REQUESTS - 2),
+        "two run, the rest wait behind the limit: {at_drain:?}"
     );
+    gate.cancel();
 
     let counts = layer
         .drain_cleanups(PATIENCE)

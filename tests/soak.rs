@@ -184,14 +184,24 @@ async fn h1_action(conn: &mut Option<TcpStream>, addr: SocketAddr, random: &mut 
     }
 }
 
-/// Resident set size of this process.
+/// Resident set size of this process (`smaps_rollup` walks the page tables: exact).
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    let kib: u64 = rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Rss:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("an `Rss:` line in kB");
+    kib * 1024
 }
 
+/// The live-scope counter is process-wide: one soak at a time (`--include-ignored` would run
+/// both at once).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn soak(requests: u64) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     assert_eq!(tower_cancel::__live_scopes(), 0, "a clean start");
     let counts = Arc::new(Counts::default());
     let c = counts.clone();
