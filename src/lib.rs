@@ -19,6 +19,12 @@
 //! Routes whose work must finish even when the client leaves use
 //! [`CancellationLayer::detached`]; async cleanups are bounded
 //! ([`CancellationLayer::cleanup_limit`]) so that a flood of cancellations cannot pile up tasks.
+//! At shutdown, [`CancellationLayer::drain_cleanups`] waits for them and reports any it has to
+//! leave behind.
+//!
+//! Across services, [`PropagateLayer`] on an outbound client carries the request's deadline
+//! (as `grpc-timeout`) and its cancellation to the calls made on its behalf, and
+//! [`RequestCancellation::run`] binds any future to the request.
 //!
 //! # Example
 //!
