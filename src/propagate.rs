@@ -45,11 +45,20 @@ pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 ///   the downstream server sees `RST_STREAM` (HTTP/2) or a closed connection (HTTP/1.1) and
 ///   its own scope is cancelled. The call then fails with [`InboundCancelled`], which says why.
 ///
-/// Without an inbound `RequestCancellation` the request passes through unchanged.
+/// Without an inbound `RequestCancellation` the request passes through unchanged. The time
+/// that remains is measured when the call is made (`call`), not when its headers are written:
+/// time the call then spends waiting for a connection is not taken off.
 ///
 /// A handler that is dropped (its client left) drops its outbound calls anyway; this layer
 /// matters for the handler that keeps running: on shutdown, at its deadline, on an explicit
-/// cancel, in a [`detached`](crate::CancellationLayer::detached) route, or for work it spawned.
+/// cancel, or for work it spawned while the request is still running (once the request
+/// completes, its token never fires). Do not put it in front of calls that must finish even
+/// if the client leaves, such as those of a [`detached`](crate::CancellationLayer::detached)
+/// payment route: there the client leaving still cancels the request, and the layer would
+/// abandon the call.
+///
+/// The gRPC status mapping needs the crate's `tonic` feature; without it a tonic client reports
+/// the abandoned call as `UNKNOWN` with this error's message.
 ///
 /// # Example
 ///
@@ -271,9 +280,20 @@ where
             return Poll::Ready(None);
         };
         let frame = std::task::ready!(inner.poll_frame(cx));
-        if frame.is_none() {
+        let over = match &frame {
+            None | Some(Err(_)) => true,
+            Some(Ok(_)) => this
+                .inner
+                .as_ref()
+                .as_pin_ref()
+                .is_some_and(|b| b.is_end_stream()),
+        };
+        if over {
             // The call is over: a later cancellation of the inbound request changes nothing.
             *this.watch = None;
+        }
+        if frame.is_none() {
+            this.inner.set(None);
         }
         Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
     }
@@ -353,17 +373,18 @@ impl Error for InboundCancelled {
     }
 }
 
-/// Sets `grpc-timeout` to the time left until `deadline`, unless the request already carries
-/// a shorter one.
+/// Sets `grpc-timeout` to the time left until `deadline` (measured now, when the call is
+/// made), or to the shortest valid `grpc-timeout` the request already carries if that is
+/// shorter. Always one header: a server takes repeated ones as malformed.
 fn set_grpc_timeout(headers: &mut HeaderMap, deadline: Instant) {
     let remaining = deadline.saturating_duration_since(Instant::now());
     let already = headers
-        .get(GRPC_TIMEOUT)
-        .and_then(|value| parse_grpc_timeout(value.as_bytes()).ok());
-    if already.is_some_and(|already| already <= remaining) {
-        return;
-    }
-    headers.insert(GRPC_TIMEOUT, encode_grpc_timeout(remaining));
+        .get_all(GRPC_TIMEOUT)
+        .iter()
+        .filter_map(|value| parse_grpc_timeout(value.as_bytes()).ok())
+        .min();
+    let timeout = already.map_or(remaining, |already| already.min(remaining));
+    headers.insert(GRPC_TIMEOUT, encode_grpc_timeout(timeout));
 }
 
 /// `remaining` as a `grpc-timeout` value: in the finest unit whose count fits the format's 8
@@ -417,7 +438,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
         set_grpc_timeout(&mut headers, deadline);
-        assert_eq!(headers[GRPC_TIMEOUT], "5S");
+        let kept = parse_grpc_timeout(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
+        assert_eq!(kept, Duration::from_secs(5));
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("20S"));
         set_grpc_timeout(&mut headers, deadline);
         let set = parse_grpc_timeout(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
@@ -428,6 +450,53 @@ mod tests {
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("garbage"));
         set_grpc_timeout(&mut headers, deadline);
         assert!(parse_grpc_timeout(headers[GRPC_TIMEOUT].as_bytes()).is_ok());
+        // Repeated headers become one: the shortest valid value, or the time that remains.
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("50S"));
+        headers.append(GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+        headers.append(GRPC_TIMEOUT, HeaderValue::from_static("x"));
+        set_grpc_timeout(&mut headers, deadline);
+        assert_eq!(headers.get_all(GRPC_TIMEOUT).iter().count(), 1);
+        let set = parse_grpc_timeout(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
+        assert_eq!(set, Duration::from_secs(1));
+    }
+
+    /// A body that has ended is not turned into an error by a later cancellation.
+    #[test]
+    fn a_cancellation_after_the_body_ended_changes_nothing() {
+        use std::pin::pin;
+        use std::sync::Arc;
+        use std::task::Waker;
+
+        use bytes::Bytes;
+        use http::{Method, Uri};
+        use http_body_util::Full;
+
+        use crate::config::Config;
+        use crate::hooks::Bound;
+        use crate::scope::Scope;
+
+        let scope = Scope::new(
+            Method::GET,
+            Uri::from_static("/"),
+            Bound::capture(&Arc::new(Config::new())),
+            None,
+        );
+        let inbound = RequestCancellation::new(scope);
+        let mut body = pin!(PropagateBody {
+            inner: Some(Full::new(Bytes::from_static(b"all of it"))),
+            watch: Watch::new(Some(inbound.clone())),
+        });
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(body.is_end_stream());
+        inbound.token().cancel();
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
     }
 
     proptest! {
@@ -441,7 +510,7 @@ mod tests {
                 // And close: rounding down loses less than one unit, and a unit is chosen only
                 // when the next finer one overflows 8 digits, so under 0.001 % of the value.
                 if remaining < Duration::from_secs(99_999_999 * 3600) {
-                    prop_assert!(remaining - parsed <= remaining / 100_000 + Duration::from_nanos(1),
+                    prop_assert!(remaining.saturating_sub(parsed) <= remaining / 100_000 + Duration::from_nanos(1),
                         "{remaining:?} -> {value:?}");
                 }
             }

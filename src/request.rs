@@ -192,13 +192,18 @@ impl RequestCancellation {
     ///
     /// Cancel safe if `work` is.
     pub async fn run<F: Future>(&self, work: F) -> Result<F::Output, Cancelled> {
+        // Checked here too: before tokio-util 0.7.16, `run_until_cancelled` polled the work
+        // once even on a cancelled token.
+        if self.scope.token().is_cancelled() {
+            return Err(self.scope.record());
+        }
         match self.scope.token().run_until_cancelled(work).await {
             Some(output) => Ok(output),
             None => Err(self.scope.record()),
         }
     }
 
-    /// The record of this request's cancellation, if it was cancelled.
+    /// The record of this request's cancellation, for code that saw its token cancelled.
     pub(crate) fn record(&self) -> Cancelled {
         self.scope.record()
     }

@@ -463,14 +463,16 @@ impl Scope {
     }
 
     /// The record of this request's cancellation, for code that saw its token cancelled: the
-    /// recorded one, or, for a token that application code cancelled after the request had
-    /// completed, `Explicit` with the time until now.
+    /// recorded reason and phase (with the time until now if the winner of the cancellation
+    /// has not recorded its own yet), or, for a token that application code cancelled after
+    /// the request had completed, `Explicit` in phase `Body` with the time until now.
     pub(crate) fn record(&self) -> Cancelled {
         let reason = self.reason().unwrap_or(CancelReason::Explicit);
         let elapsed = self.registry().elapsed;
-        match (self.cancellation(), elapsed) {
-            (Some((reason, phase)), Some(elapsed)) => self.cancelled(reason, phase, elapsed),
-            _ => self.cancelled(reason, Phase::Body, self.started.elapsed()),
+        let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
+        match self.cancellation() {
+            Some((reason, phase)) => self.cancelled(reason, phase, elapsed),
+            None => self.cancelled(reason, Phase::Body, elapsed),
         }
     }
 

@@ -70,7 +70,14 @@ async fn a_client_leaving_a_cancels_b_then_c() {
         at_c - at_b,
         at_a - timeline.find("client: closing").unwrap()
     );
-    assert!(at_a <= at_b && at_b <= at_c, "{:#?}", timeline.events());
+    // B's reset goes out when A's handler (holding the call) is dropped, a moment before A's
+    // own callback runs: B may record first by a hair. C can only follow B.
+    assert!(at_b <= at_c, "{:#?}", timeline.events());
+    assert!(
+        at_b + Duration::from_millis(5) >= at_a,
+        "{:#?}",
+        timeline.events()
+    );
     // "A few milliseconds": generous, for a loaded CI machine.
     assert!(
         at_c - at_a < Duration::from_secs(1),
@@ -129,13 +136,13 @@ async fn a_deadline_at_a_arrives_at_c_as_a_shorter_grpc_timeout() {
     println!("grpc-timeout: {at_b:?} at B, {at_c:?} at C (A's timeout: 600 ms)");
     assert!(at_b < Duration::from_millis(600), "B got {at_b:?}");
     assert!(at_c < at_b, "C got {at_c:?}, B {at_b:?}");
+    // B and C stop at their deadline, or when the hop before them resets the call at its own
+    // deadline: that counts as theirs only if it comes within 20 ms of it, and cold
+    // connections on a loaded machine can make the forward path slower than that.
     for hop in ["B", "C"] {
-        assert_eq!(
-            count(&timeline, &format!("{hop}: cancelled (deadline_exceeded")),
-            1,
-            "{hop}: {:#?}",
-            timeline.events()
-        );
+        let at_deadline = count(&timeline, &format!("{hop}: cancelled (deadline_exceeded"));
+        let reset = count(&timeline, &format!("{hop}: cancelled (disconnected"));
+        assert_eq!(at_deadline + reset, 1, "{hop}: {:#?}", timeline.events());
     }
     // At A the deadline is enforced twice: by A's layer, and by tonic's client, which enforces
     // the `grpc-timeout` the PropagateLayer set (a hair shorter, as time passed). Whichever

@@ -22,10 +22,15 @@ use tower_cancel::{
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 fn client() -> HttpClient {
+    client_for(true)
+}
+
+/// hyper-util's client, HTTP/2 (prior knowledge) or HTTP/1.1.
+fn client_for(http2: bool) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
-        .http2_only(true)
+        .http2_only(http2)
         .build(connector)
 }
 
@@ -47,15 +52,15 @@ where
     String::from_utf8(body.to_vec()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_inbound_request_abandons_the_outbound_body_mid_stream() {
+async fn abandons_the_outbound_body_mid_stream(http2: bool) {
     let log = Log::default();
     let downstream = Server::app(&log).await;
     let url = downstream.url("/endless");
+    let l = log.clone();
     let answer = inbound(CancellationLayer::new(), move |rc| {
-        let url = url.clone();
+        let (url, log) = (url.clone(), l.clone());
         async move {
-            let mut outbound = PropagateLayer::from_inbound(rc.clone()).layer(client());
+            let mut outbound = PropagateLayer::from_inbound(rc.clone()).layer(client_for(http2));
             let call = Request::get(url).body(Empty::new()).unwrap();
             let response = outbound.ready().await.unwrap().call(call).await.unwrap();
             let mut body = response.into_body();
@@ -69,6 +74,9 @@ async fn a_cancelled_inbound_request_abandons_the_outbound_body_mid_stream() {
                 .expect("InboundCancelled");
             assert_eq!(why.reason(), CancelReason::Explicit);
             assert!(body.frame().await.is_none());
+            // Still holding `body`: only the layer can have dropped the call's stream.
+            log.wait_for("layer /endless disconnected body").await;
+            drop(body);
             error.to_string()
         }
     })
@@ -77,9 +85,17 @@ async fn a_cancelled_inbound_request_abandons_the_outbound_body_mid_stream() {
         answer.starts_with("the outbound call was abandoned: the inbound request was cancelled ("),
         "{answer}"
     );
-    // The downstream server saw its client go in the middle of the body.
-    log.wait_for("layer /endless disconnected body").await;
     log.wait_for("body-dropped /endless").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_inbound_request_abandons_the_outbound_body_mid_stream_http2() {
+    abandons_the_outbound_body_mid_stream(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_inbound_request_abandons_the_outbound_body_mid_stream_http1() {
+    abandons_the_outbound_body_mid_stream(false).await;
 }
 
 /// Answers with the `grpc-timeout` header it received, or `none`.
