@@ -49,6 +49,16 @@ fn model<F: Fn() + Sync + Send + 'static>(name: &str, f: F) {
     );
 }
 
+/// Runs `f` on a new loom thread, with its own handle to `scope`.
+fn on_thread<T, F>(scope: &Arc<Scope>, f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Scope>) -> T + Send + 'static,
+{
+    let scope = Arc::clone(scope);
+    thread::spawn(move || f(scope))
+}
+
 /// Counts how often the callbacks of one layer (or the handler's) ran.
 #[derive(Clone, Default)]
 struct Runs(Arc<AtomicUsize>);
@@ -135,13 +145,10 @@ fn loom_completion_races_shutdown_and_a_registration() {
         let shutdown = Shutdown::new(CancellationToken::new());
         let scope = scope(&config(&layer, Some(&shutdown)));
 
-        let owner = {
-            let scope = Arc::clone(&scope);
-            thread::spawn(move || {
-                scope.enter_body();
-                scope.finish();
-            })
-        };
+        let owner = on_thread(&scope, move |scope| {
+            scope.enter_body();
+            scope.finish();
+        });
         let closer = {
             let shutdown = shutdown.clone();
             thread::spawn(move || {
@@ -172,20 +179,14 @@ fn loom_completion_races_the_application_cancelling_the_token() {
             let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
             let scope = scope(&config(&layer, None));
 
-            let owner = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || {
-                    scope.enter_body();
-                    scope.finish();
-                })
-            };
-            let application = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || {
-                    scope.token().cancel();
-                    scope.reason()
-                })
-            };
+            let owner = on_thread(&scope, move |scope| {
+                scope.enter_body();
+                scope.finish();
+            });
+            let application = on_thread(&scope, move |scope| {
+                scope.token().cancel();
+                scope.reason()
+            });
             register(&scope, &handler, &marker);
             owner.join().unwrap();
             application.join().unwrap();
@@ -207,10 +208,9 @@ fn loom_completion_races_the_deadline() {
         let scope = scope(&config(&layer, None));
         register(&scope, &handler, &marker);
 
-        let timer = {
-            let scope = Arc::clone(&scope);
-            thread::spawn(move || scope.cancel(CancelReason::DeadlineExceeded))
-        };
+        let timer = on_thread(&scope, move |scope| {
+            scope.cancel(CancelReason::DeadlineExceeded)
+        });
         scope.enter_body();
         scope.finish();
         let fired = timer.join().unwrap();
@@ -236,13 +236,10 @@ fn loom_completion_races_a_registration_and_leaves_no_entry() {
             let scope = scope(&config(&layer, Some(&shutdown)));
             assert_eq!(shutdown.in_flight(), 1);
 
-            let owner = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || {
-                    scope.enter_body();
-                    scope.finish();
-                })
-            };
+            let owner = on_thread(&scope, move |scope| {
+                scope.enter_body();
+                scope.finish();
+            });
             register(&scope, &handler, &marker);
             owner.join().unwrap();
 
@@ -270,10 +267,7 @@ fn loom_a_joining_layer_alone_races_completion() {
         let scope = scope(&config(&outer, None));
         let joining = config(&inner, Some(&inner_shutdown));
 
-        let owner = {
-            let scope = Arc::clone(&scope);
-            thread::spawn(move || scope.finish())
-        };
+        let owner = on_thread(&scope, move |scope| scope.finish());
         // Nothing registers after the join on this thread: if the join lands after the
         // completion, the join alone must undo its registration.
         scope.join(Bound::capture(&joining), None);
@@ -297,16 +291,10 @@ fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
             let scope = scope(&config(&layer, None));
             register(&scope, &handler, &marker);
 
-            let owner = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || scope.abandon())
-            };
-            let timer = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || {
-                    scope.cancel(CancelReason::DeadlineExceeded);
-                })
-            };
+            let owner = on_thread(&scope, move |scope| scope.abandon());
+            let timer = on_thread(&scope, move |scope| {
+                scope.cancel(CancelReason::DeadlineExceeded);
+            });
             scope.token().cancel();
             let seen = scope.reason();
             owner.join().unwrap();
@@ -332,10 +320,7 @@ fn loom_a_registration_races_a_drop() {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let scope = scope(&config(&layer, None));
 
-        let owner = {
-            let scope = Arc::clone(&scope);
-            thread::spawn(move || scope.abandon())
-        };
+        let owner = on_thread(&scope, move |scope| scope.abandon());
         register(&scope, &handler, &marker);
         owner.join().unwrap();
 
@@ -364,16 +349,13 @@ fn loom_a_joining_layer_races_completion_or_a_drop() {
             let scope = scope(&config(&outer, None));
             let joining = config(&inner, Some(&inner_shutdown));
 
-            let owner = {
-                let scope = Arc::clone(&scope);
-                thread::spawn(move || {
-                    if drop_it {
-                        scope.abandon();
-                    } else {
-                        scope.finish();
-                    }
-                })
-            };
+            let owner = on_thread(&scope, move |scope| {
+                if drop_it {
+                    scope.abandon();
+                } else {
+                    scope.finish();
+                }
+            });
             scope.join(
                 Bound::capture(&joining),
                 Some(TimeLimit::server(std::time::Duration::from_secs(1))),

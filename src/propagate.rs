@@ -309,6 +309,9 @@ where
     }
 }
 
+/// How [`InboundCancelled`] and its gRPC status begin.
+const ABANDONED: &str = "the outbound call was abandoned: the inbound request was cancelled";
+
 /// An outbound call was abandoned because the inbound request it served was cancelled.
 ///
 /// The error of a [`Propagate`] client's future or response body, boxed: find it with
@@ -328,13 +331,7 @@ impl InboundCancelled {
         #[cfg(feature = "tonic")]
         let status = {
             let code = tonic::Status::from(cancelled.reason()).code();
-            tonic::Status::new(
-                code,
-                format!(
-                    "the outbound call was abandoned: the inbound request was cancelled ({})",
-                    cancelled.reason()
-                ),
-            )
+            tonic::Status::new(code, format!("{ABANDONED} ({})", cancelled.reason()))
         };
         Self {
             cancelled,
@@ -356,11 +353,7 @@ impl InboundCancelled {
 
 impl fmt::Display for InboundCancelled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the outbound call was abandoned: the inbound request was cancelled ({})",
-            self.cancelled
-        )
+        write!(f, "{ABANDONED} ({})", self.cancelled)
     }
 }
 

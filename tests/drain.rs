@@ -51,17 +51,6 @@ async fn in_flight(
         .collect()
 }
 
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    let wait = async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
 fn pending(c: &CleanupCounts) -> usize {
     c.running + c.queued
 }

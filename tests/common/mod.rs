@@ -108,6 +108,18 @@ pub fn describe(name: &str, c: &Cancelled) -> String {
     format!("{name} {} {} {}", c.uri().path(), c.reason(), c.phase())
 }
 
+/// Waits until `done()` holds, checking every 2 ms; panics after [`PATIENCE`].
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let wait = async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 /// A server on 127.0.0.1:0 that serves HTTP/1.1 and HTTP/2 (prior knowledge) and counts its
 /// open connections.
 pub struct Server {
