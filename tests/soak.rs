@@ -286,7 +286,7 @@ async fn soak(requests: u64) {
     );
     let growth = rss_end.saturating_sub(rss_checkpoint);
     assert!(
-        growth < 16 << 20,
+        growth < 4 << 20,
         "RSS grew {:.1} MiB after the first tenth",
         growth as f64 / 1048576.0
     );
