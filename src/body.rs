@@ -13,7 +13,8 @@ pin_project! {
     /// Response body of [`CancellationService`](crate::CancellationService).
     ///
     /// The request completes when this body reaches its end: the inner body returns `None`,
-    /// reports [`is_end_stream`](Body::is_end_stream), has yielded as many bytes as its
+    /// yields a trailers frame (always a body's last: hyper stops polling after it), reports
+    /// [`is_end_stream`](Body::is_end_stream), has yielded as many bytes as its
     /// `content-length`, or fails. Dropping it earlier cancels the request with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
     /// [`Phase::Body`](crate::Phase::Body), after the inner body has been dropped.
@@ -92,6 +93,13 @@ impl<B> CancellableBody<B> {
     }
 }
 
+/// Whether `body` is over once it yielded `frame`: a trailers frame is always a body's last
+/// (hyper's HTTP/1.1 and HTTP/2 writers stop polling after it), and otherwise the body says so
+/// with [`is_end_stream`](Body::is_end_stream).
+pub(crate) fn ends_body<D, B: Body + ?Sized>(frame: &Frame<D>, body: &B) -> bool {
+    frame.is_trailers() || body.is_end_stream()
+}
+
 impl<B: Body> Body for CancellableBody<B> {
     type Data = B::Data;
     type Error = B::Error;
@@ -116,7 +124,7 @@ impl<B: Body> Body for CancellableBody<B> {
                 if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
                     *remaining = remaining.saturating_sub(data.remaining() as u64);
                 }
-                *this.remaining == Some(0) || this.inner.is_end_stream()
+                *this.remaining == Some(0) || ends_body(frame, &*this.inner)
             }
         };
         if ended {

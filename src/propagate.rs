@@ -17,6 +17,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::body::ends_body;
 use crate::deadline::{GRPC_TIMEOUT, parse_grpc_timeout};
 use crate::{CancelReason, Cancelled, RequestCancellation};
 
@@ -282,11 +283,11 @@ where
         let frame = std::task::ready!(inner.poll_frame(cx));
         let over = match &frame {
             None | Some(Err(_)) => true,
-            Some(Ok(_)) => this
+            Some(Ok(frame)) => this
                 .inner
                 .as_ref()
                 .as_pin_ref()
-                .is_some_and(|b| b.is_end_stream()),
+                .is_some_and(|body| ends_body(frame, &*body)),
         };
         if over {
             // The call is over: a later cancellation of the inbound request changes nothing.
