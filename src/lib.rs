@@ -104,7 +104,8 @@
 //!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once.
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
-//!   answers. A request that arrives after the shutdown began starts cancelled. A request
+//!   answers. A request that arrives once the shutdown token's `cancel()` has returned starts
+//!   cancelled (its callbacks run before its handler is called). A request
 //!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client), when the
 //!   layer knows that deadline (`timeout`, or `grpc_timeout(true)`), is recorded as
 //!   `DeadlineExceeded`, not `Disconnected`.

@@ -401,3 +401,51 @@ fn loom_shutdown_races_a_new_request() {
         check(&scope, &[&layer], &handler, &marker);
     });
 }
+
+/// The token's `cancel()` returns on one thread while a request arrives on another: if the
+/// request's thread saw `cancel()` return before the request arrived, the request starts
+/// cancelled, with no watcher having run; otherwise it is registered in flight and the
+/// watcher's close (after `cancel()`, as the watcher runs once woken) cancels it. Either way
+/// exactly once.
+#[test]
+fn loom_a_registration_after_cancel_returned_is_refused() {
+    use crate::sync::atomic::{AtomicBool, Ordering};
+
+    model("a_registration_after_cancel_returned_is_refused", || {
+        let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+        let token = CancellationToken::new();
+        let shutdown = Shutdown::new(token.clone());
+        let config = config(&layer, Some(&shutdown));
+        let returned = Arc::new(AtomicBool::new(false));
+
+        let canceller = {
+            let returned = Arc::clone(&returned);
+            thread::spawn(move || {
+                token.cancel();
+                returned.store(true, Ordering::Release);
+            })
+        };
+        let after = returned.load(Ordering::Acquire);
+        let scope = scope(&config);
+        if after {
+            assert_eq!(
+                scope.cancellation(),
+                Some((CancelReason::Shutdown, crate::Phase::Handler)),
+                "a request that arrived after cancel() returned did not start cancelled"
+            );
+            assert_eq!(layer.count(), 1, "its callbacks did not run at once");
+            assert!(scope.token().is_cancelled());
+        }
+        register(&scope, &handler, &marker);
+        canceller.join().unwrap();
+        // What the watcher does once it runs.
+        shutdown.close();
+        let (reason, _) = scope
+            .cancellation()
+            .expect("the shutdown reached the request");
+        assert_eq!(reason, CancelReason::Shutdown);
+        scope.finish();
+
+        check(&scope, &[&layer], &handler, &marker);
+    });
+}

@@ -6,22 +6,29 @@
 //! in-flight scopes live in a sharded registry. A thread always uses the same shard, so on a
 //! multi-threaded runtime the shards' locks are almost never contended, and each shard sits on
 //! its own cache lines. One watcher task per layer waits on the shutdown token; when it fires,
-//! it closes every shard (a request that arrives afterwards starts cancelled) and cancels the
-//! scopes it found there.
+//! it closes every shard and cancels the scopes it found there.
+//!
+//! A request that arrives after `token.cancel()` returned must start cancelled, even before the
+//! watcher task had a chance to run (it may never have been spawned: the layer's first request,
+//! a token cancelled before the layer was built). Asking the token on every request would take
+//! its mutex, the lock this registry exists to avoid. Instead the registry parks a waker of its
+//! own on the token when it is built: the token wakes its waiters inside `cancel()`, before
+//! `cancel()` returns, and that waker sets [`Begun`], an atomic flag every registration reads.
 
 use std::cell::Cell;
 use std::fmt;
 use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::runtime::Handle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::CancelReason;
 use crate::scope::Scope;
+use crate::sync::atomic::AtomicBool as ModelledBool;
 use crate::sync::{Mutex, MutexGuard};
 
 /// Where a scope is registered, to remove it when the request ends.
@@ -39,6 +46,11 @@ pub(crate) struct Shutdown {
 
 struct Inner {
     token: CancellationToken,
+    /// Set before `token.cancel()` returns: registrations are refused from then on.
+    begun: Arc<Begun>,
+    /// Keeps `begun`'s waker parked on the token (dropping the future takes it off). Never
+    /// polled again.
+    _parked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Set once a watcher task was spawned for `token`.
     watching: AtomicBool,
     /// Cancelled when the layer's configuration is dropped, so the watcher does not outlive it.
@@ -66,6 +78,52 @@ enum Entry {
     Vacant(Option<usize>),
 }
 
+/// Whether the shutdown began, set by the token itself as it is cancelled.
+///
+/// The token's `cancelled()` future parks its waker in the token's `Notify`; `cancel()` marks
+/// the token cancelled, then wakes every parked waker on the calling thread (outside the
+/// token's locks) before it returns. This waker only stores the flag, so a registration that
+/// happens after `cancel()` returned (on any thread that synchronised with the canceller, as a
+/// request arriving over a socket does) reads `true`, with no lock and no task in between.
+struct Begun(ModelledBool);
+
+impl Begun {
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Wake for Begun {
+    fn wake(self: Arc<Self>) {
+        self.set();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set();
+    }
+}
+
+/// Parks a [`Begun`] waker on `token`, or sets the flag at once if the token is already
+/// cancelled. Returns the future that must stay alive for the waker to stay parked.
+fn park(token: &CancellationToken, begun: &Arc<Begun>) -> Pin<Box<WaitForCancellationFutureOwned>> {
+    let mut cancelled = Box::pin(token.clone().cancelled_owned());
+    let waker = Waker::from(Arc::clone(begun));
+    // Pending means the waker is parked: a later `cancel()` calls it. Ready means the token
+    // was cancelled already (also if that happened while the future was being made).
+    if cancelled
+        .as_mut()
+        .poll(&mut Context::from_waker(&waker))
+        .is_ready()
+    {
+        begun.set();
+    }
+    cancelled
+}
+
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, Slots> {
         // No user code runs under this lock.
@@ -81,9 +139,13 @@ impl Shutdown {
     pub(crate) fn new(token: CancellationToken) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, usize::from);
         let shards = (threads * 4).next_power_of_two().clamp(4, 256);
+        let begun = Arc::new(Begun(ModelledBool::new(false)));
+        let parked = park(&token, &begun);
         Self {
             inner: Arc::new(Inner {
                 token,
+                begun,
+                _parked: parked,
                 watching: AtomicBool::new(false),
                 dropped: CancellationToken::new(),
                 shards: (0..shards)
@@ -95,8 +157,12 @@ impl Shutdown {
         }
     }
 
-    /// Adds an in-flight request. Fails once the shutdown has begun.
+    /// Adds an in-flight request. Fails once the shutdown has begun: from the moment
+    /// `token.cancel()` returned, whether or not the watcher has run yet.
     pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Slot, Closed> {
+        if self.inner.begun.get() {
+            return Err(Closed);
+        }
         self.ensure_watcher();
         let shard = self.inner.home_shard();
         let mut slots = self.inner.shards[shard].lock();

@@ -1,6 +1,7 @@
 //! The shutdown cascade over real sockets: cancelling the layer's shutdown token cancels every
 //! request in flight (HTTP/1.1 and HTTP/2, handler and body phase) without dropping handlers,
-//! and requests that arrive afterwards start cancelled.
+//! and requests whose scope is created after `cancel()` returned start cancelled: on either
+//! runtime, for the first request of a layer, and for a layer built from a cancelled token.
 
 mod common;
 
@@ -148,4 +149,189 @@ async fn completed_requests_are_untouched_by_a_later_shutdown() {
     let handles = log.handles();
     assert_eq!(handles[0].reason(), None);
     assert_eq!(handles[1].reason(), None);
+}
+
+/// When the shutdown token is cancelled, relative to the request that must see it.
+#[derive(Clone, Copy, Debug)]
+enum Cancel {
+    /// Before the layer is built: a process told to stop while it was starting.
+    BeforeTheLayer,
+    /// After the layer is built, before its first request (no watcher task exists yet).
+    BeforeTheFirstRequest,
+    /// After a request was served (the watcher was spawned but has not run since).
+    AfterARequest,
+    /// On another thread, which tells the request side once `cancel()` returned.
+    OnAnotherThread,
+}
+
+const WHEN: [Cancel; 4] = [
+    Cancel::BeforeTheLayer,
+    Cancel::BeforeTheFirstRequest,
+    Cancel::AfterARequest,
+    Cancel::OnAnotherThread,
+];
+
+/// What a handler saw on its first line.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    is_cancelled: bool,
+    token_cancelled: bool,
+    reason: Option<CancelReason>,
+    /// The layer's callbacks that had run for this request before the handler started.
+    callbacks_before: usize,
+}
+
+const STARTED_CANCELLED: Seen = Seen {
+    is_cancelled: true,
+    token_cancelled: true,
+    reason: Some(CancelReason::Shutdown),
+    callbacks_before: 1,
+};
+
+/// One layer, one shutdown token cancelled as `when` says, then one request, in process: what
+/// its handler saw first.
+async fn first_look(when: Cancel) -> Seen {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tower::{Layer, Service, ServiceExt, service_fn};
+    use tower_cancel::RequestCancellation;
+
+    let shutdown = CancellationToken::new();
+    if let Cancel::BeforeTheLayer = when {
+        shutdown.cancel();
+    }
+    let callbacks = Arc::new(AtomicUsize::new(0));
+    let counted = callbacks.clone();
+    let layer = CancellationLayer::new()
+        .shutdown_token(shutdown.clone())
+        .on_cancel(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+    let seen = Arc::new(Mutex::new(None));
+    let slot = seen.clone();
+    let mut svc = layer.layer(service_fn(move |req: http::Request<()>| {
+        let rc = req
+            .extensions()
+            .get::<RequestCancellation>()
+            .unwrap()
+            .clone();
+        let token = req.extensions().get::<CancellationToken>().unwrap().clone();
+        *slot.lock().unwrap() = Some(Seen {
+            is_cancelled: rc.is_cancelled(),
+            token_cancelled: token.is_cancelled(),
+            reason: rc.reason(),
+            callbacks_before: callbacks.load(Ordering::SeqCst),
+        });
+        async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
+    }));
+    match when {
+        Cancel::BeforeTheLayer => {}
+        Cancel::BeforeTheFirstRequest => shutdown.cancel(),
+        Cancel::AfterARequest => {
+            let response = svc.ready().await.unwrap().call(http::Request::new(()));
+            response.await.unwrap().into_body().collect().await.unwrap();
+            shutdown.cancel();
+        }
+        Cancel::OnAnotherThread => {
+            let (returned, cancel_returned) = tokio::sync::oneshot::channel();
+            let canceller = shutdown.clone();
+            std::thread::spawn(move || {
+                canceller.cancel();
+                returned.send(()).unwrap();
+            });
+            cancel_returned.await.unwrap();
+        }
+    }
+    let response = svc.ready().await.unwrap().call(http::Request::new(()));
+    response.await.unwrap();
+    let seen = seen.lock().unwrap().take().expect("the handler ran");
+    seen
+}
+
+/// 1 000 rounds of each way to cancel before the request: the handler's very first look
+/// always finds the request cancelled with `Shutdown`, its callbacks already run.
+async fn every_round_starts_cancelled() {
+    for when in WHEN {
+        for round in 0..1_000 {
+            assert_eq!(
+                first_look(when).await,
+                STARTED_CANCELLED,
+                "{when:?}, round {round}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_request_after_cancel_returned_starts_cancelled_on_the_current_thread_runtime() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(every_round_starts_cancelled());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_cancel_returned_starts_cancelled_on_the_multi_thread_runtime() {
+    every_round_starts_cancelled().await;
+}
+
+/// Over sockets, HTTP/1.1 and HTTP/2: a server whose shutdown token was cancelled before its
+/// first request (before or after the layer was built) answers every request from a handler
+/// that found it cancelled, its callbacks already run.
+async fn over_sockets_the_first_request_starts_cancelled() {
+    for round in 0..20 {
+        let when = if round % 2 == 0 {
+            Cancel::BeforeTheLayer
+        } else {
+            Cancel::BeforeTheFirstRequest
+        };
+        let log = Log::default();
+        let shutdown = CancellationToken::new();
+        if let Cancel::BeforeTheLayer = when {
+            shutdown.cancel();
+        }
+        let layer = log.layer("layer").shutdown_token(shutdown.clone());
+        if let Cancel::BeforeTheFirstRequest = when {
+            shutdown.cancel();
+        }
+        let server = serve(&log, layer).await;
+        for protocol in ["http/1.1", "h2"] {
+            let before = log.entries().len();
+            if protocol == "h2" {
+                let (mut h2, _conn, _socket) = h2_client(&server).await;
+                let response = h2.send_request(h2_get(&server, "/honour")).await.unwrap();
+                assert_eq!(response.status(), 503, "{when:?} {protocol}");
+            } else {
+                let mut first = raw_request(&server, &get("/honour")).await;
+                let response = read_until(&mut first, "stopped").await;
+                assert!(response.starts_with("HTTP/1.1 503"), "{when:?}: {response}");
+            }
+            assert_eq!(
+                log.entries()[before..],
+                [
+                    "layer /honour shutdown handler",
+                    "handler /honour shutdown handler",
+                    "start /honour",
+                    "stopped /honour shutdown",
+                ],
+                "{when:?} {protocol}, round {round}"
+            );
+        }
+    }
+}
+
+#[test]
+fn over_sockets_the_first_request_starts_cancelled_on_the_current_thread_runtime() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(over_sockets_the_first_request_starts_cancelled());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sockets_the_first_request_starts_cancelled_on_the_multi_thread_runtime() {
+    over_sockets_the_first_request_starts_cancelled().await;
 }
