@@ -206,29 +206,34 @@ impl Limiter {
 async fn work(mut slot: RunningSlot, mut job: Job) {
     let limiter = Arc::clone(&slot.limiter);
     loop {
+        // The finished cleanup is dropped here, before the lock is taken.
         job.await;
         limiter.completed.fetch_add(1, Ordering::Relaxed);
         let mut state = limiter.lock();
-        match state.queue.pop_front() {
-            // The queued cleanup's tracker token is dropped as it starts: this task is
-            // tracked and keeps the tracker open until the cleanup ends.
-            Some(next) => {
-                job = next.job;
-                if let Some(entry) = state.active.iter_mut().find(|(w, _)| *w == slot.worker) {
-                    entry.1 = next.cancelled;
-                }
+        let Some(next) = state.queue.pop_front() else {
+            // Under the lock, so a submitter cannot queue behind a slot that is leaving.
+            let idle = state.leave(slot.worker);
+            slot.held = false;
+            drop(state);
+            if idle {
+                limiter.idle.notify_waiters();
             }
-            None => {
-                // Under the lock, so a submitter cannot queue behind a slot that is leaving.
-                let idle = state.leave(slot.worker);
-                slot.held = false;
-                drop(state);
-                if idle {
-                    limiter.idle.notify_waiters();
-                }
-                return;
-            }
+            return;
+        };
+        let Queued {
+            job: next_job,
+            cancelled,
+            _tracked: tracked,
+        } = next;
+        if let Some(entry) = state.active.iter_mut().find(|(w, _)| *w == slot.worker) {
+            entry.1 = cancelled;
         }
+        drop(state);
+        // The queued cleanup's tracker token is dropped as it starts, outside the lock (it may
+        // wake whoever waits on the tracker): this task is tracked and keeps the tracker open
+        // until the cleanup ends.
+        drop(tracked);
+        job = next_job;
     }
 }
 
