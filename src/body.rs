@@ -15,7 +15,7 @@ pin_project! {
     /// The request completes when this body reaches its end: the inner body returns `None`,
     /// yields a trailers frame (always a body's last: hyper stops polling after it), reports
     /// [`is_end_stream`](Body::is_end_stream), has yielded as many bytes as its
-    /// `content-length`, or fails. Dropping it earlier cancels the request with
+    /// `content-length` (HTTP/1.x, whose writer stops there), or fails. Dropping it earlier cancels the request with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
     /// [`Phase::Body`](crate::Phase::Body), after the inner body has been dropped.
     ///

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{Method, Response, StatusCode, header};
+use http::{Method, Response, StatusCode, Version, header};
 use http_body::Body;
 use pin_project_lite::pin_project;
 
@@ -49,12 +49,18 @@ pin_project! {
         #[pin]
         inner: F,
         guard: Guard,
+        // The request's HTTP version: whether the writer stops at a declared length.
+        version: Version,
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, guard: Guard) -> Self {
-        Self { inner, guard }
+    pub(crate) fn new(inner: F, guard: Guard, version: Version) -> Self {
+        Self {
+            inner,
+            guard,
+            version,
+        }
     }
 }
 
@@ -89,7 +95,7 @@ where
         };
         let declared =
             if sends_body(scope.method(), response.status()) && !response.body().is_end_stream() {
-                declared_length(&response)
+                declared_length(&response, *this.version)
             } else {
                 Some(0)
             };
@@ -114,11 +120,16 @@ fn sends_body(method: &Method, status: StatusCode) -> bool {
         || (method == Method::CONNECT && status.is_success()))
 }
 
-/// The body length hyper will enforce: the `content-length` header, else an exact size hint.
+/// The body length hyper will stop at: the `content-length` header, else an exact size hint.
 ///
-/// hyper's HTTP/1.1 writer stops polling the body once that many bytes were written, so the
-/// body counts them to tell completion from abandonment.
-fn declared_length<B: Body>(response: &Response<B>) -> Option<u64> {
+/// hyper's HTTP/1.x writer stops polling the body once that many bytes were written, so the
+/// body counts them to tell completion from abandonment. Its HTTP/2 writer polls on until the
+/// body ends (`None`, `is_end_stream`, or trailers, which may follow the last byte): there the
+/// length says nothing about the end.
+fn declared_length<B: Body>(response: &Response<B>, version: Version) -> Option<u64> {
+    if version >= Version::HTTP_2 {
+        return None;
+    }
     response
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -150,7 +150,8 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
-        ResponseFuture::new(self.inner.call(req), guard)
+        let version = req.version();
+        ResponseFuture::new(self.inner.call(req), guard, version)
     }
 }
 
@@ -171,7 +172,8 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
+        let version = req.version();
         let handler = Detach::spawn(self.inner.call(req), &self.config.tracker);
-        ResponseFuture::new(handler, guard)
+        ResponseFuture::new(handler, guard, version)
     }
 }

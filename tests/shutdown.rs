@@ -245,8 +245,7 @@ async fn first_look(when: Cancel) -> Seen {
     }
     let response = svc.ready().await.unwrap().call(http::Request::new(()));
     response.await.unwrap();
-    let seen = seen.lock().unwrap().take().expect("the handler ran");
-    seen
+    seen.lock().unwrap().take().expect("the handler ran")
 }
 
 /// 1 000 rounds of each way to cancel before the request: the handler's very first look
