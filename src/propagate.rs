@@ -493,6 +493,53 @@ mod tests {
         ));
     }
 
+    /// A body whose last frame is a trailers frame (as gRPC's are) has ended with it, even if
+    /// it never says `is_end_stream`: the consumer stops there, and a later cancellation does
+    /// not turn the finished call into an error.
+    #[test]
+    fn a_body_ends_with_its_trailers() {
+        use std::pin::pin;
+        use std::sync::Arc;
+        use std::task::Waker;
+
+        use bytes::Bytes;
+        use http::{Method, Uri};
+        use http_body_util::StreamBody;
+
+        use crate::config::Config;
+        use crate::hooks::Bound;
+        use crate::scope::Scope;
+
+        let scope = Scope::new(
+            Method::GET,
+            Uri::from_static("/"),
+            Bound::capture(&Arc::new(Config::new())),
+            None,
+        );
+        let inbound = RequestCancellation::new(scope);
+        let frames: [Result<Frame<Bytes>, std::convert::Infallible>; 2] = [
+            Ok(Frame::data(Bytes::from_static(b"message"))),
+            Ok(Frame::trailers(HeaderMap::new())),
+        ];
+        let mut body = pin!(PropagateBody {
+            inner: Some(StreamBody::new(futures_util::stream::iter(frames))),
+            watch: Watch::new(Some(inbound.clone())),
+        });
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..2 {
+            assert!(matches!(
+                body.as_mut().poll_frame(&mut cx),
+                Poll::Ready(Some(Ok(_)))
+            ));
+        }
+        assert!(!body.is_end_stream(), "the stream itself never says so");
+        inbound.token().cancel();
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+    }
+
     proptest! {
         #[test]
         fn the_encoding_parses_back_to_at_most_what_remains(nanos in any::<u64>(), secs in any::<u64>()) {
