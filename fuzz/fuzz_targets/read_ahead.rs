@@ -1,10 +1,14 @@
 //! `RequestBodyLayer::read_ahead` with arbitrary frame splits, waits and limits: whatever was
 //! read ahead, the handler receives exactly the original bytes, in order.
 //!
-//! Input: byte 0 is the read-ahead limit (1 to 256 bytes), byte 1 how many times the handler is
-//! pending before it reads its body (0 to 15, during which the layer reads ahead). Then a
-//! script: a byte with the high bit set makes the body pending once; any other byte `n` is a
-//! data frame of the next `n & 0x3f` bytes.
+//! Input: byte 0 is the read-ahead limit (1 to 256 bytes); byte 1 holds, in its low nibble, how
+//! many times the handler is pending before it reads its body (0 to 15, during which the layer
+//! reads ahead) and, in its high nibble, the layer's read-ahead budget (`read_ahead_total`) in
+//! steps of 32 bytes (0 for the default). Then a script: a byte with the high bit set makes the
+//! body pending once; any other byte `n` is a data frame of the next `n & 0x3f` bytes.
+//!
+//! Checked: the handler receives exactly the original bytes, what was read ahead stayed within
+//! the limit and the budget plus one frame, and every byte went back to the budget.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -64,6 +68,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let limit = usize::from(*limit) + 1;
+    let total = match usize::from(waits >> 4) {
+        0 => RequestBodyLayer::DEFAULT_READ_AHEAD_TOTAL,
+        steps => steps * 32,
+    };
     let waits = waits & 0x0f;
     let mut frames = VecDeque::new();
     let mut original = Vec::new();
@@ -87,7 +95,10 @@ fuzz_target!(|data: &[u8]| {
         let bytes = req.into_body().collect().await?.to_bytes();
         Ok::<_, Infallible>(Response::new(bytes))
     });
-    let mut svc = RequestBodyLayer::new().read_ahead(limit).layer(handler);
+    let layer = RequestBodyLayer::new()
+        .read_ahead(limit)
+        .read_ahead_total(total);
+    let mut svc = layer.layer(handler);
     let mut future = pin!(svc.call(Request::new(Scripted(frames))));
     let mut cx = Context::from_waker(Waker::noop());
     let response = loop {
@@ -96,4 +107,11 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     assert_eq!(response.into_body(), Bytes::from(original));
+    // Frames are at most 63 bytes.
+    let peak = layer.read_ahead_peak();
+    assert!(
+        peak <= limit.min(total) + 63,
+        "peak {peak}, limit {limit}, total {total}"
+    );
+    assert_eq!(layer.read_ahead_held(), 0);
 });
