@@ -168,17 +168,20 @@ impl<M> CancellationLayer<M> {
     /// The requests' tokens are cancelled and their callbacks run promptly, without waiting
     /// for the handlers; the handlers are not dropped: they see their token and answer. A
     /// request that arrives once `token.cancel()` has returned starts cancelled: its token is
-    /// cancelled and its callbacks have run before the handler is called, on any runtime, also
-    /// for the layer's first request and for a token cancelled before the layer was built.
-    /// Wire the same
+    /// cancelled, its sync callbacks have run and its async ones are spawned before the handler
+    /// is called, on any runtime, also for the layer's first request and for a token cancelled
+    /// before the layer was built. ("Returned" means the `cancel()` call that cancelled the
+    /// token: a second, concurrent `cancel()` can return while the first is still waking the
+    /// token's waiters, and the layer learns of the shutdown from its own waiter.) Wire the same
     /// token into the accept loop and hyper-util's `GracefulShutdown`, and the drain ends as
     /// soon as the handlers return (see the `graceful_shutdown` example).
     ///
     /// Requests are not child tokens of `token`: that would serialise every request on the
     /// token's lock. The layer keeps its in-flight requests in a registry sharded by thread
-    /// and watches `token` from one task, spawned on the runtime of the first request; a
-    /// waker it parks on `token` when this method is called raises a flag inside
-    /// `token.cancel()`, which is how a new request knows without a lock.
+    /// and watches `token` from one task, spawned on the runtime of the first request (and
+    /// again on a later request's runtime if that one shut down); a waker it parks on `token`
+    /// when this method is called raises a flag inside `token.cancel()`, which is how a new
+    /// request knows without a lock.
     pub fn shutdown_token(self, token: CancellationToken) -> Self {
         self.configure(|config| config.shutdown = Some(Shutdown::new(token)))
     }

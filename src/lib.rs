@@ -89,8 +89,8 @@
 //!   at most once. A completed request (its response body reached its end) is never cancelled.
 //! * **Completion** means the end of the response body, not just the response head. A
 //!   response that carries no body on the wire (`HEAD`, `204`, `304`, `1xx`, an empty body)
-//!   completes with its head; a body with a known length completes when that many bytes
-//!   were produced; a body completes with its trailers frame, which is always a body's last.
+//!   completes with its head; over HTTP/1.x a body with a known length completes when that
+//!   many bytes were produced; a body completes with its trailers frame, which is always a body's last.
 //! * **Order.** On a drop, callbacks run after the handler future (or the body) was dropped,
 //!   so the handler's own destructors ran first. Then: the handler's
 //!   [`on_cancel`](RequestCancellation::on_cancel) registrations in registration order, then

@@ -634,26 +634,53 @@ impl<B: Body> ReadAhead<B> {
     /// The handler reads: first what was read ahead, then the body itself, which it takes
     /// over (once the handler has polled, the read-ahead never polls again).
     fn poll_for_handler(&self, cx: &mut Context<'_>) -> ForHandler<B> {
+        // A clone of the handler's waker, made outside the lock (cloning runs the executor's
+        // code), once the body was found checked out.
+        let mut waker: Option<Waker> = None;
+        loop {
+            if let Some(poll) = self.try_for_handler(cx, &mut waker) {
+                return poll;
+            }
+            waker = Some(cx.waker().clone());
+        }
+    }
+
+    /// One attempt of [`poll_for_handler`](Self::poll_for_handler): `None` when the body is
+    /// checked out and `waker` holds no clone of the handler's waker yet.
+    fn try_for_handler(
+        &self,
+        cx: &mut Context<'_>,
+        waker: &mut Option<Waker>,
+    ) -> Option<ForHandler<B>> {
         let mut state = self.lock();
         state.handler_started = true;
         if let Some((frame, len)) = state.frames.pop_front() {
             state.held.release(len);
-            return ForHandler::Poll(Poll::Ready(Some(Ok(frame))));
+            return Some(ForHandler::Poll(Poll::Ready(Some(Ok(frame)))));
         }
         if let Some(end) = state.end.take() {
             // An error is reported once; the body is over after it.
             state.end = Some(None);
-            return ForHandler::Poll(Poll::Ready(end.map(Err)));
+            return Some(ForHandler::Poll(Poll::Ready(end.map(Err))));
         }
         match mem::replace(&mut state.body, Slot::Handler) {
-            Slot::Here(body) => ForHandler::Body(body),
+            Slot::Here(body) => Some(ForHandler::Body(body)),
             Slot::Out => {
                 // The read-ahead is polling it: whoever puts it back wakes the handler.
                 state.body = Slot::Out;
-                let old = state.handler_waker.replace(cx.waker().clone());
+                // `will_wake` only compares pointers.
+                if state
+                    .handler_waker
+                    .as_ref()
+                    .is_some_and(|parked| parked.will_wake(cx.waker()))
+                {
+                    return Some(ForHandler::Poll(Poll::Pending));
+                }
+                let new = waker.take()?;
+                let old = state.handler_waker.replace(new);
                 drop(state);
                 drop(old);
-                ForHandler::Poll(Poll::Pending)
+                Some(ForHandler::Poll(Poll::Pending))
             }
             Slot::Lost => {
                 state.body = Slot::Lost;

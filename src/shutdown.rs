@@ -160,10 +160,12 @@ impl Shutdown {
     /// Adds an in-flight request. Fails once the shutdown has begun: from the moment
     /// `token.cancel()` returned, whether or not the watcher has run yet.
     pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Slot, Closed> {
+        // First, even for a refused request: if the watcher's runtime shut down, requests
+        // still in flight need a new watcher.
+        self.ensure_watcher();
         if self.inner.begun.get() {
             return Err(Closed);
         }
-        self.ensure_watcher();
         let shard = self.inner.home_shard();
         let mut slots = self.inner.shards[shard].lock();
         if slots.closed {
@@ -202,7 +204,9 @@ impl Shutdown {
         slots.free = Some(slot.key);
     }
 
-    /// Spawns the watcher on the current runtime the first time a request is seen.
+    /// Spawns the watcher on the current runtime the first time a request is seen, and again
+    /// if the runtime it ran on shut down before the shutdown began (the watcher's guard then
+    /// clears `watching`).
     fn ensure_watcher(&self) {
         let inner = &self.inner;
         if inner.watching.load(Ordering::Acquire) {
@@ -223,6 +227,7 @@ impl Shutdown {
             Arc::downgrade(inner),
             inner.token.clone(),
             inner.dropped.clone(),
+            Watching(Some(Arc::downgrade(inner))),
         ));
     }
 
@@ -296,7 +301,26 @@ impl Drop for Inner {
     }
 }
 
-async fn watch(inner: Weak<Inner>, token: CancellationToken, dropped: CancellationToken) {
+/// Clears `watching` if the watcher task is dropped before it finished (its runtime shut down),
+/// so that the next request spawns a new one on its own runtime.
+struct Watching(Option<Weak<Inner>>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take().and_then(|inner| inner.upgrade()) {
+            inner.watching.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// The watcher task. `guard` is an argument, not a local: it is dropped with the task even if
+/// the task never ran.
+async fn watch(
+    inner: Weak<Inner>,
+    token: CancellationToken,
+    dropped: CancellationToken,
+    mut guard: Watching,
+) {
     let mut shutdown = pin!(token.cancelled());
     let mut unused = pin!(dropped.cancelled());
     let shutting_down = poll_fn(|cx| {
@@ -309,6 +333,8 @@ async fn watch(inner: Weak<Inner>, token: CancellationToken, dropped: Cancellati
         Poll::Pending
     })
     .await;
+    // Finished, one way or the other: no other watcher is needed.
+    guard.0 = None;
     if !shutting_down {
         return;
     }

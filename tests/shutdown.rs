@@ -334,3 +334,54 @@ fn over_sockets_the_first_request_starts_cancelled_on_the_current_thread_runtime
 async fn over_sockets_the_first_request_starts_cancelled_on_the_multi_thread_runtime() {
     over_sockets_the_first_request_starts_cancelled().await;
 }
+
+/// The watcher task lives on the runtime of the layer's first request. If that runtime shuts
+/// down, the next request spawns a new one on its own runtime, so requests in flight there
+/// are still cancelled when the shutdown begins.
+#[test]
+fn requests_on_a_second_runtime_are_cancelled_after_the_first_one_shut_down() {
+    use tower::{Layer, ServiceExt, service_fn};
+    use tower_cancel::RequestCancellation;
+
+    let shutdown = CancellationToken::new();
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = started.clone();
+    let svc = CancellationLayer::new()
+        .shutdown_token(shutdown.clone())
+        .layer(service_fn(move |req: http::Request<()>| {
+            let rc = req
+                .extensions()
+                .get::<RequestCancellation>()
+                .unwrap()
+                .clone();
+            let started = notify.clone();
+            async move {
+                if req.uri().path() == "/fast" {
+                    return Ok::<_, std::convert::Infallible>(http::Response::new(String::new()));
+                }
+                started.notify_one();
+                let reason = tokio::time::timeout(PATIENCE, rc.cancelled()).await;
+                Ok(http::Response::new(format!("{reason:?}")))
+            }
+        }));
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The first request spawns the watcher on this runtime, which then shuts down.
+    runtime().block_on(async {
+        let fast = http::Request::get("/fast").body(()).unwrap();
+        svc.clone().oneshot(fast).await.unwrap();
+    });
+    let answer = runtime().block_on(async {
+        let slow = http::Request::get("/slow").body(()).unwrap();
+        let call = tokio::spawn(svc.clone().oneshot(slow));
+        started.notified().await;
+        shutdown.cancel();
+        let response = call.await.unwrap().unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    assert_eq!(answer, "Ok(Shutdown)");
+}
