@@ -454,28 +454,36 @@ mod tests {
         assert_eq!(set, Duration::from_secs(1));
     }
 
-    /// A body that has ended is not turned into an error by a later cancellation.
-    #[test]
-    fn a_cancellation_after_the_body_ended_changes_nothing() {
-        use std::pin::pin;
+    /// The handle of an inbound request, armed, for a layer with no callbacks.
+    fn inbound() -> RequestCancellation {
         use std::sync::Arc;
-        use std::task::Waker;
 
-        use bytes::Bytes;
         use http::{Method, Uri};
-        use http_body_util::Full;
 
         use crate::config::Config;
         use crate::hooks::Bound;
         use crate::scope::Scope;
 
+        let config = Arc::new(Config::new());
         let scope = Scope::new(
             Method::GET,
             Uri::from_static("/"),
-            Bound::capture(&Arc::new(Config::new())),
+            Bound::capture(&config),
             None,
         );
-        let inbound = RequestCancellation::new(scope);
+        RequestCancellation::new(scope)
+    }
+
+    /// A body that has ended is not turned into an error by a later cancellation.
+    #[test]
+    fn a_cancellation_after_the_body_ended_changes_nothing() {
+        use std::pin::pin;
+        use std::task::Waker;
+
+        use bytes::Bytes;
+        use http_body_util::Full;
+
+        let inbound = inbound();
         let mut body = pin!(PropagateBody {
             inner: Some(Full::new(Bytes::from_static(b"all of it"))),
             watch: Watch::new(Some(inbound.clone())),
@@ -499,24 +507,12 @@ mod tests {
     #[test]
     fn a_body_ends_with_its_trailers() {
         use std::pin::pin;
-        use std::sync::Arc;
         use std::task::Waker;
 
         use bytes::Bytes;
-        use http::{Method, Uri};
         use http_body_util::StreamBody;
 
-        use crate::config::Config;
-        use crate::hooks::Bound;
-        use crate::scope::Scope;
-
-        let scope = Scope::new(
-            Method::GET,
-            Uri::from_static("/"),
-            Bound::capture(&Arc::new(Config::new())),
-            None,
-        );
-        let inbound = RequestCancellation::new(scope);
+        let inbound = inbound();
         let frames: [Result<Frame<Bytes>, std::convert::Infallible>; 2] = [
             Ok(Frame::data(Bytes::from_static(b"message"))),
             Ok(Frame::trailers(HeaderMap::new())),

@@ -30,19 +30,6 @@ use tower_cancel::{CancellationLayer, RequestBody, RequestBodyLayer};
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-/// Deterministic, non-repeating test bytes.
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Whether `data`, found at `pos` in a body, is what `base` rotated left by `rotation` has
 /// there (each upload of the 200 sends `base` rotated by its own amount: distinct bodies).
 fn same_as_rotated(base: &[u8], rotation: usize, pos: usize, mut data: &[u8]) -> bool {

@@ -78,21 +78,25 @@ async fn a_request_after_shutdown_starts_cancelled() {
     log.wait_for("start /honour").await;
     shutdown.cancel();
     read_until(&mut first, "stopped").await;
+    assert_each_protocol_starts_cancelled(&server, &log, "after a request").await;
+}
 
+/// Sends `/honour` over HTTP/1.1, then HTTP/2, and checks that each started cancelled: the
+/// layer's callback ran when the request arrived, before the handler started; the handler's
+/// registration (made before it logs `start`) ran at once; the handler saw a cancelled token
+/// and answered 503.
+async fn assert_each_protocol_starts_cancelled(server: &Server, log: &Log, case: &str) {
     for protocol in ["http/1.1", "h2"] {
         let before = log.entries().len();
         if protocol == "h2" {
-            let (mut h2, _conn, _socket) = h2_client(&server).await;
-            let response = h2.send_request(h2_get(&server, "/honour")).await.unwrap();
-            assert_eq!(response.status(), 503);
+            let (mut h2, _conn, _socket) = h2_client(server).await;
+            let response = h2.send_request(h2_get(server, "/honour")).await.unwrap();
+            assert_eq!(response.status(), 503, "{case} {protocol}");
         } else {
-            let mut late = raw_request(&server, &get("/honour")).await;
+            let mut late = raw_request(server, &get("/honour")).await;
             let response = read_until(&mut late, "stopped").await;
-            assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+            assert!(response.starts_with("HTTP/1.1 503"), "{case}: {response}");
         }
-        // The layer's callback ran when the request arrived, before the handler started;
-        // the handler's registration (made before it logs `start`) ran at once; the handler
-        // saw a cancelled token.
         assert_eq!(
             log.entries()[before..],
             [
@@ -101,7 +105,7 @@ async fn a_request_after_shutdown_starts_cancelled() {
                 "start /honour",
                 "stopped /honour shutdown",
             ],
-            "{protocol}"
+            "{case} {protocol}"
         );
     }
 }
@@ -296,28 +300,8 @@ async fn over_sockets_the_first_request_starts_cancelled() {
             shutdown.cancel();
         }
         let server = serve(&log, layer).await;
-        for protocol in ["http/1.1", "h2"] {
-            let before = log.entries().len();
-            if protocol == "h2" {
-                let (mut h2, _conn, _socket) = h2_client(&server).await;
-                let response = h2.send_request(h2_get(&server, "/honour")).await.unwrap();
-                assert_eq!(response.status(), 503, "{when:?} {protocol}");
-            } else {
-                let mut first = raw_request(&server, &get("/honour")).await;
-                let response = read_until(&mut first, "stopped").await;
-                assert!(response.starts_with("HTTP/1.1 503"), "{when:?}: {response}");
-            }
-            assert_eq!(
-                log.entries()[before..],
-                [
-                    "layer /honour shutdown handler",
-                    "handler /honour shutdown handler",
-                    "start /honour",
-                    "stopped /honour shutdown",
-                ],
-                "{when:?} {protocol}, round {round}"
-            );
-        }
+        assert_each_protocol_starts_cancelled(&server, &log, &format!("{when:?}, round {round}"))
+            .await;
     }
 }
 

@@ -23,19 +23,6 @@ use tower_cancel::{CancelReason, RequestBody, RequestBodyLayer, RequestCancellat
 
 const MIB: usize = 1024 * 1024;
 
-/// Deterministic, non-repeating test bytes.
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// What the upload handler does with the body.
 #[derive(Clone, Copy)]
 enum Handler {

@@ -451,3 +451,16 @@ pub fn assert_all_completed(log: &Log) {
         assert_eq!(rc.reason(), None);
     }
 }
+
+/// Deterministic, non-repeating test bytes.
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
