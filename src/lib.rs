@@ -134,39 +134,26 @@
 
 #![forbid(unsafe_code)]
 
-mod body;
-mod cancelled;
-mod cleanup;
-mod config;
-mod deadline;
-mod detach;
-#[cfg(feature = "axum")]
-mod extract;
-mod future;
-#[cfg(feature = "tonic")]
-mod grpc;
-mod hooks;
-mod layer;
-#[cfg(all(test, tower_cancel_loom))]
+mod grpc_timeout;
+mod handle;
+mod integrations;
 mod loom;
 mod propagate;
-mod request;
+mod record;
 mod request_body;
+mod runtime;
 mod scope;
-mod service;
-mod shutdown;
-mod sync;
+mod server;
 
-pub use body::CancellableBody;
-pub use cancelled::{CancelReason, Cancelled, Phase};
-pub use cleanup::{CleanupCounts, CleanupsOverran};
-pub use detach::Detach;
-pub use future::ResponseFuture;
-pub use layer::{Attached, CancellationLayer, Detached};
+pub use handle::{MissingCancellationLayer, RequestCancellation};
 pub use propagate::{InboundCancelled, Propagate, PropagateBody, PropagateFuture, PropagateLayer};
-pub use request::{MissingCancellationLayer, RequestCancellation};
+pub use record::{CancelReason, Cancelled, Phase};
 pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
-pub use service::CancellationService;
+pub use runtime::cleanup::{CleanupCounts, CleanupsOverran};
+pub use server::{
+    Attached, CancellableBody, CancellationLayer, CancellationService, Detach, Detached,
+    ResponseFuture,
+};
 
 /// The number of request scopes alive in this process, in debug builds only: a leak check for
 /// tests (every request's scope is freed once its future, body and handles are gone). Not part
@@ -184,7 +171,7 @@ pub fn __live_scopes() -> usize {
 pub mod __fuzz {
     /// The `grpc-timeout` parser: the duration, or `None` for a malformed value.
     pub fn grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
-        crate::deadline::parse_grpc_timeout(value).ok()
+        crate::grpc_timeout::parse(value).ok()
     }
 }
 

@@ -7,7 +7,7 @@ use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::{MissingCancellationLayer, RequestCancellation};
+use crate::handle::{MissingCancellationLayer, RequestCancellation};
 
 /// `RequestCancellation` extracts the request's cancellation scope in axum handlers.
 ///

@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
-use crate::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
-use crate::config::Config;
-use crate::hooks::Hook;
-use crate::shutdown::Shutdown;
-use crate::{CancellationService, Cancelled};
+use crate::record::Cancelled;
+use crate::runtime::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
+use crate::runtime::hooks::Hook;
+use crate::runtime::shutdown::Shutdown;
+use crate::scope::config::Config;
+use crate::server::service::{Attached, CancellationService, Detached};
 
 /// A [`Layer`] that gives every request a cancellation scope and runs cleanup when the
 /// request is abandoned.
@@ -61,17 +62,6 @@ pub struct CancellationLayer<M = Attached> {
     config: Arc<Config>,
     mode: PhantomData<fn() -> M>,
 }
-
-/// The default mode: when the client leaves, the handler future is dropped (hyper's
-/// behaviour) and the request is cancelled.
-#[derive(Debug)]
-pub enum Attached {}
-
-/// The mode of [`CancellationLayer::detached`]: when the client leaves, the request is
-/// cancelled, but the handler keeps running to its end on the runtime, tracked by the layer's
-/// [`TaskTracker`]; its response is discarded.
-#[derive(Debug)]
-pub enum Detached {}
 
 impl CancellationLayer {
     /// A layer with no callbacks, no shutdown token, no deadline and its own [`TaskTracker`].
@@ -287,6 +277,13 @@ impl<M> CancellationLayer<M> {
     /// ```
     pub fn tracker(&self) -> &TaskTracker {
         &self.config.tracker
+    }
+}
+
+impl<S> CancellationService<S> {
+    /// A [`CancellationLayer`] to configure, for use with `ServiceBuilder`.
+    pub fn layer() -> CancellationLayer {
+        CancellationLayer::new()
     }
 }
 

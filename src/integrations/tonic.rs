@@ -2,7 +2,8 @@
 
 use tonic::{Code, Status};
 
-use crate::{CancelReason, Cancelled, MissingCancellationLayer};
+use crate::handle::MissingCancellationLayer;
+use crate::record::{CancelReason, Cancelled};
 
 /// The gRPC status a method answers when it stops because its request was cancelled.
 ///

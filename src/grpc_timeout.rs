@@ -1,14 +1,13 @@
-//! Deadlines: the `grpc-timeout` header and the timer that enforces a request's deadline.
+//! The `grpc-timeout` header (gRPC over HTTP/2, "Requests"): `TimeoutValue TimeoutUnit`, 1 to 8
+//! ASCII digits and one of `H M S m u n`. Parsed on the way in (a server's deadline), encoded
+//! on the way out (the time that remains, for a downstream call).
 
 use std::fmt;
-use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderMap;
-use tokio::time::{Instant, Sleep};
+use http::header::HeaderValue;
+use tokio::time::Instant;
 
 /// The header gRPC clients send their deadline in (gRPC over HTTP/2, "Requests").
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -49,7 +48,7 @@ impl fmt::Display for Malformed {
 /// Parses a `grpc-timeout` value: 1 to 8 ASCII digits, then one of `H M S m u n`.
 ///
 /// Never panics, whatever the bytes: the largest value (99 999 999 hours) fits a `Duration`.
-pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Result<Duration, Malformed> {
+pub(crate) fn parse(value: &[u8]) -> Result<Duration, Malformed> {
     let Some((&unit, digits)) = value.split_last() else {
         return Err(Malformed::NoDigits);
     };
@@ -78,69 +77,15 @@ pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Result<Duration, Malformed> {
     })
 }
 
-/// How long a request may run, and from when a drop already counts as the deadline's doing.
-///
-/// Others enforce the same deadline and may drop the request a moment before the layer's
-/// timer fires, so a drop within a slack before the deadline is recorded as
-/// `DeadlineExceeded`:
-///
-/// * the server's own limit (`timeout`): 1 ms, tokio's timer resolution (it rounds sleeps up
-///   to the next millisecond), so that another layer outside this one with the same limit,
-///   whose timer started a little earlier, counts;
-/// * the client's (`grpc-timeout`): 20 ms. The client resets the stream at its deadline, on a
-///   clock that started before the request reached us; the reset arrives early by the time
-///   the request took to arrive minus the time the reset took (queueing on either side, not
-///   the network latency, which cancels out).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TimeLimit {
-    /// From the start to the deadline.
-    pub(crate) after: Duration,
-    /// From the start to the point after which a drop counts as the deadline's doing.
-    pub(crate) timed_out_from: Duration,
-}
-
-pub(crate) const SERVER_SLACK: Duration = Duration::from_millis(1);
-pub(crate) const CLIENT_SLACK: Duration = Duration::from_millis(20);
-
-impl TimeLimit {
-    /// A limit the server chose.
-    pub(crate) fn server(after: Duration) -> Self {
-        Self {
-            after,
-            timed_out_from: after.saturating_sub(SERVER_SLACK),
-        }
-    }
-
-    /// A deadline the client chose and enforces itself.
-    pub(crate) fn client(after: Duration) -> Self {
-        Self {
-            after,
-            timed_out_from: after.saturating_sub(CLIENT_SLACK),
-        }
-    }
-
-    /// Both limits at once: the earlier deadline, and the earlier point from which a drop
-    /// counts (so a tie keeps the client's wider slack).
-    pub(crate) fn earliest(a: Option<Self>, b: Option<Self>) -> Option<Self> {
-        match (a, b) {
-            (Some(a), Some(b)) => Some(Self {
-                after: a.after.min(b.after),
-                timed_out_from: a.timed_out_from.min(b.timed_out_from),
-            }),
-            (a, b) => a.or(b),
-        }
-    }
-}
-
 /// The `grpc-timeout` of a request, if it carries a well-formed one. A malformed one is
 /// ignored with a `debug` event.
-pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Duration> {
     let mut values = headers.get_all(GRPC_TIMEOUT).iter();
     let value = values.next()?;
     let parsed = if values.next().is_some() {
         Err(Malformed::Repeated)
     } else {
-        parse_grpc_timeout(value.as_bytes())
+        parse(value.as_bytes())
     };
     match parsed {
         Ok(timeout) => Some(timeout),
@@ -156,54 +101,39 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     }
 }
 
-/// The timer of a request's deadline, created on first use and reset when the deadline moves.
-#[derive(Default)]
-pub(crate) struct Timer {
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// Set when no timer could be created (no Tokio timer here): the deadline is not enforced.
-    unavailable: bool,
+/// Sets `grpc-timeout` to the time left until `deadline` (measured now, when the call is
+/// made), or to the shortest valid `grpc-timeout` the request already carries if that is
+/// shorter. Always one header: a server takes repeated ones as malformed.
+pub(crate) fn set(headers: &mut HeaderMap, deadline: Instant) {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let already = headers
+        .get_all(GRPC_TIMEOUT)
+        .iter()
+        .filter_map(|value| parse(value.as_bytes()).ok())
+        .min();
+    let timeout = already.map_or(remaining, |already| already.min(remaining));
+    headers.insert(GRPC_TIMEOUT, encode(timeout));
 }
 
-impl Timer {
-    /// Polls the timer for `deadline`; `Ready` once it has passed.
-    pub(crate) fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        if self.unavailable {
-            return Poll::Pending;
-        }
-        let sleep = match &mut self.sleep {
-            Some(sleep) => {
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                sleep
-            }
-            None => {
-                // `sleep_until` panics outside a runtime with the time driver enabled. Report
-                // that once for this request and leave the deadline unenforced.
-                match catch_unwind(AssertUnwindSafe(|| tokio::time::sleep_until(deadline))) {
-                    Ok(sleep) => self.sleep.insert(Box::pin(sleep)),
-                    Err(_) => {
-                        self.unavailable = true;
-                        tracing::error!(
-                            target: "tower_cancel",
-                            "no Tokio timer is available (no runtime, or its time driver is \
-                             disabled): the request's deadline is not enforced",
-                        );
-                        return Poll::Pending;
-                    }
-                }
-            }
-        };
-        sleep.as_mut().poll(cx)
-    }
-}
-
-impl fmt::Debug for Timer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Timer")
-            .field("deadline", &self.sleep.as_ref().map(|s| s.deadline()))
-            .finish()
-    }
+/// `remaining` as a `grpc-timeout` value: in the finest unit whose count fits the format's 8
+/// digits, rounded down (never more time than remains), and at least 1 (`1n` for none).
+pub(crate) fn encode(remaining: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    const UNITS: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    let nanos = remaining.as_nanos();
+    let (count, unit) = UNITS
+        .iter()
+        .map(|&(per, unit)| (nanos / per, unit))
+        .find(|&(count, _)| count <= MAX)
+        .unwrap_or((MAX, 'H'));
+    HeaderValue::try_from(format!("{}{unit}", count.max(1))).expect("digits and a letter")
 }
 
 #[cfg(test)]
@@ -227,11 +157,7 @@ mod tests {
             ("99999999H", Duration::from_secs(99_999_999 * 3600)),
         ];
         for (value, expected) in cases {
-            assert_eq!(
-                parse_grpc_timeout(value.as_bytes()),
-                Ok(expected),
-                "{value}"
-            );
+            assert_eq!(parse(value.as_bytes()), Ok(expected), "{value}");
         }
     }
 
@@ -253,47 +179,26 @@ mod tests {
             (b"10\xc2\xb5", NotADigit), // "10µ"
         ];
         for (value, why) in cases {
-            assert_eq!(parse_grpc_timeout(value), Err(why), "{value:?}");
+            assert_eq!(parse(value), Err(why), "{value:?}");
         }
     }
 
     #[test]
     fn header_lookup_ignores_repeated_and_malformed_values() {
         let mut headers = HeaderMap::new();
-        assert_eq!(grpc_timeout(&headers), None);
+        assert_eq!(from_headers(&headers), None);
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("250m"));
-        assert_eq!(grpc_timeout(&headers), Some(Duration::from_millis(250)));
+        assert_eq!(from_headers(&headers), Some(Duration::from_millis(250)));
         headers.append(GRPC_TIMEOUT, HeaderValue::from_static("1S"));
-        assert_eq!(grpc_timeout(&headers), None);
+        assert_eq!(from_headers(&headers), None);
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("1 S"));
-        assert_eq!(grpc_timeout(&headers), None);
-    }
-
-    #[test]
-    fn the_earliest_limit_keeps_the_widest_slack_that_applies() {
-        let ms = Duration::from_millis;
-        let (server, client) = (TimeLimit::server(ms(100)), TimeLimit::client(ms(100)));
-        assert_eq!(server.timed_out_from, ms(99));
-        assert_eq!(client.timed_out_from, ms(80));
-        // `.timeout(100ms)` and `grpc-timeout: 100m` on one layer: the client's slack holds.
-        let tie = TimeLimit::earliest(Some(server), Some(client));
-        assert_eq!(tie, Some(client));
-        // A server limit well before the client's deadline keeps its own 1 ms.
-        let shorter = TimeLimit::earliest(Some(TimeLimit::server(ms(50))), Some(client));
-        assert_eq!(
-            shorter.map(|l| (l.after, l.timed_out_from)),
-            Some((ms(50), ms(49)))
-        );
-        assert_eq!(TimeLimit::earliest(None, Some(client)), Some(client));
-        assert_eq!(TimeLimit::earliest(None, None), None);
-        // Limits shorter than their slack count from the start.
-        assert_eq!(TimeLimit::client(ms(5)).timed_out_from, Duration::ZERO);
+        assert_eq!(from_headers(&headers), None);
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(value in proptest::collection::vec(any::<u8>(), 0..16)) {
-            let _ = parse_grpc_timeout(&value);
+            let _ = parse(&value);
         }
 
         #[test]
@@ -313,7 +218,7 @@ mod tests {
                 b'u' => 1_000,
                 _ => 1,
             };
-            let parsed = parse_grpc_timeout(value.as_bytes()).unwrap();
+            let parsed = parse(value.as_bytes()).unwrap();
             prop_assert_eq!(parsed.as_nanos(), u128::from(amount) * nanos_per_unit);
         }
 
@@ -322,7 +227,7 @@ mod tests {
             // Mostly bytes that could appear in a timeout, so both outcomes are common.
             value in proptest::collection::vec(prop::sample::select(&b"0123456789HMSmun+- .\xff"[..]), 0..12),
         ) {
-            if parse_grpc_timeout(&value).is_ok() {
+            if parse(&value).is_ok() {
                 let (unit, digits) = value.split_last().unwrap();
                 prop_assert!(b"HMSmun".contains(unit));
                 prop_assert!((1..=8).contains(&digits.len()));
@@ -335,7 +240,71 @@ mod tests {
             if let Ok(value) = HeaderValue::from_bytes(&value) {
                 let mut headers = HeaderMap::new();
                 headers.insert(GRPC_TIMEOUT, value);
-                let _ = grpc_timeout(&headers);
+                let _ = from_headers(&headers);
+            }
+        }
+    }
+
+    #[test]
+    fn encodes_in_the_finest_unit_that_fits() {
+        let cases = [
+            (Duration::ZERO, "1n"),
+            (Duration::from_nanos(1), "1n"),
+            (Duration::from_nanos(99_999_999), "99999999n"),
+            (Duration::from_nanos(100_000_000), "100000u"),
+            (Duration::from_millis(1_500), "1500000u"),
+            (Duration::from_secs(100), "100000m"),
+            (Duration::from_secs(100_000), "100000S"),
+            (Duration::from_secs(100_000_000), "1666666M"),
+            (Duration::from_secs(u64::MAX), "99999999H"),
+        ];
+        for (remaining, expected) in cases {
+            assert_eq!(encode(remaining), expected, "{remaining:?}");
+        }
+    }
+
+    #[test]
+    fn keeps_a_shorter_timeout_and_replaces_a_longer_one() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut headers = HeaderMap::new();
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        set(&mut headers, deadline);
+        let kept = parse(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
+        assert_eq!(kept, Duration::from_secs(5));
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("20S"));
+        set(&mut headers, deadline);
+        let sent = parse(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
+        assert!(
+            sent <= Duration::from_secs(10) && sent > Duration::from_secs(9),
+            "{sent:?}"
+        );
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("garbage"));
+        set(&mut headers, deadline);
+        assert!(parse(headers[GRPC_TIMEOUT].as_bytes()).is_ok());
+        // Repeated headers become one: the shortest valid value, or the time that remains.
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("50S"));
+        headers.append(GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+        headers.append(GRPC_TIMEOUT, HeaderValue::from_static("x"));
+        set(&mut headers, deadline);
+        assert_eq!(headers.get_all(GRPC_TIMEOUT).iter().count(), 1);
+        let sent = parse(headers[GRPC_TIMEOUT].as_bytes()).unwrap();
+        assert_eq!(sent, Duration::from_secs(1));
+    }
+
+    proptest! {
+        #[test]
+        fn the_encoding_parses_back_to_at_most_what_remains(nanos in any::<u64>(), secs in any::<u64>()) {
+            for remaining in [Duration::from_nanos(nanos), Duration::from_secs(secs)] {
+                let value = encode(remaining);
+                let parsed = parse(value.as_bytes()).unwrap();
+                // Never longer than what remains (at least 1 unit, which only applies to zero).
+                prop_assert!(parsed <= remaining.max(Duration::from_nanos(1)), "{remaining:?} -> {value:?}");
+                // And close: rounding down loses less than one unit, and a unit is chosen only
+                // when the next finer one overflows 8 digits, so under 0.001 % of the value.
+                if remaining < Duration::from_secs(99_999_999 * 3600) {
+                    prop_assert!(remaining.saturating_sub(parsed) <= remaining / 100_000 + Duration::from_nanos(1),
+                        "{remaining:?} -> {value:?}");
+                }
             }
         }
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::record::{CancelReason, Cancelled};
 use crate::scope::Scope;
-use crate::{CancelReason, Cancelled};
 
 /// The cancellation scope of one request, as the handler sees it.
 ///

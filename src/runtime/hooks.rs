@@ -1,5 +1,5 @@
 //! Cleanup callbacks: the ones a layer is configured with, and how any callback is run
-//! (panics contained and reported, async ones spawned on the request's runtime and tracked).
+//! (panics contained and reported, also for async ones).
 
 use std::any::Any;
 use std::future::Future;
@@ -9,11 +9,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::runtime::Handle;
 use tracing::{Instrument, Span};
 
-use crate::Cancelled;
-use crate::config::Config;
+use crate::record::Cancelled;
 
 type SyncHook = dyn Fn(&Cancelled) + Send + Sync;
 type AsyncHook = dyn Fn(Cancelled) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
@@ -42,86 +40,6 @@ impl Hook {
     }
 }
 
-/// A layer's configuration, bound to the runtime the request arrived on.
-///
-/// The runtime handle is captured in `call` only when the layer has async callbacks, so the
-/// common case costs one reference count.
-pub(crate) struct Bound {
-    config: Arc<Config>,
-    runtime: Option<Handle>,
-}
-
-impl Bound {
-    pub(crate) fn capture(config: &Arc<Config>) -> Self {
-        let runtime = if config.has_async {
-            Handle::try_current().ok()
-        } else {
-            None
-        };
-        Self {
-            config: Arc::clone(config),
-            runtime,
-        }
-    }
-
-    pub(crate) fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// Runs every callback of the layer, in order, once.
-    pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span) {
-        for hook in &self.config.hooks {
-            match hook {
-                Hook::Sync(f) => {
-                    contain("on_cancel callback", cancelled, || f(cancelled));
-                }
-                Hook::Async(f) => {
-                    let Some(future) = contain("on_cancel_async callback", cancelled, || {
-                        f(cancelled.clone())
-                    }) else {
-                        continue;
-                    };
-                    self.spawn(future, cancelled, span);
-                }
-            }
-        }
-    }
-
-    fn spawn(
-        &self,
-        future: Pin<Box<dyn Future<Output = ()> + Send>>,
-        cancelled: &Cancelled,
-        span: &Span,
-    ) {
-        let runtime = match &self.runtime {
-            Some(handle) => handle.clone(),
-            None => match Handle::try_current() {
-                Ok(handle) => handle,
-                Err(_) => {
-                    tracing::error!(
-                        target: "tower_cancel",
-                        reason = %cancelled.reason(),
-                        method = %cancelled.method(),
-                        path = cancelled.uri().path(),
-                        "no Tokio runtime was reachable to run an async cancellation cleanup; it did not run",
-                    );
-                    return;
-                }
-            },
-        };
-        let job = Box::pin(
-            Contained {
-                future,
-                cancelled: cancelled.clone(),
-            }
-            .instrument(span.clone()),
-        );
-        self.config
-            .limiter
-            .submit(job, &self.config.tracker, &runtime, cancelled);
-    }
-}
-
 /// Runs `f`, catching a panic and reporting it as an `error` event.
 pub(crate) fn contain<R>(what: &str, cancelled: &Cancelled, f: impl FnOnce() -> R) -> Option<R> {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -147,6 +65,22 @@ fn report_panic(what: &str, cancelled: &Cancelled, payload: &(dyn Any + Send)) {
         path = cancelled.uri().path(),
         "{what} panicked; the remaining callbacks still run",
     );
+}
+
+/// An async cleanup ready for the limiter: its panic contained and reported like a sync
+/// callback's, inside the request's span.
+pub(crate) fn contain_async(
+    future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    cancelled: &Cancelled,
+    span: &Span,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(
+        Contained {
+            future,
+            cancelled: cancelled.clone(),
+        }
+        .instrument(span.clone()),
+    )
 }
 
 pin_project! {

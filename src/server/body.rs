@@ -7,7 +7,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::scope::Guard;
+use crate::server::guard::Guard;
 
 pin_project! {
     /// Response body of [`CancellationService`](crate::CancellationService).

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::Cancelled;
+use crate::record::Cancelled;
 
 /// Default number of async cleanups that may run at once, per layer.
 pub(crate) const DEFAULT_MAX_RUNNING: usize = 64;
@@ -348,7 +348,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::{CancelReason, Phase};
+    use crate::record::{CancelReason, Phase};
 
     fn cancelled() -> Cancelled {
         Cancelled {

@@ -26,10 +26,10 @@ use std::task::{Context, Poll, Wake, Waker};
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::CancelReason;
+use crate::loom::atomic::AtomicBool as ModelledBool;
+use crate::loom::{Mutex, MutexGuard};
+use crate::record::CancelReason;
 use crate::scope::Scope;
-use crate::sync::atomic::AtomicBool as ModelledBool;
-use crate::sync::{Mutex, MutexGuard};
 
 /// Where a scope is registered, to remove it when the request ends.
 #[derive(Debug, Clone, Copy)]

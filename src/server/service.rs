@@ -9,15 +9,28 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::config::Config;
-use crate::hooks::Bound;
-use crate::scope::{Guard, Scope};
-use crate::{
-    Attached, CancellableBody, CancellationLayer, Detach, Detached, RequestCancellation,
-    ResponseFuture,
-};
+use crate::handle::RequestCancellation;
+use crate::scope::Scope;
+use crate::scope::config::Bound;
+use crate::scope::config::Config;
+use crate::server::body::CancellableBody;
+use crate::server::detach::Detach;
+use crate::server::future::ResponseFuture;
+use crate::server::guard::Guard;
 
-/// Middleware that gives each request a cancellation scope. Built by [`CancellationLayer`].
+/// The default mode: when the client leaves, the handler future is dropped (hyper's
+/// behaviour) and the request is cancelled.
+#[derive(Debug)]
+pub enum Attached {}
+
+/// The mode of [`CancellationLayer::detached`](crate::CancellationLayer::detached): when the client leaves, the request is
+/// cancelled, but the handler keeps running to its end on the runtime, tracked by the layer's
+/// [`TaskTracker`](tokio_util::task::TaskTracker); its response is discarded.
+#[derive(Debug)]
+pub enum Detached {}
+
+/// Middleware that gives each request a cancellation scope. Built by
+/// [`CancellationLayer`](crate::CancellationLayer).
 ///
 /// For each request it inserts a [`RequestCancellation`] and its
 /// [`CancellationToken`](tokio_util::sync::CancellationToken) into the request extensions,
@@ -29,7 +42,8 @@ use crate::{
 /// created it), this service joins that scope instead of creating a second one: its
 /// callbacks, shutdown token and deadline apply to it as well.
 ///
-/// `M` is [`Attached`] (the default) or [`Detached`]; see [`CancellationLayer::detached`].
+/// `M` is [`Attached`] (the default) or [`Detached`]; see
+/// [`CancellationLayer::detached`](crate::CancellationLayer::detached).
 ///
 /// # Example
 ///
@@ -58,14 +72,10 @@ pub struct CancellationService<S, M = Attached> {
 }
 
 impl<S> CancellationService<S> {
-    /// Wraps `inner` with a default [`CancellationLayer`] (no callbacks).
+    /// Wraps `inner` with a default [`CancellationLayer`](crate::CancellationLayer) (no
+    /// callbacks).
     pub fn new(inner: S) -> Self {
         Self::from_config(inner, Arc::new(Config::new()))
-    }
-
-    /// A [`CancellationLayer`] to configure, for use with `ServiceBuilder`.
-    pub fn layer() -> CancellationLayer {
-        CancellationLayer::new()
     }
 }
 

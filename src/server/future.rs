@@ -8,8 +8,8 @@ use http::{Method, Response, StatusCode, Version, header};
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::CancellableBody;
-use crate::scope::Guard;
+use crate::server::body::CancellableBody;
+use crate::server::guard::Guard;
 
 pin_project! {
     /// Response future of [`CancellationService`](crate::CancellationService).

@@ -1,0 +1,67 @@
+//! `InboundCancelled`: why an outbound call was abandoned.
+
+use std::error::Error;
+use std::fmt;
+
+use crate::record::{CancelReason, Cancelled};
+
+/// The error type of [`Propagate`] (the same as `tower::BoxError`): the inner client's error, or
+/// [`InboundCancelled`].
+pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
+
+/// How [`InboundCancelled`] and its gRPC status begin.
+const ABANDONED: &str = "the outbound call was abandoned: the inbound request was cancelled";
+
+/// An outbound call was abandoned because the inbound request it served was cancelled.
+///
+/// The error of a [`Propagate`](crate::Propagate) client's future or response body, boxed: find it with
+/// `error.downcast_ref::<InboundCancelled>()`. With the `tonic` feature, a tonic client behind
+/// the layer reports it as the reason's status (`CANCELLED`, or `UNAVAILABLE` on shutdown, or
+/// `DEADLINE_EXCEEDED`), with this error's message.
+#[derive(Debug)]
+pub struct InboundCancelled {
+    cancelled: Cancelled,
+    /// What tonic finds in the source chain.
+    #[cfg(feature = "tonic")]
+    status: tonic::Status,
+}
+
+impl InboundCancelled {
+    pub(crate) fn new(cancelled: Cancelled) -> Self {
+        #[cfg(feature = "tonic")]
+        let status = {
+            let code = tonic::Status::from(cancelled.reason()).code();
+            tonic::Status::new(code, format!("{ABANDONED} ({})", cancelled.reason()))
+        };
+        Self {
+            cancelled,
+            #[cfg(feature = "tonic")]
+            status,
+        }
+    }
+
+    /// Why the inbound request was cancelled.
+    pub fn reason(&self) -> CancelReason {
+        self.cancelled.reason()
+    }
+
+    /// The inbound request's cancellation record.
+    pub fn cancelled(&self) -> &Cancelled {
+        &self.cancelled
+    }
+}
+
+impl fmt::Display for InboundCancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{ABANDONED} ({})", self.cancelled)
+    }
+}
+
+impl Error for InboundCancelled {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        #[cfg(feature = "tonic")]
+        return Some(&self.status);
+        #[cfg(not(feature = "tonic"))]
+        None
+    }
+}

@@ -1,0 +1,207 @@
+//! Propagation to outbound calls: [`PropagateLayer`] carries an inbound request's cancellation
+//! and deadline to the calls made on its behalf, as Go's `context` and gRPC deadline
+//! propagation do.
+//!
+//! The flow: [`PropagateLayer`] builds a [`Propagate`] client; each call sets `grpc-timeout`
+//! from the inbound deadline and returns a [`PropagateFuture`], which watches the inbound
+//! token while the call runs and hands the response body over as a [`PropagateBody`], which
+//! watches it while the body streams. When the inbound request is cancelled, whichever holds
+//! the call drops it and fails with [`InboundCancelled`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::grpc_timeout;
+use crate::handle::RequestCancellation;
+
+mod body;
+mod error;
+mod future;
+
+pub use self::body::PropagateBody;
+pub(crate) use self::error::BoxError;
+pub use self::error::InboundCancelled;
+pub use self::future::PropagateFuture;
+
+/// A [`Layer`] for outbound clients (hyper-util's `Client`, a tonic `Channel`, any tower
+/// `Service` of `http::Request`s) that carries the inbound request's cancellation and
+/// deadline to the calls made on its behalf, as Go's `context` and gRPC deadline propagation
+/// do.
+///
+/// For each outbound request it finds the inbound [`RequestCancellation`]: the one given to
+/// [`PropagateLayer::from_inbound`], or else one in the outbound request's extensions (insert
+/// a clone there; a tonic `Request`'s extensions become the HTTP request's). Then:
+///
+/// * **Deadline.** If the inbound request has a deadline, the outbound request carries a
+///   `grpc-timeout` header with the time that remains: never longer (rounded down), never
+///   below one unit (`1n` once it has passed), and never longer than a `grpc-timeout` the
+///   request already had. No deadline, no header. A server behind a
+///   [`CancellationLayer`](crate::CancellationLayer) with
+///   [`grpc_timeout(true)`](crate::CancellationLayer::grpc_timeout), and tonic, enforce it.
+/// * **Cancellation.** When the inbound request is cancelled (its client left, the server shuts
+///   down, its deadline passed, or the token was cancelled), the outbound call is abandoned:
+///   its response future, or its response body if the call already answered, is dropped, so
+///   the downstream server sees `RST_STREAM` (HTTP/2) or a closed connection (HTTP/1.1) and
+///   its own scope is cancelled. The call then fails with [`InboundCancelled`], which says why.
+///
+/// Without an inbound `RequestCancellation` the request passes through unchanged. The time
+/// that remains is measured when the call is made (`call`), not when its headers are written:
+/// time the call then spends waiting for a connection is not taken off.
+///
+/// A handler that is dropped (its client left) drops its outbound calls anyway; this layer
+/// matters for the handler that keeps running: on shutdown, at its deadline, on an explicit
+/// cancel, or for work it spawned while the request is still running (once the request
+/// completes, its token never fires). Do not put it in front of calls that must finish even
+/// if the client leaves, such as those of a [`detached`](crate::CancellationLayer::detached)
+/// payment route: there the client leaving still cancels the request, and the layer would
+/// abandon the call.
+///
+/// The gRPC status mapping needs the crate's `tonic` feature; without it a tonic client reports
+/// the abandoned call as `UNKNOWN` with this error's message.
+///
+/// # Example
+///
+/// ```no_run
+/// use hyper_util::client::legacy::Client;
+/// use hyper_util::rt::TokioExecutor;
+/// use tower::{Layer, Service, ServiceExt};
+/// use tower_cancel::{InboundCancelled, PropagateLayer, RequestCancellation};
+///
+/// async fn handler(req: http::Request<hyper::body::Incoming>) -> Result<String, tower::BoxError> {
+///     let inbound = RequestCancellation::from_extensions(req.extensions())?;
+///     let client = Client::builder(TokioExecutor::new()).build_http::<String>();
+///     // In a real service, build the client once and add the layer per call (it is cheap).
+///     let mut backend = PropagateLayer::from_inbound(inbound).layer(client);
+///     let call = http::Request::get("http://backend.internal/items").body(String::new())?;
+///     match backend.ready().await?.call(call).await {
+///         Ok(response) => Ok(format!("backend answered {}", response.status())),
+///         Err(error) => match error.downcast_ref::<InboundCancelled>() {
+///             Some(why) => Err(format!("gave up on the backend: {}", why.reason()).into()),
+///             None => Err(error),
+///         },
+///     }
+/// }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct PropagateLayer {
+    inbound: Option<RequestCancellation>,
+}
+
+impl PropagateLayer {
+    /// A layer that takes the inbound [`RequestCancellation`] from each outbound request's
+    /// extensions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A layer bound to one inbound request: every call through it propagates `inbound`.
+    pub fn from_inbound(inbound: RequestCancellation) -> Self {
+        Self {
+            inbound: Some(inbound),
+        }
+    }
+}
+
+impl<S> Layer<S> for PropagateLayer {
+    type Service = Propagate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Propagate {
+            inner,
+            inbound: self.inbound.clone(),
+        }
+    }
+}
+
+/// The outbound client behind a [`PropagateLayer`].
+#[derive(Clone, Debug)]
+pub struct Propagate<S> {
+    inner: S,
+    inbound: Option<RequestCancellation>,
+}
+
+impl<S> Propagate<S> {
+    /// The inner client.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner client, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner client.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Propagate<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<PropagateBody<ResBody>>;
+    type Error = BoxError;
+    type Future = PropagateFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let inbound = self
+            .inbound
+            .clone()
+            .or_else(|| req.extensions().get::<RequestCancellation>().cloned());
+        if let Some(deadline) = inbound.as_ref().and_then(RequestCancellation::deadline) {
+            grpc_timeout::set(req.headers_mut(), deadline);
+        }
+        PropagateFuture {
+            inner: Some(self.inner.call(req)),
+            watch: Watch::new(inbound),
+        }
+    }
+}
+
+/// What a call watches: the inbound request's token, until the call has ended.
+pub(crate) struct Watch {
+    inbound: RequestCancellation,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Watch {
+    pub(crate) fn new(inbound: Option<RequestCancellation>) -> Option<Self> {
+        inbound.map(|inbound| Self {
+            cancelled: Box::pin(inbound.token().clone().cancelled_owned()),
+            inbound,
+        })
+    }
+
+    /// The inbound request's cancellation, once it happened.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<InboundCancelled> {
+        self.cancelled
+            .as_mut()
+            .poll(cx)
+            .map(|()| InboundCancelled::new(self.inbound.record()))
+    }
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch")
+            .field("inbound", &self.inbound)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,393 @@
+//! The read-ahead: a request body shared by the handler and the response future, polled
+//! outside the lock that guards its bookkeeping, and the layer-wide budget it reads within.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::mem;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::record::CancelReason;
+use crate::scope::Scope;
+
+/// The read-ahead budget of a layer, shared by its clones and every request they serve.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    /// Data bytes now held in read-ahead buffers.
+    pub(crate) held: AtomicUsize,
+    /// The highest `held` so far.
+    pub(crate) peak: AtomicUsize,
+    /// A request reads a frame ahead only while `held < total`.
+    pub(crate) total: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(total: usize) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            total,
+        }
+    }
+
+    pub(crate) fn spent(&self) -> bool {
+        self.held.load(Ordering::Acquire) >= self.total
+    }
+}
+
+/// The bytes one request holds in its read-ahead buffer, counted in its layer's budget, and
+/// given back when the request's state is dropped, however the request ends.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) budget: Arc<Budget>,
+    pub(crate) bytes: usize,
+}
+
+impl Held {
+    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+        Self { budget, bytes: 0 }
+    }
+
+    pub(crate) fn add(&mut self, bytes: usize) {
+        self.bytes += bytes;
+        let now = self.budget.held.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.budget.peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    pub(crate) fn release(&mut self, bytes: usize) {
+        self.bytes -= bytes;
+        self.budget.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let bytes = self.bytes;
+        self.release(bytes);
+    }
+}
+
+/// What `Body::poll_frame` returns for a body of type `B`.
+pub(crate) type PollFrame<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
+/// What the handler's poll gets from [`ReadAhead`]: a frame, the end, an error or `Pending`;
+/// or the body itself, to poll from then on (the read-ahead is over for good).
+pub(crate) enum ForHandler<B: Body> {
+    Poll(PollFrame<B>),
+    Body(Pin<Box<B>>),
+}
+
+/// The message of the panic of a handler that polls a body whose read-ahead panicked.
+pub(crate) const LOST: &str = "the request body panicked while it was read ahead";
+
+/// A request body shared by the handler and the read-ahead in the response future.
+///
+/// The lock guards the bookkeeping only; the body is polled outside it (see [`CheckedOut`]),
+/// and frames and errors leave the lock before they are dropped.
+pub(crate) struct ReadAhead<B: Body> {
+    pub(crate) state: Mutex<State<B>>,
+    pub(crate) scope: Option<Arc<Scope>>,
+    pub(crate) limit: usize,
+}
+
+/// Where the body is.
+pub(crate) enum Slot<B> {
+    /// In the state, to be checked out by whoever polls it next.
+    Here(Pin<Box<B>>),
+    /// Checked out: the read-ahead is polling it, outside the lock.
+    Out,
+    /// Handed to the handler for good (`Kind::Shared::own`).
+    Handler,
+    /// Its poll (or a hint) panicked while it was read ahead: it was dropped.
+    Lost,
+}
+
+/// `is_end_stream` and `size_hint` of the body, as of its last poll (or of its construction).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hints {
+    pub(crate) end: bool,
+    pub(crate) size: SizeHint,
+}
+
+impl Hints {
+    pub(crate) fn of<B: Body>(body: &B) -> Self {
+        Self {
+            end: body.is_end_stream(),
+            size: body.size_hint(),
+        }
+    }
+}
+
+pub(crate) struct State<B: Body> {
+    pub(crate) body: Slot<B>,
+    /// Frames read ahead, not yet handed to the handler, each with its data length.
+    pub(crate) frames: VecDeque<(Frame<B::Data>, usize)>,
+    /// Data bytes in `frames`, counted in the layer's budget.
+    pub(crate) held: Held,
+    /// The body ended (`None`) or failed, while reading ahead; handed over after `frames`.
+    pub(crate) end: Option<Option<B::Error>>,
+    /// The handler polled the body: reading ahead is over.
+    pub(crate) handler_started: bool,
+    /// The handler, waiting for the read-ahead to put the body back.
+    pub(crate) handler_waker: Option<Waker>,
+    /// The body's hints, cached by whoever polled it last (user code stays out of the lock).
+    pub(crate) hints: Hints,
+}
+
+impl<B: Body> State<B> {
+    pub(crate) fn is_end_stream(&self) -> bool {
+        if !self.frames.is_empty() {
+            return false;
+        }
+        match (&self.end, &self.body) {
+            (Some(None), _) => true,
+            // An error, or the panic, is still to be reported.
+            (Some(Some(_)), _) | (None, Slot::Lost) => false,
+            (None, _) => self.hints.end,
+        }
+    }
+
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        let inner = self.hints.size;
+        let buffered = self.held.bytes as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(buffered));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(buffered));
+        }
+        hint
+    }
+}
+
+impl<B: Body> ReadAhead<B> {
+    pub(crate) fn new(
+        body: B,
+        scope: Option<Arc<Scope>>,
+        limit: usize,
+        budget: Arc<Budget>,
+    ) -> Self {
+        // The hints are taken here, before the body is shared; then by whoever polls it.
+        let hints = Hints::of(&body);
+        Self {
+            state: Mutex::new(State {
+                body: Slot::Here(Box::pin(body)),
+                frames: VecDeque::new(),
+                held: Held::new(budget),
+                end: None,
+                handler_started: false,
+                handler_waker: None,
+                hints,
+            }),
+            scope,
+            limit,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State<B>> {
+        // No user code runs under this lock (the body is polled, and asked for its hints,
+        // checked out of it; frames and errors are moved out before they are dropped), and
+        // the crate's own code under it does not panic: it cannot be poisoned.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn disconnected(&self) {
+        if let Some(scope) = &self.scope {
+            scope.cancel(CancelReason::Disconnected);
+        }
+    }
+
+    /// Reads ahead with the response future's waker. Returns `false` once there is nothing
+    /// more to do (the handler took over, the body ended or failed, the buffer is full, or the
+    /// layer's budget is spent).
+    pub(crate) fn read_ahead(&self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let body = {
+                let mut state = self.lock();
+                if state.handler_started || state.end.is_some() || state.held.bytes >= self.limit {
+                    return false;
+                }
+                let budget = &state.held.budget;
+                if budget.spent() {
+                    let (held, total) = (budget.held.load(Ordering::Relaxed), budget.total);
+                    drop(state);
+                    tracing::debug!(
+                        target: "tower_cancel",
+                        held,
+                        total,
+                        "read-ahead budget spent: the rest of this request body is not read ahead",
+                    );
+                    return false;
+                }
+                match mem::replace(&mut state.body, Slot::Out) {
+                    Slot::Here(body) => body,
+                    // Lost: an earlier read-ahead panicked. (`Out` and `Handler` need the
+                    // handler to have polled, and then `handler_started` is set.)
+                    other => {
+                        state.body = other;
+                        return false;
+                    }
+                }
+            };
+            let mut out = CheckedOut {
+                shared: self,
+                body: Some(body),
+            };
+            let (poll, hints) = out.poll(cx);
+            // `Buf::remaining` is user code too: outside the lock, with the body checked out.
+            let len = match &poll {
+                Poll::Ready(Some(Ok(frame))) => frame.data_ref().map_or(0, Buf::remaining),
+                _ => 0,
+            };
+            let mut state = self.lock();
+            let waker = out.put_back(&mut state, hints);
+            let mut failed = false;
+            let done = match poll {
+                Poll::Ready(Some(Ok(frame))) => {
+                    state.held.add(len);
+                    state.frames.push_back((frame, len));
+                    None
+                }
+                Poll::Pending => Some(true),
+                Poll::Ready(None) => {
+                    state.end = Some(None);
+                    Some(false)
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    state.end = Some(Some(error));
+                    failed = true;
+                    Some(false)
+                }
+            };
+            drop(state);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+            if failed {
+                self.disconnected();
+            }
+            if let Some(more) = done {
+                return more;
+            }
+        }
+    }
+
+    /// The handler reads: first what was read ahead, then the body itself, which it takes
+    /// over (once the handler has polled, the read-ahead never polls again).
+    pub(crate) fn poll_for_handler(&self, cx: &mut Context<'_>) -> ForHandler<B> {
+        // A clone of the handler's waker, made outside the lock (cloning runs the executor's
+        // code), once the body was found checked out.
+        let mut waker: Option<Waker> = None;
+        loop {
+            if let Some(poll) = self.try_for_handler(cx, &mut waker) {
+                return poll;
+            }
+            waker = Some(cx.waker().clone());
+        }
+    }
+
+    /// One attempt of [`poll_for_handler`](Self::poll_for_handler): `None` when the body is
+    /// checked out and `waker` holds no clone of the handler's waker yet.
+    pub(crate) fn try_for_handler(
+        &self,
+        cx: &mut Context<'_>,
+        waker: &mut Option<Waker>,
+    ) -> Option<ForHandler<B>> {
+        let mut state = self.lock();
+        state.handler_started = true;
+        if let Some((frame, len)) = state.frames.pop_front() {
+            state.held.release(len);
+            return Some(ForHandler::Poll(Poll::Ready(Some(Ok(frame)))));
+        }
+        if let Some(end) = state.end.take() {
+            // An error is reported once; the body is over after it.
+            state.end = Some(None);
+            return Some(ForHandler::Poll(Poll::Ready(end.map(Err))));
+        }
+        match mem::replace(&mut state.body, Slot::Handler) {
+            Slot::Here(body) => Some(ForHandler::Body(body)),
+            Slot::Out => {
+                // The read-ahead is polling it: whoever puts it back wakes the handler.
+                state.body = Slot::Out;
+                // `will_wake` only compares pointers.
+                if state
+                    .handler_waker
+                    .as_ref()
+                    .is_some_and(|parked| parked.will_wake(cx.waker()))
+                {
+                    return Some(ForHandler::Poll(Poll::Pending));
+                }
+                let new = waker.take()?;
+                let old = state.handler_waker.replace(new);
+                drop(state);
+                drop(old);
+                Some(ForHandler::Poll(Poll::Pending))
+            }
+            Slot::Lost => {
+                state.body = Slot::Lost;
+                drop(state);
+                panic!("{LOST}");
+            }
+            Slot::Handler => {
+                drop(state);
+                unreachable!("the handler polled the read-ahead for a body it had taken over")
+            }
+        }
+    }
+}
+
+impl<B: Body> fmt::Debug for ReadAhead<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body, checked out of the state and polled by the read-ahead outside the lock. Put back
+/// with [`put_back`](Self::put_back); dropped without that (its poll or a hint panicked), it
+/// marks the body lost and wakes a waiting handler, whose poll then panics with [`LOST`]
+/// instead of returning a truncated body.
+pub(crate) struct CheckedOut<'a, B: Body> {
+    pub(crate) shared: &'a ReadAhead<B>,
+    pub(crate) body: Option<Pin<Box<B>>>,
+}
+
+impl<B: Body> CheckedOut<'_, B> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> (PollFrame<B>, Hints) {
+        let body = self.body.as_mut().expect("checked out");
+        let poll = body.as_mut().poll_frame(cx);
+        (poll, Hints::of(&**body))
+    }
+
+    /// Puts the body back into the locked state, with its new hints; returns the waker of a
+    /// handler waiting for it, to be woken once the lock is released.
+    pub(crate) fn put_back(mut self, state: &mut State<B>, hints: Hints) -> Option<Waker> {
+        if let Some(body) = self.body.take() {
+            state.body = Slot::Here(body);
+        }
+        state.hints = hints;
+        state.handler_waker.take()
+    }
+}
+
+impl<B: Body> Drop for CheckedOut<'_, B> {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        let waker = {
+            let mut state = self.shared.lock();
+            state.body = Slot::Lost;
+            state.handler_waker.take()
+        };
+        drop(body);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! Unit tests of the read-ahead: frames and hints exact under any interleaving of read-ahead
+//! and handler polls, no wait on a body polled elsewhere, panics, and the budget.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt;
+use std::mem;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once, mpsc};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use proptest::prelude::*;
+
+use super::body::{Kind, RequestBody};
+use super::read_ahead::*;
+use super::*;
+
+/// A waker that records that it was woken.
+#[derive(Default)]
+struct Flag(AtomicBool);
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Flag {
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+const SCRIPTED_PANIC: &str = "scripted body panics";
+
+fn message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// Keeps the panics these tests provoke out of the test output; others print as usual.
+fn quiet_expected_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = message(info.payload());
+            if text != SCRIPTED_PANIC && text != LOST {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// One step of a scripted body's life.
+#[derive(Debug, Clone)]
+enum Step {
+    Data(Vec<u8>),
+    /// `Pending` once (waking at once).
+    Pending,
+    /// The handler polls its body from inside this body's `poll_frame` (so while the
+    /// read-ahead has it checked out), then the script goes on.
+    Reenter,
+    /// `poll_frame` panics.
+    Panic,
+}
+
+/// What a script's `Reenter` step calls, set once the handler's body exists.
+type Hook = Rc<RefCell<Option<Box<dyn Fn()>>>>;
+
+/// A body that plays a script. Its hints are exact: the data still in the script.
+struct Script {
+    steps: VecDeque<Step>,
+    reenter: Hook,
+}
+
+impl Body for Script {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            match self.steps.pop_front() {
+                Some(Step::Data(data)) => {
+                    return Poll::Ready(Some(Ok(Frame::data(data.into()))));
+                }
+                Some(Step::Pending) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(Step::Reenter) => {
+                    if let Some(reenter) = self.reenter.borrow().as_ref() {
+                        reenter();
+                    }
+                }
+                Some(Step::Panic) => panic!("{SCRIPTED_PANIC}"),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let data = self.steps.iter().map(|step| match step {
+            Step::Data(data) => data.len() as u64,
+            _ => 0,
+        });
+        SizeHint::with_exact(data.sum())
+    }
+}
+
+/// What the handler received.
+#[derive(Default)]
+struct Seen {
+    bytes: Vec<u8>,
+    ended: bool,
+    panicked: Option<String>,
+    /// The waker of the handler's last poll, if it returned `Pending`: it must have been
+    /// woken by the time the operation that polled returns (a later poll supersedes it).
+    waiting: Option<Arc<Flag>>,
+    /// Bytes the whole body carries, when its hints can be checked (no panic).
+    total: Option<u64>,
+}
+
+/// One poll of the handler's body; checks its hints against what is left.
+fn handler_poll(body: &RefCell<RequestBody<Script>>, seen: &RefCell<Seen>) {
+    // Re-entered from the handler's own poll (it took the body over): not a second handler.
+    let Ok(mut body) = body.try_borrow_mut() else {
+        return;
+    };
+    {
+        let seen = seen.borrow();
+        if seen.ended || seen.panicked.is_some() {
+            return;
+        }
+        if let Some(total) = seen.total {
+            let left = total - seen.bytes.len() as u64;
+            let hint = body.size_hint();
+            assert_eq!(
+                (hint.lower(), hint.upper()),
+                (left, Some(left)),
+                "size_hint"
+            );
+        }
+    }
+    let said_end = body.is_end_stream();
+    let flag = Arc::new(Flag::default());
+    let waker = Waker::from(Arc::clone(&flag));
+    let poll = catch_unwind(AssertUnwindSafe(|| {
+        Pin::new(&mut *body).poll_frame(&mut Context::from_waker(&waker))
+    }));
+    let mut seen = seen.borrow_mut();
+    assert!(
+        !said_end || matches!(poll, Ok(Poll::Ready(None))),
+        "is_end_stream, then more"
+    );
+    seen.waiting = None;
+    match poll {
+        Ok(Poll::Ready(Some(Ok(frame)))) => {
+            seen.bytes.extend_from_slice(&frame.into_data().unwrap())
+        }
+        Ok(Poll::Ready(Some(Err(never)))) => match never {},
+        Ok(Poll::Ready(None)) => seen.ended = true,
+        Ok(Poll::Pending) => seen.waiting = Some(flag),
+        Err(panic) => seen.panicked = Some(message(&*panic)),
+    }
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(Step::Data),
+        2 => Just(Step::Pending),
+        1 => Just(Step::Reenter),
+    ]
+}
+
+proptest! {
+    /// Any frame split, any interleaving of read-ahead and handler polls, the handler
+    /// polling while the read-ahead has the body checked out, a body that panics, any
+    /// per-request limit and any budget, partly held by another request: the handler
+    /// receives exactly the original bytes in order (up to a panic, which it then sees),
+    /// the hints stay exact, every `Pending` is woken, the buffer and the budget stay
+    /// within their bounds, and every byte returns to the budget.
+    #[test]
+    fn read_ahead_reproduces_any_frame_split(
+        mut steps in proptest::collection::vec(step(), 0..24),
+        panic_at in proptest::option::weighted(0.25, 0usize..24),
+        ops in proptest::collection::vec(any::<bool>(), 0..16),
+        limit in 1usize..512,
+        total in 1usize..512,
+        neighbour in 0usize..512,
+    ) {
+        quiet_expected_panics();
+        if let Some(at) = panic_at {
+            steps.insert(at.min(steps.len()), Step::Panic);
+        }
+        let mut expected = Vec::new();
+        for step in &steps {
+            match step {
+                Step::Data(data) => expected.extend_from_slice(data),
+                Step::Panic => break,
+                _ => {}
+            }
+        }
+        let panics = panic_at.is_some();
+
+        let budget = Arc::new(Budget::new(total));
+        let mut other = Held::new(Arc::clone(&budget));
+        other.add(neighbour);
+        let reenter = Rc::new(RefCell::new(None));
+        let script = Script { steps: steps.into(), reenter: Rc::clone(&reenter) };
+        // `Kind::Shared` holds an `Arc`; this test stays on one thread.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let shared = Arc::new(ReadAhead::new(script, None, limit, Arc::clone(&budget)));
+        let body = Rc::new(RefCell::new(RequestBody {
+            kind: Kind::Shared { shared: Arc::clone(&shared), own: None },
+        }));
+        let seen = Rc::new(RefCell::new(Seen {
+            total: (!panics).then_some(expected.len() as u64),
+            ..Seen::default()
+        }));
+        {
+            let (body, seen): (Weak<_>, _) = (Rc::downgrade(&body), Rc::clone(&seen));
+            *reenter.borrow_mut() = Some(Box::new(move || {
+                if let Some(body) = body.upgrade() {
+                    handler_poll(&body, &seen);
+                }
+            }) as Box<dyn Fn()>);
+        }
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut reading_ahead = true;
+        let mut read_ahead_panicked = false;
+        let check = |seen: &RefCell<Seen>| -> Result<(), TestCaseError> {
+            if let Some(flag) = seen.borrow_mut().waiting.take() {
+                prop_assert!(flag.is_set(), "a Pending handler poll was never woken");
+            }
+            let mine = shared.lock().held.bytes;
+            prop_assert!(mine <= limit + 63, "bounded by the limit plus a frame");
+            let all = budget.held.load(Ordering::SeqCst);
+            prop_assert_eq!(all, neighbour + mine);
+            prop_assert!(mine == 0 || neighbour < total, "nothing read on a spent budget");
+            prop_assert!(all <= neighbour.max(total + 63), "bounded by the budget plus a frame");
+            Ok(())
+        };
+        for op in ops {
+            if op {
+                if reading_ahead {
+                    match catch_unwind(AssertUnwindSafe(|| shared.read_ahead(&mut cx))) {
+                        Ok(more) => reading_ahead = more,
+                        Err(panic) => {
+                            prop_assert_eq!(message(&*panic), SCRIPTED_PANIC);
+                            reading_ahead = false;
+                            read_ahead_panicked = true;
+                        }
+                    }
+                }
+            } else {
+                handler_poll(&body, &seen);
+            }
+            check(&seen)?;
+            if shared.lock().handler_started {
+                // Once the handler reads, read-ahead stands down.
+                prop_assert!(!shared.read_ahead(&mut cx));
+                reading_ahead = false;
+            }
+        }
+        for _ in 0..200 {
+            handler_poll(&body, &seen);
+            check(&seen)?;
+            let seen = seen.borrow();
+            if seen.ended || seen.panicked.is_some() {
+                break;
+            }
+        }
+        let seen = seen.borrow();
+        prop_assert_eq!(&seen.bytes, &expected);
+        if panics {
+            let panicked = seen.panicked.as_deref();
+            if read_ahead_panicked {
+                prop_assert_eq!(panicked, Some(LOST), "the handler learns of the panic");
+            } else {
+                prop_assert!(panicked == Some(SCRIPTED_PANIC) || panicked == Some(LOST));
+            }
+        } else {
+            prop_assert!(seen.ended && seen.panicked.is_none());
+        }
+        prop_assert!(budget.peak.load(Ordering::SeqCst) <= neighbour.max(total + 63));
+        drop(seen);
+        drop(body);
+        drop(shared);
+        prop_assert_eq!(budget.held.load(Ordering::SeqCst), neighbour, "all given back");
+        drop(other);
+        prop_assert_eq!(budget.held.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// A `Send` body whose first `poll_frame` blocks its thread until released.
+struct Blocking {
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+    polled: bool,
+}
+
+impl Body for Blocking {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if mem::replace(&mut self.polled, true) {
+            return Poll::Ready(None);
+        }
+        self.entered.send(()).unwrap();
+        let _ = self.release.recv();
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"ahead")))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(if self.polled { 0 } else { 5 })
+    }
+}
+
+#[test]
+fn the_handler_never_waits_for_a_body_polled_on_another_thread() {
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let body = Blocking {
+        entered: entered_tx,
+        release: release_rx,
+        polled: false,
+    };
+    let budget = Arc::new(Budget::new(1 << 20));
+    let shared = Arc::new(ReadAhead::new(body, None, 1024, Arc::clone(&budget)));
+    let reader = {
+        let shared = Arc::clone(&shared);
+        thread::spawn(move || shared.read_ahead(&mut Context::from_waker(Waker::noop())))
+    };
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the read-ahead polls the body");
+    // Releases the body after 3 s if the test has not, and says it had to: a handler that
+    // waits for the read-ahead's poll fails this test instead of hanging it.
+    let (stop, stopped) = mpsc::channel::<()>();
+    let watchdog = {
+        let release = release.clone();
+        thread::spawn(move || {
+            let fired = stopped.recv_timeout(Duration::from_secs(3)).is_err();
+            if fired {
+                let _ = release.send(());
+            }
+            fired
+        })
+    };
+
+    let woken = Arc::new(Flag::default());
+    let waker = Waker::from(Arc::clone(&woken));
+    let mut body = RequestBody {
+        kind: Kind::Shared {
+            shared: Arc::clone(&shared),
+            own: None,
+        },
+    };
+    let started = Instant::now();
+    let poll = Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker));
+    let end = body.is_end_stream();
+    let hint = body.size_hint();
+    let took = started.elapsed();
+    let _ = stop.send(());
+    let fired = watchdog.join().unwrap();
+    assert!(
+        !fired,
+        "the handler's poll_frame, is_end_stream and size_hint returned after {took:?}, \
+         only once the watchdog released the body the read-ahead was polling"
+    );
+    assert!(
+        poll.is_pending(),
+        "the body is checked out: Pending, not {poll:?}"
+    );
+    assert!(!end);
+    assert_eq!((hint.lower(), hint.upper()), (5, Some(5)));
+    assert!(!woken.is_set(), "woken before the body is back");
+
+    release.send(()).unwrap();
+    assert!(
+        !reader.join().unwrap(),
+        "the read-ahead stands down once the handler has polled"
+    );
+    assert!(woken.is_set(), "putting the body back wakes the handler");
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.into_data().unwrap(), "ahead"),
+        other => panic!("expected the frame read ahead, got {other:?}"),
+    }
+    assert!(matches!(
+        Pin::new(&mut body).poll_frame(&mut cx),
+        Poll::Ready(None)
+    ));
+    drop((body, shared));
+    assert_eq!(budget.held.load(Ordering::SeqCst), 0);
+}
+
+/// Yields `Data` frames with a `Pending` before each, then panics if `panics`, or ends.
+struct Frames {
+    frames: VecDeque<&'static [u8]>,
+    pending: bool,
+    panics: bool,
+}
+
+impl Frames {
+    fn new(frames: &[&'static [u8]], panics: bool) -> Self {
+        Self {
+            frames: frames.iter().copied().collect(),
+            pending: false,
+            panics,
+        }
+    }
+}
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !mem::replace(&mut self.pending, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.pending = false;
+        match self.frames.pop_front() {
+            Some(data) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data))))),
+            None if self.panics => panic!("{SCRIPTED_PANIC}"),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+#[test]
+fn a_body_that_panics_while_read_ahead_fails_the_handler_loudly() {
+    quiet_expected_panics();
+    let budget = Arc::new(Budget::new(1 << 20));
+    let shared = Arc::new(ReadAhead::new(
+        Frames::new(&[b"first"], true),
+        None,
+        1024,
+        Arc::clone(&budget),
+    ));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(shared.read_ahead(&mut cx), "pending");
+    assert!(shared.read_ahead(&mut cx), "read `first`, then pending");
+    let panic = catch_unwind(AssertUnwindSafe(|| shared.read_ahead(&mut cx))).unwrap_err();
+    assert_eq!(
+        message(&*panic),
+        SCRIPTED_PANIC,
+        "the body's panic, unchanged"
+    );
+    assert!(!shared.read_ahead(&mut cx), "a lost body is not read again");
+    assert_eq!(budget.held.load(Ordering::SeqCst), 5);
+
+    let mut body = RequestBody {
+        kind: Kind::Shared {
+            shared: Arc::clone(&shared),
+            own: None,
+        },
+    };
+    assert!(!body.is_end_stream());
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.into_data().unwrap(), "first"),
+        other => panic!("expected the frame read ahead, got {other:?}"),
+    }
+    assert!(!body.is_end_stream(), "a panic is not the end of the body");
+    let panic =
+        catch_unwind(AssertUnwindSafe(|| Pin::new(&mut body).poll_frame(&mut cx))).unwrap_err();
+    assert_eq!(message(&*panic), LOST);
+    assert!(
+        !shared.state.is_poisoned(),
+        "no lock was held across a panic"
+    );
+    drop((body, shared));
+    assert_eq!(budget.held.load(Ordering::SeqCst), 0);
+}
+
+/// Pending `n` times (waking at once), then ready.
+struct Yield(usize);
+
+impl Future for Yield {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 == 0 {
+            return Poll::Ready(());
+        }
+        self.0 -= 1;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Collects the `message` of every event, prefixed by its level and target.
+struct Events(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let meta = event.metadata();
+        let line = format!("{} {} {}", meta.level(), meta.target(), message.0);
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+#[test]
+fn a_request_that_finds_the_budget_spent_reads_no_further_and_says_so_once() {
+    use http_body_util::BodyExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Events(Arc::clone(&events)));
+    let layer = RequestBodyLayer::new().read_ahead(100).read_ahead_total(4);
+    let handler = tower::service_fn(|req: Request<RequestBody<Frames>>| async move {
+        Yield(20).await;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, Infallible>(body)
+    });
+    let mut svc = layer.layer(handler);
+    let frames: &[&[u8]] = &[b"abc", b"def", b"ghi", b"jkl"];
+    let body = tracing::subscriber::with_default(subscriber, || {
+        let mut future = std::pin::pin!(svc.call(Request::new(Frames::new(frames, false))));
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(body) = future.as_mut().poll(&mut cx) {
+                break body.unwrap();
+            }
+        }
+    });
+    assert_eq!(body, "abcdefghijkl");
+    let spent: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.contains("budget spent"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        spent,
+        [
+            "DEBUG tower_cancel read-ahead budget spent: the rest of this request body is not read ahead"
+        ]
+    );
+    // `abc` (3 < 4: one more), `def` (6: spent): one frame over the budget, no more.
+    assert_eq!(layer.read_ahead_peak(), 6);
+    assert_eq!(layer.read_ahead_held(), 0);
+}
+
+#[test]
+fn the_budget_is_shared_by_clones_and_renewed_by_read_ahead_total() {
+    let layer = RequestBodyLayer::new().read_ahead(10);
+    let clone = layer.clone();
+    let fresh = layer.clone().read_ahead_total(100);
+    assert!(Arc::ptr_eq(&layer.budget, &clone.budget));
+    assert!(Arc::ptr_eq(&layer.budget, &layer.layer(()).budget));
+    assert!(!Arc::ptr_eq(&layer.budget, &fresh.budget));
+    assert_eq!(
+        layer.budget.total,
+        RequestBodyLayer::DEFAULT_READ_AHEAD_TOTAL
+    );
+    assert_eq!(fresh.budget.total, 100);
+    assert_eq!(RequestBodyLayer::DEFAULT_READ_AHEAD_TOTAL, 64 << 20);
+}

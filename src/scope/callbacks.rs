@@ -1,0 +1,53 @@
+//! What runs when a scope is cancelled, besides its creator's callbacks: the handler's
+//! registrations and the layers deeper in the stack that joined. Drained exactly once.
+
+use std::time::Duration;
+
+use crate::record::Cancelled;
+use crate::runtime::shutdown::Slot;
+use crate::scope::config::Bound;
+
+pub(crate) type HandlerCallback = Box<dyn FnOnce(&Cancelled) + Send>;
+
+#[derive(Default)]
+pub(super) struct Registry {
+    /// Set once the scope left the armed state and the lists were drained.
+    pub(super) closed: bool,
+    /// `Some` once cancelled: the time from start to cancellation, for late registrations.
+    pub(super) elapsed: Option<Duration>,
+    /// Allocated by the first registration: most requests have none, and two empty `Vec`s
+    /// would cost every request 48 bytes.
+    lists: Option<Box<Lists>>,
+}
+
+#[derive(Default)]
+pub(super) struct Lists {
+    /// The handler's `on_cancel` registrations, in registration order.
+    pub(super) handler: Vec<HandlerCallback>,
+    /// Layers deeper in the stack that joined this scope, outermost first.
+    pub(super) joined: Vec<Joined>,
+}
+
+impl Registry {
+    pub(super) fn lists(&mut self) -> &mut Lists {
+        self.lists.get_or_insert_with(Box::default)
+    }
+
+    /// Closes the registry and takes what was registered.
+    pub(super) fn close(&mut self) -> Lists {
+        self.closed = true;
+        self.lists.take().map(|lists| *lists).unwrap_or_default()
+    }
+}
+
+/// A deeper layer that joined the scope, and its shutdown registration if it has a token.
+pub(super) struct Joined {
+    pub(super) bound: Bound,
+    pub(super) slot: Option<Slot>,
+}
+
+/// What a late registration finds.
+pub(super) enum Late {
+    Cancelled(Cancelled),
+    Completed,
+}

@@ -1,0 +1,157 @@
+//! What a layer is configured with, shared by every service it builds and every request scope,
+//! and [`Bound`], that configuration as one request sees it.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio_util::task::TaskTracker;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::runtime::Handle;
+use tracing::Span;
+
+use crate::grpc_timeout;
+use crate::record::Cancelled;
+use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
+use crate::runtime::deadline::TimeLimit;
+use crate::runtime::hooks::{Hook, contain, contain_async};
+use crate::runtime::shutdown::{Closed, Shutdown, Slot};
+use crate::scope::Scope;
+
+/// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
+/// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
+/// without the alignment the fields every request reads would share its cache line, which
+/// costs a cache miss per read on multi-threaded servers.
+#[derive(Clone)]
+#[repr(align(128))]
+pub(crate) struct Config {
+    /// The layer's callbacks, in the order they were added.
+    pub(crate) hooks: Vec<Hook>,
+    pub(crate) has_async: bool,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) shutdown: Option<Shutdown>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) grpc_timeout: bool,
+}
+
+impl Config {
+    pub(crate) fn new() -> Self {
+        Self {
+            hooks: Vec::new(),
+            has_async: false,
+            tracker: TaskTracker::new(),
+            limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
+            shutdown: None,
+            timeout: None,
+            grpc_timeout: false,
+        }
+    }
+
+    /// Registers `scope` as in flight with this layer's shutdown registry, if it has one.
+    /// Fails once the shutdown began: the scope must then be cancelled.
+    pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Option<Slot>, Closed> {
+        match &self.shutdown {
+            Some(shutdown) => shutdown.register(scope).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Undoes a successful [`register`](Self::register).
+    pub(crate) fn deregister(&self, slot: Option<Slot>) {
+        if let (Some(slot), Some(shutdown)) = (slot, &self.shutdown) {
+            shutdown.deregister(slot);
+        }
+    }
+
+    /// How long a request with these headers may run: the shorter of the layer's timeout and
+    /// a valid `grpc-timeout` header (when honoured).
+    pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<TimeLimit> {
+        let header = if self.grpc_timeout {
+            grpc_timeout::from_headers(headers)
+        } else {
+            None
+        };
+        TimeLimit::earliest(
+            self.timeout.map(TimeLimit::server),
+            header.map(TimeLimit::client),
+        )
+    }
+}
+
+/// A layer's configuration, bound to the runtime the request arrived on.
+///
+/// The runtime handle is captured in `call` only when the layer has async callbacks, so the
+/// common case costs one reference count.
+pub(crate) struct Bound {
+    config: Arc<Config>,
+    runtime: Option<Handle>,
+}
+
+impl Bound {
+    pub(crate) fn capture(config: &Arc<Config>) -> Self {
+        let runtime = if config.has_async {
+            Handle::try_current().ok()
+        } else {
+            None
+        };
+        Self {
+            config: Arc::clone(config),
+            runtime,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs every callback of the layer, in order, once.
+    pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span) {
+        for hook in &self.config.hooks {
+            match hook {
+                Hook::Sync(f) => {
+                    contain("on_cancel callback", cancelled, || f(cancelled));
+                }
+                Hook::Async(f) => {
+                    let Some(future) = contain("on_cancel_async callback", cancelled, || {
+                        f(cancelled.clone())
+                    }) else {
+                        continue;
+                    };
+                    self.spawn(future, cancelled, span);
+                }
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+        cancelled: &Cancelled,
+        span: &Span,
+    ) {
+        let runtime = match &self.runtime {
+            Some(handle) => handle.clone(),
+            None => match Handle::try_current() {
+                Ok(handle) => handle,
+                Err(_) => {
+                    tracing::error!(
+                        target: "tower_cancel",
+                        reason = %cancelled.reason(),
+                        method = %cancelled.method(),
+                        path = cancelled.uri().path(),
+                        "no Tokio runtime was reachable to run an async cancellation cleanup; it did not run",
+                    );
+                    return;
+                }
+            },
+        };
+        let job = contain_async(future, cancelled, span);
+        self.config
+            .limiter
+            .submit(job, &self.config.tracker, &runtime, cancelled);
+    }
+}

@@ -1,0 +1,475 @@
+//! The per-request state machine: armed → completed | cancelled(reason, phase).
+//!
+//! One `Scope` per request, shared through an `Arc` by the guard (inside the response future,
+//! then the response body) and every `RequestCancellation` handle.
+//!
+//! * `state` is the single source of truth. Every transition out of an armed state is a
+//!   compare-and-swap, so exactly one of "complete" and "cancel(reason)" wins, whatever races.
+//!   A cancelled state encodes its reason and phase, so nothing else needs to be published.
+//! * `registry` holds what runs on cancellation besides the creating layer's callbacks: the
+//!   handler's registrations and the callbacks of layers deeper in the stack that joined. It is
+//!   drained exactly once, by whoever moves the scope out of the armed state; after that,
+//!   registrations run at once (cancelled) or are dropped (completed).
+//! * The winner of a cancellation cancels the token, emits the event and runs the callbacks,
+//!   all outside the lock.
+//! * The deadline is an offset from the start, in an atomic, so that a deeper layer can
+//!   shorten it; the guard's timer follows it. With a shutdown token, the scope is registered
+//!   in the layer's shutdown registry until it leaves the armed state.
+
+use std::fmt;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use http::{Method, Uri};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Span;
+
+use crate::loom::atomic::{AtomicU8, AtomicU64, Ordering};
+use crate::loom::{Mutex, MutexGuard};
+use crate::record::{CancelReason, Cancelled, Phase};
+use crate::runtime::deadline::TimeLimit;
+use crate::runtime::hooks::contain;
+use crate::runtime::shutdown::Slot;
+
+use self::callbacks::{HandlerCallback, Joined, Late, Lists, Registry};
+use self::config::Bound;
+use self::state::{
+    ARMED_BODY, ARMED_HANDLER, COMPLETED, NO_DEADLINE, REGISTERED, decode, encode, is_armed,
+    is_completed,
+};
+
+mod callbacks;
+pub(crate) mod config;
+#[cfg(all(test, tower_cancel_loom))]
+mod loom;
+mod state;
+
+pub(crate) struct Scope {
+    state: AtomicU8,
+    token: CancellationToken,
+    method: Method,
+    uri: Uri,
+    started: Instant,
+    /// Nanoseconds from `started` to the deadline, or `NO_DEADLINE`.
+    deadline: AtomicU64,
+    /// Nanoseconds from `started` after which a drop counts as the deadline's doing: the
+    /// earliest of the limits' `timed_out_from` (see [`TimeLimit`]), or `NO_DEADLINE`.
+    timed_out_from: AtomicU64,
+    /// The span that was current when the layer saw the request, if the event is enabled
+    /// (boxed: most requests carry none, and a `Span` is 40 bytes).
+    span: Option<Box<Span>>,
+    /// The configuration of the layer that created the scope (the outermost one).
+    creator: Bound,
+    /// Where the creator's shutdown registry holds this scope.
+    slot: Option<Slot>,
+    registry: Mutex<Registry>,
+}
+
+impl Scope {
+    /// A new armed scope. It starts cancelled with `Shutdown` if the creator's shutdown has
+    /// begun.
+    pub(crate) fn new(
+        method: Method,
+        uri: Uri,
+        creator: Bound,
+        time_limit: Option<TimeLimit>,
+    ) -> Arc<Self> {
+        let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
+            Some(Box::new(Span::current()))
+        } else {
+            None
+        };
+        let mut shutting_down = false;
+        let scope = Arc::new_cyclic(|this| {
+            let slot = creator.config().register(this.clone()).unwrap_or_else(|_| {
+                shutting_down = true;
+                None
+            });
+            Self {
+                state: AtomicU8::new(ARMED_HANDLER),
+                token: CancellationToken::new(),
+                method,
+                uri,
+                started: Instant::now(),
+                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, |l| nanos(l.after))),
+                timed_out_from: AtomicU64::new(
+                    time_limit.map_or(NO_DEADLINE, |l| nanos(l.timed_out_from)),
+                ),
+                span,
+                creator,
+                slot,
+                registry: Mutex::new(Registry::default()),
+            }
+        });
+        #[cfg(debug_assertions)]
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if shutting_down {
+            scope.cancel(CancelReason::Shutdown);
+        }
+        scope
+    }
+
+    /// The request's span, or no span.
+    fn span(&self) -> &Span {
+        static NONE: Span = Span::none();
+        self.span.as_deref().unwrap_or(&NONE)
+    }
+
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub(crate) fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // User code never runs under this lock, so poisoning carries no meaning here.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When the request's deadline passes, if it has one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.at(&self.deadline)
+    }
+
+    /// `started` plus one of the offsets, if set.
+    fn at(&self, offset: &AtomicU64) -> Option<Instant> {
+        match offset.load(Ordering::Acquire) {
+            NO_DEADLINE => None,
+            nanos => self.started.checked_add(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Whether the request is still running (neither completed nor cancelled).
+    pub(crate) fn is_armed(&self) -> bool {
+        is_armed(self.state.load(Ordering::Acquire))
+    }
+
+    /// The recorded outcome, if the scope was cancelled.
+    pub(crate) fn cancellation(&self) -> Option<(CancelReason, Phase)> {
+        decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// The reason, noticing a token that application code cancelled directly.
+    pub(crate) fn reason(&self) -> Option<CancelReason> {
+        let state = self.state.load(Ordering::Acquire);
+        if let Some((reason, _)) = decode(state) {
+            return Some(reason);
+        }
+        if !self.token.is_cancelled() {
+            return None;
+        }
+        // Cancelled by application code. While armed this records `Explicit` and runs the
+        // callbacks; after completion it only reports it.
+        Some(
+            self.cancel(CancelReason::Explicit)
+                .map_or(CancelReason::Explicit, |(r, _)| r),
+        )
+    }
+
+    /// The handler returned a response head and its body starts streaming. A token the
+    /// handler cancelled before returning is recorded now, as a cancellation in the handler.
+    pub(crate) fn enter_body(&self) {
+        self.notice_token();
+        // Fails only if the scope already left the armed state, which is then final.
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state & !REGISTERED == ARMED_HANDLER).then_some(ARMED_BODY | state & REGISTERED)
+            });
+    }
+
+    /// Records `reason` if the scope is still armed and, if so, cancels the token and runs
+    /// every callback. Returns the recorded cancellation (this one or an earlier one), or
+    /// `None` if the request had completed.
+    pub(crate) fn cancel(&self, reason: CancelReason) -> Option<(CancelReason, Phase)> {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let phase = match current & !REGISTERED {
+                ARMED_HANDLER => Phase::Handler,
+                ARMED_BODY => Phase::Body,
+                COMPLETED => return None,
+                done => return decode(done),
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                encode(reason, phase),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.fire(reason, phase);
+                    return Some((reason, phase));
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The request reached its end. A token that application code cancelled meanwhile makes it
+    /// an `Explicit` cancellation instead.
+    ///
+    /// Completion leaves the registry alone unless something was registered: the common
+    /// request takes no lock. Registering sets `REGISTERED` in the state after adding to the
+    /// registry, and reads the state it replaced; completion replaces the state and reads
+    /// whether it carried `REGISTERED`. Both are read-modify-writes of the same atomic, so one
+    /// comes first: either completion sees the flag, or the registration sees the completion,
+    /// and that side drops the registrations (both doing it is harmless).
+    pub(crate) fn finish(&self) {
+        if self.token.is_cancelled() {
+            self.cancel(CancelReason::Explicit);
+            return;
+        }
+        let mut current = self.state.load(Ordering::Acquire);
+        while is_armed(current) {
+            match self.state.compare_exchange_weak(
+                current,
+                COMPLETED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.creator.config().deregister(self.slot);
+                    if current & REGISTERED != 0 {
+                        self.drop_registrations();
+                    }
+                    return;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// After completion: drops the registrations (outside the lock); joined layers leave their
+    /// shutdown registries. They will never run, and a closure holding a handle to this scope would
+    /// otherwise keep it alive.
+    fn drop_registrations(&self) {
+        let Lists { handler, joined } = self.registry().close();
+        for layer in &joined {
+            layer.bound.config().deregister(layer.slot);
+        }
+        drop((handler, joined));
+    }
+
+    /// Called after adding to the registry: flags the state, and returns whether the request
+    /// had completed meanwhile, in which case its `finish` may not have seen the addition and
+    /// the caller must drop the registrations (see [`Scope::finish`]).
+    fn flag_registered(&self) -> bool {
+        is_completed(self.state.fetch_or(REGISTERED, Ordering::AcqRel))
+    }
+
+    /// The guard was dropped before the request completed.
+    ///
+    /// A drop at the deadline is the deadline's doing, not the client's whim: a layer outside
+    /// this one that enforces the same deadline (tonic's server does, for `grpc-timeout`), or
+    /// the client enforcing its own deadline, dropped the request first.
+    pub(crate) fn abandon(&self) {
+        let reason = if self.token.is_cancelled() {
+            CancelReason::Explicit
+        } else if self.deadline_reached() {
+            CancelReason::DeadlineExceeded
+        } else {
+            CancelReason::Disconnected
+        };
+        self.cancel(reason);
+    }
+
+    /// Whether the deadline passed, or is no further away than its slack.
+    fn deadline_reached(&self) -> bool {
+        self.at(&self.timed_out_from)
+            .is_some_and(|from| Instant::now() >= from)
+    }
+
+    /// Notices a token that application code cancelled while the handler or body was pending.
+    pub(crate) fn notice_token(&self) {
+        if is_armed(self.state.load(Ordering::Acquire)) && self.token.is_cancelled() {
+            self.cancel(CancelReason::Explicit);
+        }
+    }
+
+    /// Registers a handler callback: runs on cancellation, at once if already cancelled, never
+    /// if the request completes.
+    pub(crate) fn on_cancel(&self, callback: HandlerCallback) {
+        // A token cancelled by application code must be recorded before deciding.
+        self.reason();
+        let late = {
+            let mut registry = self.registry();
+            if !registry.closed {
+                registry.lists().handler.push(callback);
+                let completed = self.flag_registered();
+                drop(registry);
+                if completed {
+                    self.drop_registrations();
+                }
+                return;
+            }
+            self.late(&registry)
+        };
+        if let Late::Cancelled(cancelled) = late {
+            self.span().in_scope(|| {
+                contain("on_cancel callback", &cancelled, || callback(&cancelled));
+            });
+        }
+    }
+
+    /// A layer deeper in the stack joins this scope: its time limit can only shorten the
+    /// deadline, its shutdown token cancels the request too, and its callbacks run with the
+    /// others. If the scope was already cancelled, its callbacks run at once.
+    pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<TimeLimit>) {
+        if let Some(limit) = time_limit {
+            self.deadline
+                .fetch_min(nanos(limit.after), Ordering::AcqRel);
+            self.timed_out_from
+                .fetch_min(nanos(limit.timed_out_from), Ordering::AcqRel);
+        }
+        let mut shutting_down = false;
+        let mut completed = false;
+        let late = {
+            let mut registry = self.registry();
+            if !registry.closed {
+                let slot = bound
+                    .config()
+                    .register(Arc::downgrade(self))
+                    .unwrap_or_else(|_| {
+                        shutting_down = true;
+                        None
+                    });
+                registry.lists().joined.push(Joined { bound, slot });
+                completed = self.flag_registered();
+                None
+            } else {
+                Some((self.late(&registry), bound))
+            }
+        };
+        match late {
+            // Completed first: a completed request is not cancelled by a shutdown.
+            None if completed => self.drop_registrations(),
+            None if shutting_down => {
+                self.cancel(CancelReason::Shutdown);
+            }
+            None => {}
+            Some((Late::Cancelled(cancelled), bound)) => {
+                self.span().in_scope(|| bound.run(&cancelled, self.span()));
+            }
+            Some((Late::Completed, _)) => {}
+        }
+    }
+
+    /// Leaves the shutdown registries: the scope is no longer armed.
+    fn deregister(&self, joined: &[Joined]) {
+        self.creator.config().deregister(self.slot);
+        for layer in joined {
+            layer.bound.config().deregister(layer.slot);
+        }
+    }
+
+    fn late(&self, registry: &Registry) -> Late {
+        match (registry.elapsed, self.cancellation()) {
+            (Some(elapsed), Some((reason, phase))) => {
+                Late::Cancelled(self.cancelled(reason, phase, elapsed))
+            }
+            _ => Late::Completed,
+        }
+    }
+
+    /// The record of this request's cancellation, for code that saw its token cancelled: the
+    /// recorded reason and phase (with the time until now if the winner of the cancellation
+    /// has not recorded its own yet), or, for a token that application code cancelled after
+    /// the request had completed, `Explicit` in phase `Body` with the time until now.
+    pub(crate) fn record(&self) -> Cancelled {
+        let reason = self.reason().unwrap_or(CancelReason::Explicit);
+        let elapsed = self.registry().elapsed;
+        let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
+        match self.cancellation() {
+            Some((reason, phase)) => self.cancelled(reason, phase, elapsed),
+            None => self.cancelled(reason, Phase::Body, elapsed),
+        }
+    }
+
+    fn cancelled(&self, reason: CancelReason, phase: Phase, elapsed: Duration) -> Cancelled {
+        Cancelled {
+            reason,
+            phase,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            elapsed,
+        }
+    }
+
+    /// Runs once, by the winner of the transition to cancelled.
+    fn fire(&self, reason: CancelReason, phase: Phase) {
+        let elapsed = self.started.elapsed();
+        let cancelled = self.cancelled(reason, phase, elapsed);
+        let Lists { handler, joined } = {
+            let mut registry = self.registry();
+            registry.elapsed = Some(elapsed);
+            registry.close()
+        };
+        // After the elapsed time is recorded: whoever wakes on the token finds the whole
+        // record (see `record`).
+        self.token.cancel();
+        self.deregister(&joined);
+        self.span().in_scope(|| {
+            tracing::debug!(
+                target: "tower_cancel",
+                reason = %reason,
+                phase = %phase,
+                method = %self.method,
+                path = self.uri.path(),
+                elapsed = ?elapsed,
+                "request cancelled",
+            );
+            // The handler's registrations first, in registration order; then each layer's
+            // callbacks, from the innermost layer to the outermost.
+            for callback in handler {
+                contain("on_cancel callback", &cancelled, || callback(&cancelled));
+            }
+            for layer in joined.iter().rev() {
+                layer.bound.run(&cancelled, self.span());
+            }
+            self.creator.run(&cancelled, self.span());
+        });
+    }
+}
+
+/// Scopes alive in this process, counted in debug builds only (an atomic every request would
+/// write is not free): the soak test checks that it returns to zero.
+#[cfg(debug_assertions)]
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(debug_assertions)]
+pub(crate) fn live() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(debug_assertions)]
+impl Drop for Scope {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.load(Ordering::Acquire);
+        let mut d = f.debug_struct("Scope");
+        match decode(state) {
+            Some((reason, phase)) => d.field("cancelled", &reason).field("phase", &phase),
+            None if is_completed(state) => d.field("completed", &true),
+            None => d.field("armed", &true),
+        };
+        d.field("method", &self.method)
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An offset from the start in nanoseconds; saturates far beyond any real deadline.
+fn nanos(offset: Duration) -> u64 {
+    u64::try_from(offset.as_nanos()).map_or(NO_DEADLINE - 1, |n| n.min(NO_DEADLINE - 1))
+}
+
+#[cfg(test)]
+mod tests;

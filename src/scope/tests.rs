@@ -1,0 +1,519 @@
+//! Unit tests of the scope state machine: transitions, callback order, late registration,
+//! joining layers, and the races of completion against registration (std threads).
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use super::*;
+use crate::runtime::hooks::Hook;
+use crate::runtime::shutdown::Shutdown;
+use crate::scope::config::Config;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn hooks_logging(log: &Log, name: &'static str) -> Arc<Config> {
+    let mut config = Config::new();
+    for i in 1..=2 {
+        let log = log.clone();
+        config.hooks.push(Hook::sync(move |c: &Cancelled| {
+            log.lock()
+                .unwrap()
+                .push(format!("{name}{i}:{}", c.reason()));
+        }));
+    }
+    Arc::new(config)
+}
+
+fn scope_with(config: &Arc<Config>) -> Arc<Scope> {
+    Scope::new(
+        Method::GET,
+        Uri::from_static("/x"),
+        Bound::capture(config),
+        None,
+    )
+}
+
+fn scope() -> Arc<Scope> {
+    scope_with(&Arc::new(Config::new()))
+}
+
+fn counter(scope: &Scope) -> Arc<AtomicUsize> {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    scope.on_cancel(Box::new(move |_| {
+        r.fetch_add(1, Ordering::SeqCst);
+    }));
+    runs
+}
+
+#[test]
+fn state_encoding_round_trips() {
+    for reason in [
+        CancelReason::Disconnected,
+        CancelReason::Shutdown,
+        CancelReason::DeadlineExceeded,
+        CancelReason::Explicit,
+    ] {
+        for phase in [Phase::Handler, Phase::Body] {
+            let state = encode(reason, phase);
+            assert!(!is_armed(state) && state != COMPLETED);
+            assert_eq!(decode(state), Some((reason, phase)));
+        }
+    }
+    assert_eq!(decode(ARMED_HANDLER), None);
+    assert_eq!(decode(ARMED_BODY), None);
+    assert_eq!(decode(COMPLETED), None);
+    // The registered flag changes nothing a reader sees.
+    for reason in [CancelReason::Disconnected, CancelReason::Explicit] {
+        for phase in [Phase::Handler, Phase::Body] {
+            let state = encode(reason, phase) | REGISTERED;
+            assert_eq!(decode(state), Some((reason, phase)));
+            assert!(!is_armed(state) && !is_completed(state));
+        }
+    }
+    assert!(is_armed(ARMED_HANDLER | REGISTERED) && is_armed(ARMED_BODY | REGISTERED));
+    assert!(is_completed(COMPLETED | REGISTERED) && !is_armed(COMPLETED | REGISTERED));
+    assert_eq!(decode(COMPLETED | REGISTERED), None);
+}
+
+#[test]
+fn completion_never_cancels() {
+    let scope = scope();
+    let runs = counter(&scope);
+    scope.enter_body();
+    scope.finish();
+    assert_eq!(scope.cancel(CancelReason::Disconnected), None);
+    scope.abandon();
+    assert!(!scope.token().is_cancelled());
+    assert_eq!(scope.reason(), None);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn first_cause_wins_and_callbacks_run_once() {
+    let scope = scope();
+    let runs = counter(&scope);
+    assert_eq!(
+        scope.cancel(CancelReason::Shutdown),
+        Some((CancelReason::Shutdown, Phase::Handler))
+    );
+    assert_eq!(
+        scope.cancel(CancelReason::Disconnected),
+        Some((CancelReason::Shutdown, Phase::Handler))
+    );
+    scope.abandon();
+    scope.finish();
+    assert!(scope.token().is_cancelled());
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn phase_follows_the_response_head() {
+    let scope = scope();
+    scope.enter_body();
+    scope.abandon();
+    assert_eq!(
+        scope.cancellation(),
+        Some((CancelReason::Disconnected, Phase::Body))
+    );
+}
+
+#[test]
+fn registration_after_cancellation_runs_at_once() {
+    let scope = scope();
+    scope.cancel(CancelReason::Disconnected);
+    let seen = Arc::new(Mutex::new(None));
+    let s = seen.clone();
+    scope.on_cancel(Box::new(move |c| {
+        *s.lock().unwrap() = Some((c.reason(), c.phase(), c.uri().clone()));
+    }));
+    assert_eq!(
+        seen.lock().unwrap().take(),
+        Some((
+            CancelReason::Disconnected,
+            Phase::Handler,
+            Uri::from_static("/x")
+        ))
+    );
+}
+
+#[test]
+fn registration_after_completion_is_dropped_and_breaks_cycles() {
+    let scope = scope();
+    // A callback that holds the scope itself: a cycle until the registry drops it.
+    let held = Arc::clone(&scope);
+    scope.on_cancel(Box::new(move |_| drop(held)));
+    assert_eq!(Arc::strong_count(&scope), 2);
+    scope.finish();
+    assert_eq!(
+        Arc::strong_count(&scope),
+        1,
+        "completion drops registrations"
+    );
+
+    let late = Arc::clone(&scope);
+    scope.on_cancel(Box::new(move |_| drop(late)));
+    assert_eq!(Arc::strong_count(&scope), 1, "late registration is dropped");
+}
+
+#[test]
+fn order_is_handler_then_innermost_layer_to_outermost() {
+    let log: Log = Arc::default();
+    let scope = scope_with(&hooks_logging(&log, "outer"));
+    scope.join(Bound::capture(&hooks_logging(&log, "middle")), None);
+    scope.join(Bound::capture(&hooks_logging(&log, "inner")), None);
+    for name in ["h1", "h2"] {
+        let log = log.clone();
+        scope.on_cancel(Box::new(move |c| {
+            log.lock().unwrap().push(format!("{name}:{}", c.reason()));
+        }));
+    }
+    scope.abandon();
+    scope.abandon();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "h1:disconnected",
+            "h2:disconnected",
+            "inner1:disconnected",
+            "inner2:disconnected",
+            "middle1:disconnected",
+            "middle2:disconnected",
+            "outer1:disconnected",
+            "outer2:disconnected",
+        ]
+    );
+}
+
+#[test]
+fn joining_a_cancelled_scope_runs_the_layer_at_once() {
+    let log: Log = Arc::default();
+    let scope = scope();
+    scope.cancel(CancelReason::Shutdown);
+    scope.join(Bound::capture(&hooks_logging(&log, "late")), None);
+    assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
+}
+
+#[test]
+fn token_cancelled_by_application_code_is_explicit() {
+    let scope = scope();
+    let runs = counter(&scope);
+    scope.token().cancel();
+    scope.notice_token();
+    scope.notice_token();
+    scope.abandon();
+    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn token_cancelled_by_the_handler_before_the_end_is_a_handler_phase_cancel() {
+    // Noticed when the head is out (a streaming body follows) or when the request ends.
+    for head_then_body in [false, true] {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.token().cancel();
+        if head_then_body {
+            scope.enter_body();
+        }
+        scope.finish();
+        assert_eq!(
+            scope.cancellation(),
+            Some((CancelReason::Explicit, Phase::Handler))
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[test]
+fn token_cancelled_after_completion_runs_nothing() {
+    let scope = scope();
+    let runs = counter(&scope);
+    scope.finish();
+    scope.token().cancel();
+    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+    assert_eq!(scope.cancellation(), None, "the request had completed");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_others() {
+    let log: Log = Arc::default();
+    let scope = scope_with(&hooks_logging(&log, "layer"));
+    scope.on_cancel(Box::new(|_| panic!("boom")));
+    let l = log.clone();
+    scope.on_cancel(Box::new(move |_| l.lock().unwrap().push("after".into())));
+    scope.abandon();
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["after", "layer1:disconnected", "layer2:disconnected"]
+    );
+}
+
+#[test]
+fn racing_causes_settle_on_exactly_one_outcome() {
+    for round in 0..500 {
+        let scope = scope();
+        let runs = counter(&scope);
+        let late_runs = Arc::new(AtomicUsize::new(0));
+        thread::scope(|s| {
+            s.spawn(|| scope.finish());
+            s.spawn(|| scope.abandon());
+            s.spawn(|| {
+                scope.cancel(CancelReason::Shutdown);
+            });
+            s.spawn(|| {
+                let r = late_runs.clone();
+                scope.on_cancel(Box::new(move |_| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }));
+            });
+            if round % 2 == 0 {
+                s.spawn(|| scope.token().cancel());
+            }
+        });
+        let cancelled = scope.cancellation().is_some();
+        let expected = usize::from(cancelled);
+        assert_eq!(runs.load(Ordering::SeqCst), expected, "round {round}");
+        assert_eq!(late_runs.load(Ordering::SeqCst), expected, "round {round}");
+        if cancelled {
+            assert!(scope.token().is_cancelled());
+        } else if round % 2 == 1 {
+            assert!(
+                !scope.token().is_cancelled(),
+                "completed token stays uncancelled"
+            );
+        }
+    }
+}
+
+fn with_shutdown() -> (Arc<Config>, Shutdown) {
+    let shutdown = Shutdown::new(CancellationToken::new());
+    let mut config = Config::new();
+    config.shutdown = Some(shutdown.clone());
+    (Arc::new(config), shutdown)
+}
+
+fn server(after: Duration) -> Option<TimeLimit> {
+    Some(TimeLimit::server(after))
+}
+
+fn client(after: Duration) -> Option<TimeLimit> {
+    Some(TimeLimit::client(after))
+}
+
+fn limited(config: &Arc<Config>, limit: Option<TimeLimit>) -> Arc<Scope> {
+    Scope::new(
+        Method::GET,
+        Uri::from_static("/x"),
+        Bound::capture(config),
+        limit,
+    )
+}
+
+#[test]
+fn a_joined_layer_can_only_shorten_the_deadline() {
+    let config = Arc::new(Config::new());
+    let scope = limited(&config, server(Duration::from_secs(10)));
+    let start = scope.deadline().unwrap() - Duration::from_secs(10);
+    scope.join(Bound::capture(&config), client(Duration::from_secs(1)));
+    assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
+    scope.join(Bound::capture(&config), server(Duration::from_secs(20)));
+    scope.join(Bound::capture(&config), None);
+    assert_eq!(scope.deadline(), Some(start + Duration::from_secs(1)));
+    assert_eq!(self::scope().deadline(), None);
+    // Absurd limits saturate instead of wrapping.
+    let forever = limited(&config, client(Duration::MAX));
+    assert!(forever.deadline().unwrap() > start + Duration::from_secs(100 * 365 * 86_400));
+}
+
+/// A drop at the deadline, or within its slack before it, is `DeadlineExceeded`: 1 ms for
+/// the server's own limit, 20 ms for a deadline the client chose and enforces itself.
+#[tokio::test(start_paused = true)]
+async fn a_drop_at_the_deadline_is_a_deadline_not_a_disconnect() {
+    let config = Arc::new(Config::new());
+    let ms = Duration::from_millis;
+    let server_early = limited(&config, server(ms(100)));
+    let server_at_slack = limited(&config, server(ms(100)));
+    let client_early = limited(&config, client(ms(100)));
+    let client_at_slack = limited(&config, client(ms(100)));
+    let after = limited(&config, server(ms(100)));
+    let unlimited = limited(&config, None);
+    tokio::time::advance(Duration::from_micros(79_999)).await;
+    client_early.abandon();
+    tokio::time::advance(Duration::from_micros(1)).await; // 80 ms: exactly 20 ms before
+    client_at_slack.abandon();
+    tokio::time::advance(Duration::from_micros(18_999)).await; // 1 ms and 1 µs before
+    server_early.abandon();
+    tokio::time::advance(Duration::from_micros(1)).await; // exactly 1 ms before
+    server_at_slack.abandon();
+    tokio::time::advance(ms(5)).await;
+    after.abandon();
+    unlimited.abandon();
+    let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
+    assert_eq!(reason(&client_early), Some(CancelReason::Disconnected));
+    assert_eq!(
+        reason(&client_at_slack),
+        Some(CancelReason::DeadlineExceeded)
+    );
+    assert_eq!(reason(&server_early), Some(CancelReason::Disconnected));
+    assert_eq!(
+        reason(&server_at_slack),
+        Some(CancelReason::DeadlineExceeded)
+    );
+    assert_eq!(reason(&after), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(reason(&unlimited), Some(CancelReason::Disconnected));
+}
+
+/// With both a server limit and a client deadline, each keeps its own slack: a tie or a
+/// near-tie does not lose the client's.
+#[tokio::test(start_paused = true)]
+async fn mixed_deadlines_keep_the_widest_slack_that_applies() {
+    let config = Arc::new(Config::new());
+    let ms = Duration::from_millis;
+    // The server's layer and a stacked client deadline, equal.
+    let tie = limited(&config, server(ms(100)));
+    tie.join(Bound::capture(&config), client(ms(100)));
+    // The client's deadline half a millisecond after the server's.
+    let near = limited(&config, server(ms(100)));
+    near.join(
+        Bound::capture(&config),
+        client(Duration::from_micros(100_500)),
+    );
+    // A server deadline well before the client's: its own 1 ms slack applies.
+    let server_first = limited(&config, client(ms(200)));
+    server_first.join(Bound::capture(&config), server(ms(100)));
+    tokio::time::advance(ms(85)).await;
+    tie.abandon();
+    near.abandon();
+    server_first.abandon();
+    let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
+    assert_eq!(reason(&tie), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(reason(&near), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(reason(&server_first), Some(CancelReason::Disconnected));
+    assert_eq!(tie.deadline(), near.deadline());
+}
+
+#[test]
+fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
+    let log: Log = Arc::default();
+    let (config, shutdown) = with_shutdown();
+    let armed = scope_with(&config);
+    let runs = counter(&armed);
+    let completed = scope_with(&config);
+    completed.finish();
+    assert_eq!(shutdown.in_flight(), 1, "completion leaves the registry");
+
+    assert_eq!(shutdown.close(), 1);
+    assert_eq!(armed.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(completed.reason(), None);
+
+    let mut late_config = Config::clone(&config);
+    late_config.hooks = hooks_logging(&log, "late").hooks.clone();
+    let late = scope_with(&Arc::new(late_config));
+    assert_eq!(
+        late.cancellation(),
+        Some((CancelReason::Shutdown, Phase::Handler))
+    );
+    assert!(late.token().is_cancelled());
+    assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
+}
+
+#[test]
+fn a_joined_layer_with_a_shutdown_token_cancels_the_outer_scope() {
+    let (config, shutdown) = with_shutdown();
+    let scope = self::scope();
+    let runs = counter(&scope);
+    scope.join(Bound::capture(&config), None);
+    assert_eq!(shutdown.in_flight(), 1);
+    shutdown.close();
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Joining after that layer's shutdown began cancels at once.
+    let scope = self::scope();
+    scope.join(Bound::capture(&config), None);
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+}
+
+#[test]
+fn shutdown_racing_completion_and_drop_settles_once_and_leaves_no_entry() {
+    for round in 0..500 {
+        let (config, shutdown) = with_shutdown();
+        let scopes: Vec<_> = (0..4).map(|_| scope_with(&config)).collect();
+        let runs: Vec<_> = scopes.iter().map(|s| counter(s)).collect();
+        // Odd rounds: no shutdown during the race, so the registry must hold exactly the
+        // one scope still in flight once the others ended concurrently.
+        let racing_shutdown = round % 2 == 0;
+        thread::scope(|s| {
+            if racing_shutdown {
+                s.spawn(|| shutdown.close());
+            }
+            s.spawn(|| scopes[0].finish());
+            s.spawn(|| scopes[1].abandon());
+            s.spawn(|| {
+                scopes[2].enter_body();
+                scopes[2].finish();
+            });
+            // scopes[3] stays in flight: only the shutdown can end it.
+        });
+        if !racing_shutdown {
+            assert_eq!(shutdown.in_flight(), 1, "round {round}");
+            assert_eq!(shutdown.close(), 1, "round {round}");
+        }
+        assert_eq!(
+            scopes[3].reason(),
+            Some(CancelReason::Shutdown),
+            "round {round}"
+        );
+        for (scope, runs) in scopes.iter().zip(&runs) {
+            let expected = usize::from(scope.cancellation().is_some());
+            assert_eq!(runs.load(Ordering::SeqCst), expected, "round {round}");
+        }
+        assert_eq!(shutdown.in_flight(), 0, "round {round}");
+    }
+}
+
+#[test]
+fn a_registration_keeps_the_phase() {
+    let scope = scope();
+    let runs = counter(&scope);
+    scope.enter_body();
+    assert_eq!(
+        scope.cancel(CancelReason::Disconnected),
+        Some((CancelReason::Disconnected, Phase::Body))
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_registration_racing_completion_is_dropped_not_stranded() {
+    for round in 0..2000 {
+        let (config, shutdown) = with_shutdown();
+        let scope = scope();
+        // The registration holds a handle to the scope, as a handler's closure would: if
+        // neither side dropped it, the scope would keep itself alive.
+        let held = Arc::clone(&scope);
+        thread::scope(|s| {
+            s.spawn(|| scope.finish());
+            s.spawn(|| {
+                scope.on_cancel(Box::new(move |_| drop(held)));
+                scope.join(Bound::capture(&config), None);
+            });
+        });
+        assert_eq!(scope.cancellation(), None, "round {round}");
+        assert_eq!(
+            Arc::strong_count(&scope),
+            1,
+            "round {round}: a registration leaked"
+        );
+        assert_eq!(
+            shutdown.in_flight(),
+            0,
+            "round {round}: a joined layer stayed registered"
+        );
+    }
+}
