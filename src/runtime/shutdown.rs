@@ -28,10 +28,19 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::loom::atomic::AtomicBool as ModelledBool;
 use crate::loom::{Mutex, MutexGuard};
-use crate::record::CancelReason;
-use crate::scope::Scope;
 
-/// Where a scope is registered, to remove it when the request ends.
+/// A request in flight, as the registry sees it: something to cancel when the shutdown begins.
+/// The request's scope implements it; the registry holds it weakly, so a request that ended
+/// without deregistering (it cannot: deregistration is part of ending) costs nothing.
+pub(crate) trait InFlight: Send + Sync {
+    /// The shutdown began: cancel the request with `Shutdown`, if it is still armed.
+    fn shut_down(&self);
+}
+
+/// The end of the list of vacant entries.
+const END: usize = usize::MAX;
+
+/// Where a request is registered, to remove it when the request ends.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Slot {
     shard: usize,
@@ -74,8 +83,10 @@ struct Slots {
 }
 
 enum Entry {
-    Occupied(Weak<Scope>),
-    Vacant(Option<usize>),
+    Occupied(Weak<dyn InFlight>),
+    /// The next vacant entry, or [`END`]: a plain `usize`, so that the entry fits in the
+    /// two words of the `Weak` (its non-null pointer tells the variants apart).
+    Vacant(usize),
 }
 
 /// Whether the shutdown began, set by the token itself as it is cancelled.
@@ -159,7 +170,7 @@ impl Shutdown {
 
     /// Adds an in-flight request. Fails once the shutdown has begun: from the moment
     /// `token.cancel()` returned, whether or not the watcher has run yet.
-    pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Slot, Closed> {
+    pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Slot, Closed> {
         // First, even for a refused request: if the watcher's runtime shut down, requests
         // still in flight need a new watcher.
         self.ensure_watcher();
@@ -176,12 +187,12 @@ impl Shutdown {
                 let Entry::Vacant(next) = slots.entries[key] else {
                     unreachable!("the free list only links vacant entries");
                 };
-                slots.free = next;
-                slots.entries[key] = Entry::Occupied(scope);
+                slots.free = (next != END).then_some(next);
+                slots.entries[key] = Entry::Occupied(request);
                 key
             }
             None => {
-                slots.entries.push(Entry::Occupied(scope));
+                slots.entries.push(Entry::Occupied(request));
                 slots.entries.len() - 1
             }
         };
@@ -199,7 +210,7 @@ impl Shutdown {
             matches!(slots.entries[slot.key], Entry::Occupied(_)),
             "a slot deregistered twice"
         );
-        let free = slots.free;
+        let free = slots.free.unwrap_or(END);
         slots.entries[slot.key] = Entry::Vacant(free);
         slots.free = Some(slot.key);
     }
@@ -283,9 +294,9 @@ impl Inner {
                 std::mem::take(&mut slots.entries)
             };
             for entry in entries {
-                if let Entry::Occupied(scope) = entry {
-                    if let Some(scope) = scope.upgrade() {
-                        scope.cancel(CancelReason::Shutdown);
+                if let Entry::Occupied(request) = entry {
+                    if let Some(request) = request.upgrade() {
+                        request.shut_down();
                         cancelled += 1;
                     }
                 }
@@ -361,22 +372,43 @@ impl fmt::Debug for Shutdown {
 mod tests {
     use super::*;
 
+    struct Gone;
+
+    impl InFlight for Gone {
+        fn shut_down(&self) {
+            unreachable!("never upgraded");
+        }
+    }
+
+    fn gone() -> Weak<dyn InFlight> {
+        Weak::<Gone>::new()
+    }
+
+    /// One entry per request in flight: two words, as small as the weak pointer it holds.
+    #[test]
+    fn an_entry_is_two_words() {
+        assert_eq!(
+            std::mem::size_of::<Entry>(),
+            2 * std::mem::size_of::<usize>()
+        );
+    }
+
     #[test]
     fn slots_are_reused_and_closing_refuses_new_ones() {
         let shutdown = Shutdown::new(CancellationToken::new());
-        let a = shutdown.register(Weak::new()).unwrap();
-        let b = shutdown.register(Weak::new()).unwrap();
+        let a = shutdown.register(gone()).unwrap();
+        let b = shutdown.register(gone()).unwrap();
         assert_eq!(shutdown.in_flight(), 2);
         shutdown.deregister(a);
-        let c = shutdown.register(Weak::new()).unwrap();
+        let c = shutdown.register(gone()).unwrap();
         assert_eq!((c.shard, c.key), (a.shard, a.key), "vacant slot reused");
         shutdown.deregister(b);
         shutdown.deregister(c);
         assert_eq!(shutdown.in_flight(), 0);
 
-        let d = shutdown.register(Weak::new()).unwrap();
+        let d = shutdown.register(gone()).unwrap();
         assert_eq!(shutdown.inner.cancel_all(), 0, "dead scopes are skipped");
-        assert!(shutdown.register(Weak::new()).is_err());
+        assert!(shutdown.register(gone()).is_err());
         shutdown.deregister(d);
     }
 }

@@ -18,8 +18,7 @@ use crate::record::Cancelled;
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::hooks::{Hook, contain, contain_async};
-use crate::runtime::shutdown::{Closed, Shutdown, Slot};
-use crate::scope::Scope;
+use crate::runtime::shutdown::{Closed, InFlight, Shutdown, Slot};
 
 /// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
 /// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
@@ -53,9 +52,9 @@ impl Config {
 
     /// Registers `scope` as in flight with this layer's shutdown registry, if it has one.
     /// Fails once the shutdown began: the scope must then be cancelled.
-    pub(crate) fn register(&self, scope: Weak<Scope>) -> Result<Option<Slot>, Closed> {
+    pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Option<Slot>, Closed> {
         match &self.shutdown {
-            Some(shutdown) => shutdown.register(scope).map(Some),
+            Some(shutdown) => shutdown.register(request).map(Some),
             None => Ok(None),
         }
     }

@@ -17,7 +17,7 @@
 //!   in the layer's shutdown registry until it leaves the armed state.
 
 use std::fmt;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
 use http::{Method, Uri};
@@ -30,7 +30,7 @@ use crate::loom::{Mutex, MutexGuard};
 use crate::record::{CancelReason, Cancelled, Phase};
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::hooks::contain;
-use crate::runtime::shutdown::Slot;
+use crate::runtime::shutdown::{InFlight, Slot};
 
 use self::callbacks::{HandlerCallback, Joined, Late, Lists, Registry};
 use self::config::Bound;
@@ -81,8 +81,9 @@ impl Scope {
             None
         };
         let mut shutting_down = false;
-        let scope = Arc::new_cyclic(|this| {
-            let slot = creator.config().register(this.clone()).unwrap_or_else(|_| {
+        let scope = Arc::new_cyclic(|this: &Weak<Self>| {
+            let request: Weak<dyn InFlight> = Weak::<Self>::clone(this);
+            let slot = creator.config().register(request).unwrap_or_else(|_| {
                 shutting_down = true;
                 None
             });
@@ -331,7 +332,7 @@ impl Scope {
             if !registry.closed {
                 let slot = bound
                     .config()
-                    .register(Arc::downgrade(self))
+                    .register(Arc::downgrade(self) as Weak<dyn InFlight>)
                     .unwrap_or_else(|_| {
                         shutting_down = true;
                         None
@@ -431,6 +432,12 @@ impl Scope {
             }
             self.creator.run(&cancelled, self.span());
         });
+    }
+}
+
+impl InFlight for Scope {
+    fn shut_down(&self) {
+        self.cancel(CancelReason::Shutdown);
     }
 }
 
