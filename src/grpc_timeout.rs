@@ -9,6 +9,8 @@ use http::HeaderMap;
 use http::header::HeaderValue;
 use tokio::time::Instant;
 
+use crate::event::TARGET;
+
 /// The header gRPC clients send their deadline in (gRPC over HTTP/2, "Requests").
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -91,7 +93,7 @@ pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Duration> {
         Ok(timeout) => Some(timeout),
         Err(why) => {
             tracing::debug!(
-                target: "tower_cancel",
+                target: TARGET,
                 value = ?value,
                 why = why.as_str(),
                 "ignoring malformed grpc-timeout header",

@@ -112,7 +112,7 @@ impl RequestCancellation {
     /// If application code cancelled the token directly and the layer has not yet noticed,
     /// this records [`CancelReason::Explicit`] and runs the callbacks before returning.
     pub fn reason(&self) -> Option<CancelReason> {
-        self.scope.reason()
+        self.scope.notice_reason()
     }
 
     /// Waits until the request is cancelled and returns why.

@@ -134,6 +134,7 @@
 
 #![forbid(unsafe_code)]
 
+mod event;
 mod grpc_timeout;
 mod handle;
 mod integrations;

@@ -74,6 +74,7 @@ impl fmt::Display for CancelReason {
 /// assert_eq!(Phase::Body.to_string(), "body");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Phase {
     /// The inner service had not yet produced the response head: the handler was running.
     Handler,

@@ -330,6 +330,8 @@ impl Outcome {
             Self::Cancelled(CancelReason::Disconnected, Phase::Body) => "B",
             Self::Cancelled(_, Phase::Handler) => "xH",
             Self::Cancelled(_, Phase::Body) => "xB",
+            // `Phase` is non-exhaustive.
+            Self::Cancelled(..) => "x?",
         }
     }
 }

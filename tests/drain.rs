@@ -129,18 +129,25 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
         if *meta.level() != tracing::Level::WARN || meta.target() != "tower_cancel" {
             return;
         }
-        struct Fields(Vec<String>);
+        #[derive(Default)]
+        struct Fields {
+            status: String,
+            path: String,
+        }
         impl tracing::field::Visit for Fields {
             fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-                if matches!(field.name(), "status" | "path") {
-                    self.0.push(value.to_owned());
+                match field.name() {
+                    "status" => self.status = value.to_owned(),
+                    "path" => self.path = value.to_owned(),
+                    _ => {}
                 }
             }
             fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
         }
-        let mut fields = Fields(Vec::new());
+        let mut fields = Fields::default();
         event.record(&mut fields);
-        self.0.lock().unwrap().push(fields.0.join(" "));
+        let line = format!("{} {}", fields.status, fields.path);
+        self.0.lock().unwrap().push(line);
     }
 }
 

@@ -7,6 +7,7 @@ use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
+use crate::event::TARGET;
 use crate::handle::{MissingCancellationLayer, RequestCancellation};
 
 /// `RequestCancellation` extracts the request's cancellation scope in axum handlers.
@@ -56,7 +57,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for RequestCancellation {
 /// that says which layer to add, and an `error` event on target `tower_cancel`.
 impl IntoResponse for MissingCancellationLayer {
     fn into_response(self) -> Response {
-        tracing::error!(target: "tower_cancel", "{self}");
+        tracing::error!(target: TARGET, "{self}");
         (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
     }
 }

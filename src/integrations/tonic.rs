@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::event::TARGET;
 use crate::handle::MissingCancellationLayer;
 use crate::record::{CancelReason, Cancelled};
 
@@ -90,7 +91,7 @@ impl From<Cancelled> for Status {
 /// ```
 impl From<MissingCancellationLayer> for Status {
     fn from(missing: MissingCancellationLayer) -> Self {
-        tracing::error!(target: "tower_cancel", "{missing}");
+        tracing::error!(target: TARGET, "{missing}");
         Status::internal(missing.to_string())
     }
 }

@@ -26,7 +26,8 @@ use crate::handle::RequestCancellation;
 mod body;
 mod future;
 mod read_ahead;
-#[cfg(test)]
+// Not under loom: these tests run std threads, outside any loom model.
+#[cfg(all(test, not(tower_cancel_loom)))]
 mod tests;
 
 use self::body::Kind;

@@ -5,13 +5,15 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::event::TARGET;
+use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::CancelReason;
 use crate::scope::Scope;
 
@@ -189,10 +191,9 @@ impl<B: Body> ReadAhead<B> {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<B>> {
-        // No user code runs under this lock (the body is polled, and asked for its hints,
-        // checked out of it; frames and errors are moved out before they are dropped), and
-        // the crate's own code under it does not panic: it cannot be poisoned.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        // The body is polled, and asked for its hints, checked out of it; frames and errors
+        // are moved out before they are dropped.
+        lock(&self.state)
     }
 
     pub(crate) fn disconnected(&self) {
@@ -216,7 +217,7 @@ impl<B: Body> ReadAhead<B> {
                     let (held, total) = (budget.held.load(Ordering::Relaxed), budget.total);
                     drop(state);
                     tracing::debug!(
-                        target: "tower_cancel",
+                        target: TARGET,
                         held,
                         total,
                         "read-ahead budget spent: the rest of this request body is not read ahead",

@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::event::request_event;
+use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::Cancelled;
 
 /// Default number of async cleanups that may run at once, per layer.
@@ -90,8 +92,7 @@ impl Limiter {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // No user code runs under this lock.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     pub(crate) fn counts(&self) -> CleanupCounts {
@@ -140,11 +141,9 @@ impl Limiter {
             drop(state);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
             drop(job);
-            tracing::warn!(
-                target: "tower_cancel",
-                reason = %cancelled.reason(),
-                method = %cancelled.method(),
-                path = cancelled.uri().path(),
+            request_event!(
+                warn,
+                cancelled,
                 limit = self.max_running,
                 queue = self.max_queued,
                 refused_total = refused,
@@ -185,12 +184,10 @@ impl Limiter {
             .map(|c| (c, "running"))
             .chain(queued.iter().map(|c| (c, "queued")))
         {
-            tracing::warn!(
-                target: "tower_cancel",
+            request_event!(
+                warn,
+                cancelled,
                 status,
-                reason = %cancelled.reason(),
-                method = %cancelled.method(),
-                path = cancelled.uri().path(),
                 waited = ?timeout,
                 "async cancellation cleanup unfinished when the drain ran out of time",
             );
@@ -291,11 +288,9 @@ impl Limiter {
         drop(dropped);
         for cancelled in &lost {
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(
-                target: "tower_cancel",
-                reason = %cancelled.reason(),
-                method = %cancelled.method(),
-                path = cancelled.uri().path(),
+            request_event!(
+                warn,
+                cancelled,
                 refused_total = refused,
                 "async cancellation cleanup dropped: its runtime shut down before it finished",
             );

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::event::TARGET;
+
 /// How long a request may run, and from when a drop already counts as the deadline's doing.
 ///
 /// Others enforce the same deadline and may drop the request a moment before the layer's
@@ -93,7 +95,7 @@ impl Timer {
                     Err(_) => {
                         self.unavailable = true;
                         tracing::error!(
-                            target: "tower_cancel",
+                            target: TARGET,
                             "no Tokio timer is available (no runtime, or its time driver is \
                              disabled): the request's deadline is not enforced",
                         );

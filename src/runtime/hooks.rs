@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use tracing::{Instrument, Span};
 
+use crate::event::request_event;
 use crate::record::Cancelled;
 
 type SyncHook = dyn Fn(&Cancelled) + Send + Sync;
@@ -57,12 +58,10 @@ fn report_panic(what: &str, cancelled: &Cancelled, payload: &(dyn Any + Send)) {
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("<non-string panic payload>");
-    tracing::error!(
-        target: "tower_cancel",
+    request_event!(
+        error,
+        cancelled,
         panic = message,
-        reason = %cancelled.reason(),
-        method = %cancelled.method(),
-        path = cancelled.uri().path(),
         "{what} panicked; the remaining callbacks still run",
     );
 }

@@ -20,14 +20,15 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::event::TARGET;
 use crate::loom::atomic::AtomicBool as ModelledBool;
-use crate::loom::{Mutex, MutexGuard};
+use crate::loom::{Mutex, MutexGuard, lock};
 
 /// A request in flight, as the registry sees it: something to cancel when the shutdown begins.
 /// The request's scope implements it; the registry holds it weakly, so a request that ended
@@ -137,8 +138,7 @@ fn park(token: &CancellationToken, begun: &Arc<Begun>) -> Pin<Box<WaitForCancell
 
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, Slots> {
-        // No user code runs under this lock.
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.slots)
     }
 }
 
@@ -352,7 +352,7 @@ async fn watch(
     if let Some(inner) = inner.upgrade() {
         let cancelled = inner.cancel_all();
         tracing::debug!(
-            target: "tower_cancel",
+            target: TARGET,
             requests = cancelled,
             "shutdown: cancelled the requests in flight",
         );

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use tokio::runtime::Handle;
 use tracing::Span;
 
+use crate::event::request_event;
 use crate::grpc_timeout;
 use crate::record::Cancelled;
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
@@ -137,11 +138,9 @@ impl Bound {
             None => match Handle::try_current() {
                 Ok(handle) => handle,
                 Err(_) => {
-                    tracing::error!(
-                        target: "tower_cancel",
-                        reason = %cancelled.reason(),
-                        method = %cancelled.method(),
-                        path = cancelled.uri().path(),
+                    request_event!(
+                        error,
+                        cancelled,
                         "no Tokio runtime was reachable to run an async cancellation cleanup; it did not run",
                     );
                     return;

@@ -186,7 +186,7 @@ fn loom_completion_races_the_application_cancelling_the_token() {
             });
             let application = on_thread(&scope, move |scope| {
                 scope.token().cancel();
-                scope.reason()
+                scope.notice_reason()
             });
             register(&scope, &handler, &marker);
             owner.join().unwrap();
@@ -297,7 +297,7 @@ fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
                 scope.cancel(CancelReason::DeadlineExceeded);
             });
             scope.token().cancel();
-            let seen = scope.reason();
+            let seen = scope.notice_reason();
             owner.join().unwrap();
             timer.join().unwrap();
 

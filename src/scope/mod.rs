@@ -17,7 +17,7 @@
 //!   in the layer's shutdown registry until it leaves the armed state.
 
 use std::fmt;
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{Method, Uri};
@@ -25,8 +25,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
+use crate::event::TARGET;
+use crate::event::request_event;
 use crate::loom::atomic::{AtomicU8, AtomicU64, Ordering};
-use crate::loom::{Mutex, MutexGuard};
+use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::{CancelReason, Cancelled, Phase};
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::hooks::contain;
@@ -75,7 +77,7 @@ impl Scope {
         creator: Bound,
         time_limit: Option<TimeLimit>,
     ) -> Arc<Self> {
-        let span = if tracing::enabled!(target: "tower_cancel", tracing::Level::DEBUG) {
+        let span = if tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
             Some(Box::new(Span::current()))
         } else {
             None
@@ -126,8 +128,7 @@ impl Scope {
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
-        // User code never runs under this lock, so poisoning carries no meaning here.
-        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.registry)
     }
 
     /// When the request's deadline passes, if it has one.
@@ -153,8 +154,12 @@ impl Scope {
         decode(self.state.load(Ordering::Acquire))
     }
 
-    /// The reason, noticing a token that application code cancelled directly.
-    pub(crate) fn reason(&self) -> Option<CancelReason> {
+    /// Records, then reports: a token that application code cancelled while the request runs
+    /// is recorded as `Explicit` first (which runs every callback), then the recorded reason is
+    /// returned. For a token cancelled after completion, `Explicit` is reported, not recorded.
+    /// What `RequestCancellation::reason` does; [`cancellation`](Self::cancellation) is the
+    /// pure query.
+    pub(crate) fn notice_reason(&self) -> Option<CancelReason> {
         let state = self.state.load(Ordering::Acquire);
         if let Some((reason, _)) = decode(state) {
             return Some(reason);
@@ -294,7 +299,7 @@ impl Scope {
     /// if the request completes.
     pub(crate) fn on_cancel(&self, callback: HandlerCallback) {
         // A token cancelled by application code must be recorded before deciding.
-        self.reason();
+        self.notice_token();
         let late = {
             let mut registry = self.registry();
             if !registry.closed {
@@ -380,7 +385,7 @@ impl Scope {
     /// has not recorded its own yet), or, for a token that application code cancelled after
     /// the request had completed, `Explicit` in phase `Body` with the time until now.
     pub(crate) fn record(&self) -> Cancelled {
-        let reason = self.reason().unwrap_or(CancelReason::Explicit);
+        let reason = self.notice_reason().unwrap_or(CancelReason::Explicit);
         let elapsed = self.registry().elapsed;
         let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
         match self.cancellation() {
@@ -413,12 +418,10 @@ impl Scope {
         self.token.cancel();
         self.deregister(&joined);
         self.span().in_scope(|| {
-            tracing::debug!(
-                target: "tower_cancel",
-                reason = %reason,
+            request_event!(
+                debug,
+                cancelled,
                 phase = %phase,
-                method = %self.method,
-                path = self.uri.path(),
                 elapsed = ?elapsed,
                 "request cancelled",
             );

@@ -86,7 +86,7 @@ fn completion_never_cancels() {
     assert_eq!(scope.cancel(CancelReason::Disconnected), None);
     scope.abandon();
     assert!(!scope.token().is_cancelled());
-    assert_eq!(scope.reason(), None);
+    assert_eq!(scope.notice_reason(), None);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
@@ -105,7 +105,7 @@ fn first_cause_wins_and_callbacks_run_once() {
     scope.abandon();
     scope.finish();
     assert!(scope.token().is_cancelled());
-    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -204,7 +204,7 @@ fn token_cancelled_by_application_code_is_explicit() {
     scope.notice_token();
     scope.notice_token();
     scope.abandon();
-    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+    assert_eq!(scope.notice_reason(), Some(CancelReason::Explicit));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -233,7 +233,7 @@ fn token_cancelled_after_completion_runs_nothing() {
     let runs = counter(&scope);
     scope.finish();
     scope.token().cancel();
-    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+    assert_eq!(scope.notice_reason(), Some(CancelReason::Explicit));
     assert_eq!(scope.cancellation(), None, "the request had completed");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
@@ -407,9 +407,9 @@ fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
     assert_eq!(shutdown.in_flight(), 1, "completion leaves the registry");
 
     assert_eq!(shutdown.close(), 1);
-    assert_eq!(armed.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(armed.notice_reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(completed.reason(), None);
+    assert_eq!(completed.notice_reason(), None);
 
     let mut late_config = Config::clone(&config);
     late_config.hooks = hooks_logging(&log, "late").hooks.clone();
@@ -430,13 +430,13 @@ fn a_joined_layer_with_a_shutdown_token_cancels_the_outer_scope() {
     scope.join(Bound::capture(&config), None);
     assert_eq!(shutdown.in_flight(), 1);
     shutdown.close();
-    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // Joining after that layer's shutdown began cancels at once.
     let scope = self::scope();
     scope.join(Bound::capture(&config), None);
-    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
 }
 
 #[test]
@@ -465,7 +465,7 @@ fn shutdown_racing_completion_and_drop_settles_once_and_leaves_no_entry() {
             assert_eq!(shutdown.close(), 1, "round {round}");
         }
         assert_eq!(
-            scopes[3].reason(),
+            scopes[3].notice_reason(),
             Some(CancelReason::Shutdown),
             "round {round}"
         );

@@ -11,6 +11,8 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use crate::event::TARGET;
+
 pin_project! {
     /// The handler future of a [`detached`](crate::CancellationLayer::detached) service.
     ///
@@ -44,7 +46,7 @@ where
             },
             Err(_) => {
                 tracing::warn!(
-                    target: "tower_cancel",
+                    target: TARGET,
                     "detached handler called outside a Tokio runtime: it runs inline and \
                      stops if its client leaves",
                 );
