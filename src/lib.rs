@@ -139,6 +139,7 @@ mod grpc_timeout;
 mod handle;
 mod integrations;
 mod loom;
+mod macros;
 mod propagate;
 mod record;
 mod request_body;

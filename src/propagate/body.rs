@@ -86,20 +86,10 @@ mod tests {
     fn inbound() -> RequestCancellation {
         use std::sync::Arc;
 
-        use http::{Method, Uri};
-
         use crate::scope::Scope;
-        use crate::scope::config::Bound;
         use crate::scope::config::Config;
 
-        let config = Arc::new(Config::new());
-        let scope = Scope::new(
-            Method::GET,
-            Uri::from_static("/"),
-            Bound::capture(&config),
-            None,
-        );
-        RequestCancellation::new(scope)
+        RequestCancellation::new(Scope::for_test(&Arc::new(Config::new()), None))
     }
 
     /// A body that has ended is not turned into an error by a later cancellation.

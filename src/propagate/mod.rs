@@ -21,6 +21,7 @@ use tower_service::Service;
 
 use crate::grpc_timeout;
 use crate::handle::RequestCancellation;
+use crate::macros::inner_service_accessors;
 
 mod body;
 mod error;
@@ -129,20 +130,7 @@ pub struct Propagate<S> {
 }
 
 impl<S> Propagate<S> {
-    /// The inner client.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner client, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner client.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Propagate<S>

@@ -22,6 +22,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::handle::RequestCancellation;
+use crate::macros::inner_service_accessors;
 
 mod body;
 mod future;
@@ -202,6 +203,10 @@ pub struct RequestBodyService<S> {
     inner: S,
     read_ahead: usize,
     budget: Arc<Budget>,
+}
+
+impl<S> RequestBodyService<S> {
+    inner_service_accessors!();
 }
 
 impl<S, B> Service<Request<B>> for RequestBodyService<S>

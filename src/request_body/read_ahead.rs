@@ -98,7 +98,7 @@ pub(crate) struct ReadAhead<B: Body> {
 }
 
 /// Where the body is.
-pub(crate) enum Slot<B> {
+pub(crate) enum BodyAt<B> {
     /// In the state, to be checked out by whoever polls it next.
     Here(Pin<Box<B>>),
     /// Checked out: the read-ahead is polling it, outside the lock.
@@ -126,7 +126,7 @@ impl Hints {
 }
 
 pub(crate) struct State<B: Body> {
-    pub(crate) body: Slot<B>,
+    pub(crate) body: BodyAt<B>,
     /// Frames read ahead, not yet handed to the handler, each with its data length.
     pub(crate) frames: VecDeque<(Frame<B::Data>, usize)>,
     /// Data bytes in `frames`, counted in the layer's budget.
@@ -149,7 +149,7 @@ impl<B: Body> State<B> {
         match (&self.end, &self.body) {
             (Some(None), _) => true,
             // An error, or the panic, is still to be reported.
-            (Some(Some(_)), _) | (None, Slot::Lost) => false,
+            (Some(Some(_)), _) | (None, BodyAt::Lost) => false,
             (None, _) => self.hints.end,
         }
     }
@@ -177,7 +177,7 @@ impl<B: Body> ReadAhead<B> {
         let hints = Hints::of(&body);
         Self {
             state: Mutex::new(State {
-                body: Slot::Here(Box::pin(body)),
+                body: BodyAt::Here(Box::pin(body)),
                 frames: VecDeque::new(),
                 held: Held::new(budget),
                 end: None,
@@ -224,8 +224,8 @@ impl<B: Body> ReadAhead<B> {
                     );
                     return false;
                 }
-                match mem::replace(&mut state.body, Slot::Out) {
-                    Slot::Here(body) => body,
+                match mem::replace(&mut state.body, BodyAt::Out) {
+                    BodyAt::Here(body) => body,
                     // Lost: an earlier read-ahead panicked. (`Out` and `Handler` need the
                     // handler to have polled, and then `handler_started` is set.)
                     other => {
@@ -309,11 +309,11 @@ impl<B: Body> ReadAhead<B> {
             state.end = Some(None);
             return Some(ForHandler::Poll(Poll::Ready(end.map(Err))));
         }
-        match mem::replace(&mut state.body, Slot::Handler) {
-            Slot::Here(body) => Some(ForHandler::Body(body)),
-            Slot::Out => {
+        match mem::replace(&mut state.body, BodyAt::Handler) {
+            BodyAt::Here(body) => Some(ForHandler::Body(body)),
+            BodyAt::Out => {
                 // The read-ahead is polling it: whoever puts it back wakes the handler.
-                state.body = Slot::Out;
+                state.body = BodyAt::Out;
                 // `will_wake` only compares pointers.
                 if state
                     .handler_waker
@@ -328,12 +328,12 @@ impl<B: Body> ReadAhead<B> {
                 drop(old);
                 Some(ForHandler::Poll(Poll::Pending))
             }
-            Slot::Lost => {
-                state.body = Slot::Lost;
+            BodyAt::Lost => {
+                state.body = BodyAt::Lost;
                 drop(state);
                 panic!("{LOST}");
             }
-            Slot::Handler => {
+            BodyAt::Handler => {
                 drop(state);
                 unreachable!("the handler polled the read-ahead for a body it had taken over")
             }
@@ -369,7 +369,7 @@ impl<B: Body> CheckedOut<'_, B> {
     /// handler waiting for it, to be woken once the lock is released.
     pub(crate) fn put_back(mut self, state: &mut State<B>, hints: Hints) -> Option<Waker> {
         if let Some(body) = self.body.take() {
-            state.body = Slot::Here(body);
+            state.body = BodyAt::Here(body);
         }
         state.hints = hints;
         state.handler_waker.take()
@@ -383,7 +383,7 @@ impl<B: Body> Drop for CheckedOut<'_, B> {
         };
         let waker = {
             let mut state = self.shared.lock();
-            state.body = Slot::Lost;
+            state.body = BodyAt::Lost;
             state.handler_waker.take()
         };
         drop(body);

@@ -77,12 +77,12 @@ enum Step {
 }
 
 /// What a script's `Reenter` step calls, set once the handler's body exists.
-type Hook = Rc<RefCell<Option<Box<dyn Fn()>>>>;
+type Callback = Rc<RefCell<Option<Box<dyn Fn()>>>>;
 
 /// A body that plays a script. Its hints are exact: the data still in the script.
 struct Script {
     steps: VecDeque<Step>,
-    reenter: Hook,
+    reenter: Callback,
 }
 
 impl Body for Script {

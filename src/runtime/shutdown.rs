@@ -43,7 +43,7 @@ const END: usize = usize::MAX;
 
 /// Where a request is registered, to remove it when the request ends.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Slot {
+pub(crate) struct Registration {
     shard: usize,
     key: usize,
 }
@@ -68,14 +68,14 @@ struct Inner {
     shards: Box<[Shard]>,
 }
 
-/// One lock and its slots, alone on its cache lines (128 bytes covers adjacent-line prefetch).
+/// One lock and its table of entries, alone on its cache lines (128 bytes covers adjacent-line prefetch).
 #[repr(align(128))]
 struct Shard {
-    slots: Mutex<Slots>,
+    table: Mutex<Table>,
 }
 
 #[derive(Default)]
-struct Slots {
+struct Table {
     /// Set by the watcher: scopes are no longer accepted.
     closed: bool,
     entries: Vec<Entry>,
@@ -137,8 +137,8 @@ fn park(token: &CancellationToken, begun: &Arc<Begun>) -> Pin<Box<WaitForCancell
 }
 
 impl Shard {
-    fn lock(&self) -> MutexGuard<'_, Slots> {
-        lock(&self.slots)
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        lock(&self.table)
     }
 }
 
@@ -161,7 +161,7 @@ impl Shutdown {
                 dropped: CancellationToken::new(),
                 shards: (0..shards)
                     .map(|_| Shard {
-                        slots: Mutex::new(Slots::default()),
+                        table: Mutex::new(Table::default()),
                     })
                     .collect(),
             }),
@@ -170,7 +170,7 @@ impl Shutdown {
 
     /// Adds an in-flight request. Fails once the shutdown has begun: from the moment
     /// `token.cancel()` returned, whether or not the watcher has run yet.
-    pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Slot, Closed> {
+    pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Registration, Closed> {
         // First, even for a refused request: if the watcher's runtime shut down, requests
         // still in flight need a new watcher.
         self.ensure_watcher();
@@ -178,41 +178,41 @@ impl Shutdown {
             return Err(Closed);
         }
         let shard = self.inner.home_shard();
-        let mut slots = self.inner.shards[shard].lock();
-        if slots.closed {
+        let mut table = self.inner.shards[shard].lock();
+        if table.closed {
             return Err(Closed);
         }
-        let key = match slots.free {
+        let key = match table.free {
             Some(key) => {
-                let Entry::Vacant(next) = slots.entries[key] else {
+                let Entry::Vacant(next) = table.entries[key] else {
                     unreachable!("the free list only links vacant entries");
                 };
-                slots.free = (next != END).then_some(next);
-                slots.entries[key] = Entry::Occupied(request);
+                table.free = (next != END).then_some(next);
+                table.entries[key] = Entry::Occupied(request);
                 key
             }
             None => {
-                slots.entries.push(Entry::Occupied(request));
-                slots.entries.len() - 1
+                table.entries.push(Entry::Occupied(request));
+                table.entries.len() - 1
             }
         };
-        Ok(Slot { shard, key })
+        Ok(Registration { shard, key })
     }
 
     /// Removes a request that ended. Called exactly once per successful `register`.
-    pub(crate) fn deregister(&self, slot: Slot) {
-        let mut slots = self.inner.shards[slot.shard].lock();
-        if slots.closed {
+    pub(crate) fn deregister(&self, registration: Registration) {
+        let mut table = self.inner.shards[registration.shard].lock();
+        if table.closed {
             // The watcher took every entry already.
             return;
         }
         debug_assert!(
-            matches!(slots.entries[slot.key], Entry::Occupied(_)),
-            "a slot deregistered twice"
+            matches!(table.entries[registration.key], Entry::Occupied(_)),
+            "a registration removed twice"
         );
-        let free = slots.free.unwrap_or(END);
-        slots.entries[slot.key] = Entry::Vacant(free);
-        slots.free = Some(slot.key);
+        let free = table.free.unwrap_or(END);
+        table.entries[registration.key] = Entry::Vacant(free);
+        table.free = Some(registration.key);
     }
 
     /// Spawns the watcher on the current runtime the first time a request is seen, and again
@@ -288,10 +288,10 @@ impl Inner {
         let mut cancelled = 0;
         for shard in &self.shards {
             let entries = {
-                let mut slots = shard.lock();
-                slots.closed = true;
-                slots.free = None;
-                std::mem::take(&mut slots.entries)
+                let mut table = shard.lock();
+                table.closed = true;
+                table.free = None;
+                std::mem::take(&mut table.entries)
             };
             for entry in entries {
                 if let Entry::Occupied(request) = entry {
@@ -401,7 +401,7 @@ mod tests {
         assert_eq!(shutdown.in_flight(), 2);
         shutdown.deregister(a);
         let c = shutdown.register(gone()).unwrap();
-        assert_eq!((c.shard, c.key), (a.shard, a.key), "vacant slot reused");
+        assert_eq!((c.shard, c.key), (a.shard, a.key), "vacant entry reused");
         shutdown.deregister(b);
         shutdown.deregister(c);
         assert_eq!(shutdown.in_flight(), 0);

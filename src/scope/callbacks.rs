@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use crate::record::Cancelled;
-use crate::runtime::shutdown::Slot;
+use crate::runtime::shutdown::Registration;
 use crate::scope::config::Bound;
 
 pub(crate) type HandlerCallback = Box<dyn FnOnce(&Cancelled) + Send>;
 
 #[derive(Default)]
-pub(super) struct Registry {
+pub(super) struct Callbacks {
     /// Set once the scope left the armed state and the lists were drained.
     pub(super) closed: bool,
     /// `Some` once cancelled: the time from start to cancellation, for late registrations.
@@ -28,7 +28,7 @@ pub(super) struct Lists {
     pub(super) joined: Vec<Joined>,
 }
 
-impl Registry {
+impl Callbacks {
     pub(super) fn lists(&mut self) -> &mut Lists {
         self.lists.get_or_insert_with(Box::default)
     }
@@ -43,7 +43,7 @@ impl Registry {
 /// A deeper layer that joined the scope, and its shutdown registration if it has a token.
 pub(super) struct Joined {
     pub(super) bound: Bound,
-    pub(super) slot: Option<Slot>,
+    pub(super) registration: Option<Registration>,
 }
 
 /// What a late registration finds.

@@ -16,10 +16,10 @@ use tracing::Span;
 use crate::event::request_event;
 use crate::grpc_timeout;
 use crate::record::Cancelled;
+use crate::runtime::callback::{Callback, contain, contain_async};
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::runtime::deadline::TimeLimit;
-use crate::runtime::hooks::{Hook, contain, contain_async};
-use crate::runtime::shutdown::{Closed, InFlight, Shutdown, Slot};
+use crate::runtime::shutdown::{Closed, InFlight, Registration, Shutdown};
 
 /// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
 /// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
@@ -29,7 +29,7 @@ use crate::runtime::shutdown::{Closed, InFlight, Shutdown, Slot};
 #[repr(align(128))]
 pub(crate) struct Config {
     /// The layer's callbacks, in the order they were added.
-    pub(crate) hooks: Vec<Hook>,
+    pub(crate) callbacks: Vec<Callback>,
     pub(crate) has_async: bool,
     pub(crate) tracker: TaskTracker,
     pub(crate) limiter: Arc<Limiter>,
@@ -41,7 +41,7 @@ pub(crate) struct Config {
 impl Config {
     pub(crate) fn new() -> Self {
         Self {
-            hooks: Vec::new(),
+            callbacks: Vec::new(),
             has_async: false,
             tracker: TaskTracker::new(),
             limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
@@ -53,7 +53,10 @@ impl Config {
 
     /// Registers `scope` as in flight with this layer's shutdown registry, if it has one.
     /// Fails once the shutdown began: the scope must then be cancelled.
-    pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Option<Slot>, Closed> {
+    pub(crate) fn register(
+        &self,
+        request: Weak<dyn InFlight>,
+    ) -> Result<Option<Registration>, Closed> {
         match &self.shutdown {
             Some(shutdown) => shutdown.register(request).map(Some),
             None => Ok(None),
@@ -61,9 +64,9 @@ impl Config {
     }
 
     /// Undoes a successful [`register`](Self::register).
-    pub(crate) fn deregister(&self, slot: Option<Slot>) {
-        if let (Some(slot), Some(shutdown)) = (slot, &self.shutdown) {
-            shutdown.deregister(slot);
+    pub(crate) fn deregister(&self, registration: Option<Registration>) {
+        if let (Some(registration), Some(shutdown)) = (registration, &self.shutdown) {
+            shutdown.deregister(registration);
         }
     }
 
@@ -110,12 +113,12 @@ impl Bound {
 
     /// Runs every callback of the layer, in order, once.
     pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span) {
-        for hook in &self.config.hooks {
-            match hook {
-                Hook::Sync(f) => {
+        for callback in &self.config.callbacks {
+            match callback {
+                Callback::Sync(f) => {
                     contain("on_cancel callback", cancelled, || f(cancelled));
                 }
-                Hook::Async(f) => {
+                Callback::Async(f) => {
                     let Some(future) = contain("on_cancel_async callback", cancelled, || {
                         f(cancelled.clone())
                     }) else {

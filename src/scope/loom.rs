@@ -5,7 +5,7 @@
 //! Run with
 //! `RUSTFLAGS="--cfg tower_cancel_loom -C debug-assertions" cargo test --release --lib loom`
 //! (a separate target directory keeps the normal build: `CARGO_TARGET_DIR=target/loom`; debug
-//! assertions on, so that a shutdown slot deregistered twice fails).
+//! assertions on, so that a shutdown registration removed twice fails).
 //! `LOOM_MAX_PREEMPTIONS` bounds the search. The cfg is the crate's own rather than
 //! `loom`: under `--cfg loom`, Tokio leaves out `tokio::net`, which hyper-util needs.
 //!
@@ -27,8 +27,8 @@ use loom::thread;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::{CancelReason, Cancelled};
+use crate::runtime::callback::Callback;
 use crate::runtime::deadline::TimeLimit;
-use crate::runtime::hooks::Hook;
 use crate::runtime::shutdown::Shutdown;
 use crate::scope::Scope;
 use crate::scope::config::Bound;
@@ -80,19 +80,14 @@ fn config(runs: &Runs, shutdown: Option<&Shutdown>) -> Arc<Config> {
     let mut config = Config::new();
     let runs = runs.clone();
     config
-        .hooks
-        .push(Hook::sync(move |_: &Cancelled| runs.hit()));
+        .callbacks
+        .push(Callback::sync(move |_: &Cancelled| runs.hit()));
     config.shutdown = shutdown.cloned();
     Arc::new(config)
 }
 
 fn scope(config: &Arc<Config>) -> Arc<Scope> {
-    Scope::new(
-        Method::GET,
-        Uri::from_static("/loom"),
-        Bound::capture(config),
-        None,
-    )
+    Scope::for_test(config, None)
 }
 
 /// Registers a handler callback counting into `runs` and holding `marker`, as a handler's

@@ -6,7 +6,7 @@
 //! * `state` is the single source of truth. Every transition out of an armed state is a
 //!   compare-and-swap, so exactly one of "complete" and "cancel(reason)" wins, whatever races.
 //!   A cancelled state encodes its reason and phase, so nothing else needs to be published.
-//! * `registry` holds what runs on cancellation besides the creating layer's callbacks: the
+//! * `callbacks` holds what runs on cancellation besides the creating layer's callbacks: the
 //!   handler's registrations and the callbacks of layers deeper in the stack that joined. It is
 //!   drained exactly once, by whoever moves the scope out of the armed state; after that,
 //!   registrations run at once (cancelled) or are dropped (completed).
@@ -30,11 +30,11 @@ use crate::event::request_event;
 use crate::loom::atomic::{AtomicU8, AtomicU64, Ordering};
 use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::{CancelReason, Cancelled, Phase};
+use crate::runtime::callback::contain;
 use crate::runtime::deadline::TimeLimit;
-use crate::runtime::hooks::contain;
-use crate::runtime::shutdown::{InFlight, Slot};
+use crate::runtime::shutdown::{InFlight, Registration};
 
-use self::callbacks::{HandlerCallback, Joined, Late, Lists, Registry};
+use self::callbacks::{Callbacks, HandlerCallback, Joined, Late, Lists};
 use self::config::Bound;
 use self::state::{
     ARMED_BODY, ARMED_HANDLER, COMPLETED, NO_DEADLINE, REGISTERED, decode, encode, is_armed,
@@ -64,8 +64,8 @@ pub(crate) struct Scope {
     /// The configuration of the layer that created the scope (the outermost one).
     creator: Bound,
     /// Where the creator's shutdown registry holds this scope.
-    slot: Option<Slot>,
-    registry: Mutex<Registry>,
+    registration: Option<Registration>,
+    callbacks: Mutex<Callbacks>,
 }
 
 impl Scope {
@@ -85,7 +85,7 @@ impl Scope {
         let mut shutting_down = false;
         let scope = Arc::new_cyclic(|this: &Weak<Self>| {
             let request: Weak<dyn InFlight> = Weak::<Self>::clone(this);
-            let slot = creator.config().register(request).unwrap_or_else(|_| {
+            let registration = creator.config().register(request).unwrap_or_else(|_| {
                 shutting_down = true;
                 None
             });
@@ -101,8 +101,8 @@ impl Scope {
                 ),
                 span,
                 creator,
-                slot,
-                registry: Mutex::new(Registry::default()),
+                registration,
+                callbacks: Mutex::new(Callbacks::default()),
             }
         });
         #[cfg(debug_assertions)]
@@ -127,8 +127,8 @@ impl Scope {
         &self.method
     }
 
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        lock(&self.registry)
+    fn callbacks(&self) -> MutexGuard<'_, Callbacks> {
+        lock(&self.callbacks)
     }
 
     /// When the request's deadline passes, if it has one.
@@ -217,9 +217,9 @@ impl Scope {
     /// The request reached its end. A token that application code cancelled meanwhile makes it
     /// an `Explicit` cancellation instead.
     ///
-    /// Completion leaves the registry alone unless something was registered: the common
+    /// Completion leaves the callbacks alone unless something was registered: the common
     /// request takes no lock. Registering sets `REGISTERED` in the state after adding to the
-    /// registry, and reads the state it replaced; completion replaces the state and reads
+    /// callbacks, and reads the state it replaced; completion replaces the state and reads
     /// whether it carried `REGISTERED`. Both are read-modify-writes of the same atomic, so one
     /// comes first: either completion sees the flag, or the registration sees the completion,
     /// and that side drops the registrations (both doing it is harmless).
@@ -237,7 +237,7 @@ impl Scope {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.creator.config().deregister(self.slot);
+                    self.creator.config().deregister(self.registration);
                     if current & REGISTERED != 0 {
                         self.drop_registrations();
                     }
@@ -252,14 +252,14 @@ impl Scope {
     /// shutdown registries. They will never run, and a closure holding a handle to this scope would
     /// otherwise keep it alive.
     fn drop_registrations(&self) {
-        let Lists { handler, joined } = self.registry().close();
+        let Lists { handler, joined } = self.callbacks().close();
         for layer in &joined {
-            layer.bound.config().deregister(layer.slot);
+            layer.bound.config().deregister(layer.registration);
         }
         drop((handler, joined));
     }
 
-    /// Called after adding to the registry: flags the state, and returns whether the request
+    /// Called after adding to the callbacks: flags the state, and returns whether the request
     /// had completed meanwhile, in which case its `finish` may not have seen the addition and
     /// the caller must drop the registrations (see [`Scope::finish`]).
     fn flag_registered(&self) -> bool {
@@ -301,17 +301,17 @@ impl Scope {
         // A token cancelled by application code must be recorded before deciding.
         self.notice_token();
         let late = {
-            let mut registry = self.registry();
-            if !registry.closed {
-                registry.lists().handler.push(callback);
+            let mut callbacks = self.callbacks();
+            if !callbacks.closed {
+                callbacks.lists().handler.push(callback);
                 let completed = self.flag_registered();
-                drop(registry);
+                drop(callbacks);
                 if completed {
                     self.drop_registrations();
                 }
                 return;
             }
-            self.late(&registry)
+            self.late(&callbacks)
         };
         if let Late::Cancelled(cancelled) = late {
             self.span().in_scope(|| {
@@ -333,20 +333,23 @@ impl Scope {
         let mut shutting_down = false;
         let mut completed = false;
         let late = {
-            let mut registry = self.registry();
-            if !registry.closed {
-                let slot = bound
+            let mut callbacks = self.callbacks();
+            if !callbacks.closed {
+                let registration = bound
                     .config()
                     .register(Arc::downgrade(self) as Weak<dyn InFlight>)
                     .unwrap_or_else(|_| {
                         shutting_down = true;
                         None
                     });
-                registry.lists().joined.push(Joined { bound, slot });
+                callbacks.lists().joined.push(Joined {
+                    bound,
+                    registration,
+                });
                 completed = self.flag_registered();
                 None
             } else {
-                Some((self.late(&registry), bound))
+                Some((self.late(&callbacks), bound))
             }
         };
         match late {
@@ -365,14 +368,14 @@ impl Scope {
 
     /// Leaves the shutdown registries: the scope is no longer armed.
     fn deregister(&self, joined: &[Joined]) {
-        self.creator.config().deregister(self.slot);
+        self.creator.config().deregister(self.registration);
         for layer in joined {
-            layer.bound.config().deregister(layer.slot);
+            layer.bound.config().deregister(layer.registration);
         }
     }
 
-    fn late(&self, registry: &Registry) -> Late {
-        match (registry.elapsed, self.cancellation()) {
+    fn late(&self, callbacks: &Callbacks) -> Late {
+        match (callbacks.elapsed, self.cancellation()) {
             (Some(elapsed), Some((reason, phase))) => {
                 Late::Cancelled(self.cancelled(reason, phase, elapsed))
             }
@@ -386,7 +389,7 @@ impl Scope {
     /// the request had completed, `Explicit` in phase `Body` with the time until now.
     pub(crate) fn record(&self) -> Cancelled {
         let reason = self.notice_reason().unwrap_or(CancelReason::Explicit);
-        let elapsed = self.registry().elapsed;
+        let elapsed = self.callbacks().elapsed;
         let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
         match self.cancellation() {
             Some((reason, phase)) => self.cancelled(reason, phase, elapsed),
@@ -409,9 +412,9 @@ impl Scope {
         let elapsed = self.started.elapsed();
         let cancelled = self.cancelled(reason, phase, elapsed);
         let Lists { handler, joined } = {
-            let mut registry = self.registry();
-            registry.elapsed = Some(elapsed);
-            registry.close()
+            let mut callbacks = self.callbacks();
+            callbacks.elapsed = Some(elapsed);
+            callbacks.close()
         };
         // After the elapsed time is recorded: whoever wakes on the token finds the whole
         // record (see `record`).
@@ -435,6 +438,19 @@ impl Scope {
             }
             self.creator.run(&cancelled, self.span());
         });
+    }
+}
+
+/// The scope of a test request, `GET /test`, for the unit tests and the loom models.
+#[cfg(test)]
+impl Scope {
+    pub(crate) fn for_test(config: &Arc<config::Config>, limit: Option<TimeLimit>) -> Arc<Self> {
+        Self::new(
+            Method::GET,
+            Uri::from_static("/test"),
+            Bound::capture(config),
+            limit,
+        )
     }
 }
 

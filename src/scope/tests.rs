@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use super::*;
-use crate::runtime::hooks::Hook;
+use crate::runtime::callback::Callback;
 use crate::runtime::shutdown::Shutdown;
 use crate::scope::config::Config;
 
@@ -16,7 +16,7 @@ fn hooks_logging(log: &Log, name: &'static str) -> Arc<Config> {
     let mut config = Config::new();
     for i in 1..=2 {
         let log = log.clone();
-        config.hooks.push(Hook::sync(move |c: &Cancelled| {
+        config.callbacks.push(Callback::sync(move |c: &Cancelled| {
             log.lock()
                 .unwrap()
                 .push(format!("{name}{i}:{}", c.reason()));
@@ -26,12 +26,7 @@ fn hooks_logging(log: &Log, name: &'static str) -> Arc<Config> {
 }
 
 fn scope_with(config: &Arc<Config>) -> Arc<Scope> {
-    Scope::new(
-        Method::GET,
-        Uri::from_static("/x"),
-        Bound::capture(config),
-        None,
-    )
+    Scope::for_test(config, None)
 }
 
 fn scope() -> Arc<Scope> {
@@ -134,7 +129,7 @@ fn registration_after_cancellation_runs_at_once() {
         Some((
             CancelReason::Disconnected,
             Phase::Handler,
-            Uri::from_static("/x")
+            Uri::from_static("/test")
         ))
     );
 }
@@ -142,7 +137,7 @@ fn registration_after_cancellation_runs_at_once() {
 #[test]
 fn registration_after_completion_is_dropped_and_breaks_cycles() {
     let scope = scope();
-    // A callback that holds the scope itself: a cycle until the registry drops it.
+    // A callback that holds the scope itself: a cycle until the callbacks are dropped.
     let held = Arc::clone(&scope);
     scope.on_cancel(Box::new(move |_| drop(held)));
     assert_eq!(Arc::strong_count(&scope), 2);
@@ -305,12 +300,7 @@ fn client(after: Duration) -> Option<TimeLimit> {
 }
 
 fn limited(config: &Arc<Config>, limit: Option<TimeLimit>) -> Arc<Scope> {
-    Scope::new(
-        Method::GET,
-        Uri::from_static("/x"),
-        Bound::capture(config),
-        limit,
-    )
+    Scope::for_test(config, limit)
 }
 
 #[test]
@@ -412,7 +402,7 @@ fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
     assert_eq!(completed.notice_reason(), None);
 
     let mut late_config = Config::clone(&config);
-    late_config.hooks = hooks_logging(&log, "late").hooks.clone();
+    late_config.callbacks = hooks_logging(&log, "late").callbacks.clone();
     let late = scope_with(&Arc::new(late_config));
     assert_eq!(
         late.cancellation(),

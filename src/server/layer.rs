@@ -11,8 +11,8 @@ use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use crate::record::Cancelled;
+use crate::runtime::callback::Callback;
 use crate::runtime::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
-use crate::runtime::hooks::Hook;
 use crate::runtime::shutdown::Shutdown;
 use crate::scope::config::Config;
 use crate::server::service::{Attached, CancellationService, Detached};
@@ -121,7 +121,7 @@ impl<M> CancellationLayer<M> {
     where
         F: Fn(&Cancelled) + Send + Sync + 'static,
     {
-        self.configure(|config| config.hooks.push(Hook::sync(callback)))
+        self.configure(|config| config.callbacks.push(Callback::sync(callback)))
     }
 
     /// Adds an asynchronous cleanup, spawned once for every cancelled request.
@@ -138,7 +138,7 @@ impl<M> CancellationLayer<M> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.configure(|config| {
-            config.hooks.push(Hook::asynchronous(cleanup));
+            config.callbacks.push(Callback::asynchronous(cleanup));
             config.has_async = true;
         })
     }
@@ -307,7 +307,7 @@ impl<M> fmt::Debug for CancellationLayer<M> {
         let config = &self.config;
         f.debug_struct("CancellationLayer")
             .field("mode", &std::any::type_name::<M>())
-            .field("callbacks", &config.hooks.len())
+            .field("callbacks", &config.callbacks.len())
             .field("tracker", &config.tracker)
             .field("cleanups", &config.limiter)
             .field("shutdown", &config.shutdown)

@@ -10,6 +10,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::handle::RequestCancellation;
+use crate::macros::inner_service_accessors;
 use crate::scope::Scope;
 use crate::scope::config::Bound;
 use crate::scope::config::Config;
@@ -88,20 +89,7 @@ impl<S, M> CancellationService<S, M> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 
     /// Creates or joins the request's scope and fills the extensions. The guard is armed
     /// only if this service created the scope.
@@ -140,7 +128,7 @@ impl<S: fmt::Debug, M> fmt::Debug for CancellationService<S, M> {
         f.debug_struct("CancellationService")
             .field("inner", &self.inner)
             .field("mode", &std::any::type_name::<M>())
-            .field("callbacks", &self.config.hooks.len())
+            .field("callbacks", &self.config.callbacks.len())
             .finish()
     }
 }

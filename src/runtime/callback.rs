@@ -14,17 +14,17 @@ use tracing::{Instrument, Span};
 use crate::event::request_event;
 use crate::record::Cancelled;
 
-type SyncHook = dyn Fn(&Cancelled) + Send + Sync;
-type AsyncHook = dyn Fn(Cancelled) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
+type SyncCallback = dyn Fn(&Cancelled) + Send + Sync;
+type AsyncCallback = dyn Fn(Cancelled) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
 
 /// One callback registered on a layer.
 #[derive(Clone)]
-pub(crate) enum Hook {
-    Sync(Arc<SyncHook>),
-    Async(Arc<AsyncHook>),
+pub(crate) enum Callback {
+    Sync(Arc<SyncCallback>),
+    Async(Arc<AsyncCallback>),
 }
 
-impl Hook {
+impl Callback {
     pub(crate) fn sync<F>(f: F) -> Self
     where
         F: Fn(&Cancelled) + Send + Sync + 'static,
