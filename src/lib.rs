@@ -140,22 +140,19 @@ mod handle;
 mod integrations;
 mod loom;
 mod macros;
-mod propagate;
+pub mod propagate;
 mod record;
-mod request_body;
+pub mod request_body;
 mod runtime;
 mod scope;
-mod server;
+pub mod server;
 
 pub use handle::{MissingCancellationLayer, RequestCancellation};
-pub use propagate::{InboundCancelled, Propagate, PropagateBody, PropagateFuture, PropagateLayer};
+pub use propagate::{InboundCancelled, PropagateLayer};
 pub use record::{CancelReason, Cancelled, Phase};
-pub use request_body::{RequestBody, RequestBodyFuture, RequestBodyLayer, RequestBodyService};
+pub use request_body::{RequestBody, RequestBodyLayer};
 pub use runtime::cleanup::{CleanupCounts, CleanupsOverran};
-pub use server::{
-    Attached, CancellableBody, CancellationLayer, CancellationService, Detach, Detached,
-    ResponseFuture,
-};
+pub use server::{CancellationLayer, Detached};
 
 /// The number of request scopes alive in this process, in debug builds only: a leak check for
 /// tests (every request's scope is freed once its future, body and handles are gone). Not part
@@ -189,12 +186,12 @@ fn _assert_traits() {
     fn send<T: Send>() {}
     send_sync_clone::<CancellationLayer>();
     send_sync_clone::<CancellationLayer<Detached>>();
-    send_sync_clone::<CancellationService<tower_layer::Identity, Detached>>();
-    send::<ResponseFuture<Detach<std::future::Ready<()>>>>();
+    send_sync_clone::<server::CancellationService<tower_layer::Identity, Detached>>();
+    send::<server::CancellationFuture<server::DetachedFuture<std::future::Ready<()>>>>();
     send_sync_clone::<CleanupCounts>();
     send_sync_clone::<RequestCancellation>();
     send_sync_clone::<Cancelled>();
-    send_sync_clone::<CancellationService<tower_layer::Identity>>();
-    send::<ResponseFuture<std::future::Ready<()>>>();
-    send::<CancellableBody<String>>();
+    send_sync_clone::<server::CancellationService<tower_layer::Identity>>();
+    send::<server::CancellationFuture<std::future::Ready<()>>>();
+    send::<server::CancellationBody<String>>();
 }

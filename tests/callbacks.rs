@@ -74,11 +74,11 @@ async fn a_token_cancelled_by_other_code_is_noticed_by_the_handle() {
 }
 
 trait LayerExt {
-    fn layer_svc<S>(&self, inner: S) -> tower_cancel::CancellationService<S>;
+    fn layer_svc<S>(&self, inner: S) -> tower_cancel::server::CancellationService<S>;
 }
 
 impl LayerExt for CancellationLayer {
-    fn layer_svc<S>(&self, inner: S) -> tower_cancel::CancellationService<S> {
+    fn layer_svc<S>(&self, inner: S) -> tower_cancel::server::CancellationService<S> {
         tower::Layer::layer(self, inner)
     }
 }

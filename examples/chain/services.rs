@@ -31,8 +31,9 @@ use tonic::Status;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_cancel::propagate::PropagateService;
 use tower_cancel::{
-    CancellationLayer, Cancelled, InboundCancelled, Propagate, PropagateLayer, RequestCancellation,
+    CancellationLayer, Cancelled, InboundCancelled, PropagateLayer, RequestCancellation,
 };
 
 use crate::reports::reports_client::ReportsClient;
@@ -173,7 +174,7 @@ impl Reports for B {
         cancel.on_cancel(move |_| t.record("B: handler cleanup ran"));
 
         // The call to C carries this call's cancellation and deadline.
-        let mut c: Propagate<CClient> =
+        let mut c: PropagateService<CClient> =
             PropagateLayer::from_inbound(cancel).layer(self.client.clone());
         let call = Request::get(format!("http://{}/work", self.c))
             .body(Empty::new())
@@ -290,7 +291,7 @@ pub async fn serve_a(timeline: Timeline, b: SocketAddr, options: AOptions) -> So
 async fn handle_a(
     req: Request<Incoming>,
     timeline: Timeline,
-    mut client: ReportsClient<Propagate<Channel>>,
+    mut client: ReportsClient<PropagateService<Channel>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let cancel = RequestCancellation::from_extensions(req.extensions())
         .expect("A is served behind its CancellationLayer");

@@ -12,7 +12,7 @@ use crate::propagate::error::BoxError;
 use crate::server::body::ends_body;
 
 pin_project! {
-    /// Response body of [`Propagate`]: the outbound response's body, dropped (and ended with
+    /// Response body of [`PropagateService`]: the outbound response's body, dropped (and ended with
     /// an [`InboundCancelled`] error) if the inbound request is cancelled while it streams.
     #[derive(Debug)]
     pub struct PropagateBody<B> {

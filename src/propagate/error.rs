@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::record::{CancelReason, Cancelled};
 
-/// The error type of [`Propagate`] (the same as `tower::BoxError`): the inner client's error, or
+/// The error type of [`PropagateService`] (the same as `tower::BoxError`): the inner client's error, or
 /// [`InboundCancelled`].
 pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -14,8 +14,8 @@ const ABANDONED: &str = "the outbound call was abandoned: the inbound request wa
 
 /// An outbound call was abandoned because the inbound request it served was cancelled.
 ///
-/// The error of a [`Propagate`](crate::Propagate) client's future or response body, boxed: find it with
-/// `error.downcast_ref::<InboundCancelled>()`. With the `tonic` feature, a tonic client behind
+/// The error of a [`PropagateService`](crate::propagate::PropagateService) client's future or
+/// response body, boxed: find it with `error.downcast_ref::<InboundCancelled>()`. With the `tonic` feature, a tonic client behind
 /// the layer reports it as the reason's status (`CANCELLED`, or `UNAVAILABLE` on shutdown, or
 /// `DEADLINE_EXCEEDED`), with this error's message.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use crate::propagate::body::PropagateBody;
 use crate::propagate::error::BoxError;
 
 pin_project! {
-    /// Response future of [`Propagate`]: the outbound call, abandoned if the inbound request
+    /// Response future of [`PropagateService`]: the outbound call, abandoned if the inbound request
     /// is cancelled first.
     #[derive(Debug)]
     #[must_use = "futures do nothing unless polled"]

@@ -2,11 +2,25 @@
 //! and deadline to the calls made on its behalf, as Go's `context` and gRPC deadline
 //! propagation do.
 //!
-//! The flow: [`PropagateLayer`] builds a [`Propagate`] client; each call sets `grpc-timeout`
+//! The flow: [`PropagateLayer`] builds a [`PropagateService`] client; each call sets `grpc-timeout`
 //! from the inbound deadline and returns a [`PropagateFuture`], which watches the inbound
 //! token while the call runs and hands the response body over as a [`PropagateBody`], which
 //! watches it while the body streams. When the inbound request is cancelled, whichever holds
 //! the call drops it and fails with [`InboundCancelled`].
+//!
+//! A client type with the layer on it names the service, as a field of a handler's state would:
+//!
+//! ```
+//! use tower::Layer;
+//! use tower_cancel::propagate::{PropagateLayer, PropagateService};
+//!
+//! # #[derive(Clone)] struct Backend;
+//! struct State {
+//!     backend: PropagateService<Backend>,
+//! }
+//! let state = State { backend: PropagateLayer::new().layer(Backend) };
+//! # let _ = state.backend.get_ref();
+//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -112,10 +126,10 @@ impl PropagateLayer {
 }
 
 impl<S> Layer<S> for PropagateLayer {
-    type Service = Propagate<S>;
+    type Service = PropagateService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Propagate {
+        PropagateService {
             inner,
             inbound: self.inbound.clone(),
         }
@@ -124,16 +138,16 @@ impl<S> Layer<S> for PropagateLayer {
 
 /// The outbound client behind a [`PropagateLayer`].
 #[derive(Clone, Debug)]
-pub struct Propagate<S> {
+pub struct PropagateService<S> {
     inner: S,
     inbound: Option<RequestCancellation>,
 }
 
-impl<S> Propagate<S> {
+impl<S> PropagateService<S> {
     inner_service_accessors!();
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Propagate<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PropagateService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,

@@ -1,16 +1,43 @@
-//! `RequestBodyLayer`: watches the request body for the client leaving mid-upload, and can read
-//! ahead so that hyper notices a client that leaves while the body is still unread.
+//! Uploads: [`RequestBodyLayer`] watches the request body for the client leaving mid-upload,
+//! and can read ahead so that hyper notices a client that leaves while the body is still
+//! unread.
 //!
 //! hyper reports a client that leaves during an upload only to whoever reads the body: the
 //! read fails, but the handler future lives on. And while nobody reads the body, hyper's
 //! HTTP/1.1 connection does not read the socket at all, so it cannot see the client leave.
 //! This layer closes both gaps for the routes that take uploads.
 //!
-//! With read-ahead, two parties poll one body: the response future (reading ahead while the
-//! handler is pending) and the handler. They share it through [`ReadAhead`], whose lock guards
-//! only the crate's own bookkeeping: the body is *checked out* of it to be polled, outside the
-//! lock, and put back afterwards, so no user code (the body's `poll_frame`, `is_end_stream`,
-//! `size_hint`, the `Drop` of its frames, data or errors) ever runs while the lock is held.
+//! The flow: [`RequestBodyLayer`] builds a [`RequestBodyService`], whose `call` hands the
+//! handler a [`RequestBody`] and returns a [`RequestBodyFuture`]. While the handler is pending
+//! and has not read its body, the future reads the body ahead into a buffer bounded per request
+//! ([`read_ahead`](RequestBodyLayer::read_ahead)) and for the whole layer
+//! ([`read_ahead_total`](RequestBodyLayer::read_ahead_total)); the handler later reads the same
+//! frames from the [`RequestBody`]. A failed read, by either, cancels the request with
+//! `Disconnected`.
+//!
+//! ```
+//! use http::{Request, Response};
+//! use http_body_util::BodyExt;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_cancel::request_body::{RequestBody, RequestBodyLayer};
+//! use tower_cancel::CancellationLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let upload = service_fn(|req: Request<RequestBody<String>>| async move {
+//!     let bytes = req.into_body().collect().await.unwrap().to_bytes();
+//!     Ok::<_, std::convert::Infallible>(Response::new(format!("{} bytes", bytes.len())))
+//! });
+//! let layer = RequestBodyLayer::new().read_ahead(1024 * 1024);
+//! let svc = ServiceBuilder::new()
+//!     .layer(CancellationLayer::new())
+//!     .layer(layer.clone())
+//!     .service(upload);
+//! let response = svc.oneshot(Request::new("a small upload".to_owned())).await.unwrap();
+//! assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "14 bytes");
+//! assert_eq!(layer.read_ahead_held(), 0);
+//! # }
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

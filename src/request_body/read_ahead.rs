@@ -1,5 +1,11 @@
 //! The read-ahead: a request body shared by the handler and the response future, polled
 //! outside the lock that guards its bookkeeping, and the layer-wide budget it reads within.
+//!
+//! Two parties poll one body: the response future (reading ahead while the handler is pending)
+//! and the handler. They share it through [`ReadAhead`], whose lock guards only the crate's own
+//! bookkeeping: the body is *checked out* of it to be polled, outside the lock, and put back
+//! afterwards, so no user code (the body's `poll_frame`, `is_end_stream`, `size_hint`, the
+//! `Drop` of its frames, data or errors) ever runs while the lock is held.
 
 use std::collections::VecDeque;
 use std::fmt;

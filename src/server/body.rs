@@ -1,4 +1,4 @@
-//! `CancellableBody`: guards the request while the response body streams.
+//! `CancellationBody`: guards the request while the response body streams.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,7 +25,8 @@ pin_project! {
     /// use http::{Request, Response};
     /// use http_body_util::BodyExt;
     /// use tower::{ServiceExt, service_fn};
-    /// use tower_cancel::{CancellableBody, CancellationService, RequestCancellation};
+    /// use tower_cancel::RequestCancellation;
+    /// use tower_cancel::server::{CancellationBody, CancellationService};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
@@ -34,7 +35,7 @@ pin_project! {
     ///     cancel.on_cancel(|_| unreachable!("this request completes"));
     ///     Ok::<_, std::convert::Infallible>(Response::new(String::from("streamed")))
     /// }));
-    /// let response: Response<CancellableBody<String>> =
+    /// let response: Response<CancellationBody<String>> =
     ///     svc.oneshot(Request::new(())).await.unwrap();
     /// // Reading the body to its end completes the request.
     /// let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -42,7 +43,7 @@ pin_project! {
     /// # }
     /// ```
     #[derive(Debug)]
-    pub struct CancellableBody<B> {
+    pub struct CancellationBody<B> {
         // Declared first so that it is dropped before the guard fires.
         #[pin]
         inner: B,
@@ -54,13 +55,13 @@ pin_project! {
 
 /// A body that guards nothing, for layers outside that build responses of their own (such as
 /// tower-http's `TimeoutLayer`, which needs `Default` bodies).
-impl<B: Default> Default for CancellableBody<B> {
+impl<B: Default> Default for CancellationBody<B> {
     fn default() -> Self {
         Self::passthrough(B::default())
     }
 }
 
-impl<B> CancellableBody<B> {
+impl<B> CancellationBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             inner,
@@ -100,7 +101,7 @@ pub(crate) fn ends_body<D, B: Body + ?Sized>(frame: &Frame<D>, body: &B) -> bool
     frame.is_trailers() || body.is_end_stream()
 }
 
-impl<B: Body> Body for CancellableBody<B> {
+impl<B: Body> Body for CancellationBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -1,4 +1,4 @@
-//! `ResponseFuture`: guards the request while the handler runs.
+//! `CancellationFuture`: guards the request while the handler runs.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,7 +8,7 @@ use http::{Method, Response, StatusCode, Version, header};
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::server::body::CancellableBody;
+use crate::server::body::CancellationBody;
 use crate::server::guard::Guard;
 
 pin_project! {
@@ -37,13 +37,13 @@ pin_project! {
     /// let mut svc = layer.layer(service_fn(|_: Request<()>| async {
     ///     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
     /// }));
-    /// let future = svc.call(Request::new(())); // a ResponseFuture
+    /// let future = svc.call(Request::new(())); // a CancellationFuture
     /// drop(future); // what hyper does when the client leaves
     /// assert!(fired.load(Ordering::SeqCst));
     /// ```
     #[derive(Debug)]
     #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<F> {
+    pub struct CancellationFuture<F> {
         // Declared first so that it is dropped first: the handler's destructors run before
         // the guard cancels the request and runs the callbacks.
         #[pin]
@@ -54,7 +54,7 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
+impl<F> CancellationFuture<F> {
     pub(crate) fn new(inner: F, guard: Guard, version: Version) -> Self {
         Self {
             inner,
@@ -64,12 +64,12 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for CancellationFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body,
 {
-    type Output = Result<Response<CancellableBody<B>>, E>;
+    type Output = Result<Response<CancellationBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -83,7 +83,7 @@ where
         let guard = this.guard.take();
         let Some(scope) = guard.scope() else {
             // Not the scope's owner (or already resolved): pass through.
-            return Poll::Ready(result.map(|res| res.map(CancellableBody::passthrough)));
+            return Poll::Ready(result.map(|res| res.map(CancellationBody::passthrough)));
         };
         let response = match result {
             Ok(response) => response,
@@ -102,11 +102,11 @@ where
         if declared == Some(0) {
             // hyper writes no body (or an empty one) and may drop it without polling it.
             guard.finish();
-            return Poll::Ready(Ok(response.map(CancellableBody::passthrough)));
+            return Poll::Ready(Ok(response.map(CancellationBody::passthrough)));
         }
         scope.enter_body();
         Poll::Ready(Ok(
-            response.map(|body| CancellableBody::guarded(body, guard, declared))
+            response.map(|body| CancellationBody::guarded(body, guard, declared))
         ))
     }
 }

@@ -14,9 +14,9 @@ use crate::macros::inner_service_accessors;
 use crate::scope::Scope;
 use crate::scope::config::Bound;
 use crate::scope::config::Config;
-use crate::server::body::CancellableBody;
-use crate::server::detach::Detach;
-use crate::server::future::ResponseFuture;
+use crate::server::body::CancellationBody;
+use crate::server::detached::DetachedFuture;
+use crate::server::future::CancellationFuture;
 use crate::server::guard::Guard;
 
 /// The default mode: when the client leaves, the handler future is dropped (hyper's
@@ -54,7 +54,7 @@ pub enum Detached {}
 /// use http::{Request, Response};
 /// use tokio_util::sync::CancellationToken;
 /// use tower::{ServiceExt, service_fn};
-/// use tower_cancel::CancellationService;
+/// use tower_cancel::server::CancellationService;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -138,9 +138,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: http_body::Body,
 {
-    type Response = Response<CancellableBody<ResBody>>;
+    type Response = Response<CancellationBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = CancellationFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -149,7 +149,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
         let version = req.version();
-        ResponseFuture::new(self.inner.call(req), guard, version)
+        CancellationFuture::new(self.inner.call(req), guard, version)
     }
 }
 
@@ -160,9 +160,9 @@ where
     S::Error: Send + 'static,
     ResBody: http_body::Body + Send + 'static,
 {
-    type Response = Response<CancellableBody<ResBody>>;
+    type Response = Response<CancellationBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<Detach<S::Future>>;
+    type Future = CancellationFuture<DetachedFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -171,7 +171,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
         let version = req.version();
-        let handler = Detach::spawn(self.inner.call(req), &self.config.tracker);
-        ResponseFuture::new(handler, guard, version)
+        let handler = DetachedFuture::spawn(self.inner.call(req), &self.config.tracker);
+        CancellationFuture::new(handler, guard, version)
     }
 }

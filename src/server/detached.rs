@@ -1,4 +1,4 @@
-//! `Detach`: the inner future of a detached service, spawned so that it outlives its client.
+//! `DetachedFuture`: the inner future of a detached service, spawned so that it outlives its client.
 
 use std::fmt;
 use std::future::Future;
@@ -19,7 +19,7 @@ pin_project! {
     /// The handler runs in its own task, tracked by the layer's `TaskTracker`; this future
     /// only waits for its output. Dropping it (the client left) leaves the task running.
     #[must_use = "futures do nothing unless polled"]
-    pub struct Detach<F: Future> {
+    pub struct DetachedFuture<F: Future> {
         #[pin]
         kind: Kind<F>,
     }
@@ -34,7 +34,7 @@ pin_project! {
     }
 }
 
-impl<F> Detach<F>
+impl<F> DetachedFuture<F>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -57,7 +57,7 @@ where
     }
 }
 
-impl<F: Future> Future for Detach<F> {
+impl<F: Future> Future for DetachedFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -76,9 +76,11 @@ impl<F: Future> Future for Detach<F> {
     }
 }
 
-impl<F: Future> fmt::Debug for Detach<F> {
+impl<F: Future> fmt::Debug for DetachedFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let spawned = matches!(self.kind, Kind::Spawned { .. });
-        f.debug_struct("Detach").field("spawned", &spawned).finish()
+        f.debug_struct("DetachedFuture")
+            .field("spawned", &spawned)
+            .finish()
     }
 }
