@@ -85,23 +85,32 @@
 //!
 //! # Semantics
 //!
-//! * **Exactly once.** A request is cancelled at most once, whatever races; each callback runs
-//!   at most once. A completed request (its response body reached its end) is never cancelled.
-//! * **Completion** means the end of the response body, not just the response head. A
-//!   response that carries no body on the wire (`HEAD`, `204`, `304`, `1xx`, an empty body)
-//!   completes with its head; over HTTP/1.x a body with a known length completes when that
-//!   many bytes were produced; a body completes with its trailers frame, which is always a body's last.
+//! * **Exactly once.** A request is cancelled at most once, whatever races (a drop, the
+//!   shutdown, the deadline, the application, completion); each callback runs at most once. A
+//!   completed request (its response body reached its end) is never cancelled: its token stays
+//!   uncancelled.
+//! * **Completion** means the end of the response body, not just the response head: a client
+//!   that leaves while a download or an SSE stream is being sent cancels the request with
+//!   phase `Body`. A response that carries no body on the wire (`HEAD`, `1xx`, `204`, `304`,
+//!   `CONNECT` 2xx, an empty body) completes with its head. Over HTTP/1.x a body with a
+//!   `content-length` (or an exact size hint) completes when that many bytes were produced,
+//!   because hyper's HTTP/1.1 writer stops polling it there (its HTTP/2 writer polls on to the
+//!   body's end). A body completes with its trailers frame, always a body's last (hyper's
+//!   writers stop polling after it). A body that fails ends the request without cancelling it.
 //! * **Order.** On a drop, callbacks run after the handler future (or the body) was dropped,
 //!   so the handler's own destructors ran first. Then: the handler's
 //!   [`on_cancel`](RequestCancellation::on_cancel) registrations in registration order, then
 //!   each layer's callbacks from the innermost layer to the outermost, each in the order
 //!   they were added.
-//! * **Late registration.** Registering on a cancelled request runs the callback at once.
-//! * **Panics** in callbacks are caught and reported with `tracing::error!`; the remaining
-//!   callbacks still run, also when the drop happens while the thread is unwinding.
+//! * **Late registration.** Registering on a cancelled request runs the callback at once; on a
+//!   completed request the callback is dropped without running.
+//! * **Panics** in callbacks (sync or async) are caught and reported with `tracing::error!`;
+//!   the remaining callbacks still run, also when the drop happens while the thread is
+//!   unwinding.
 //! * **Async cleanup** runs on the runtime the request arrived on, tracked by a
 //!   [`TaskTracker`](tokio_util::task::TaskTracker), at most
-//!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once.
+//!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once. If no runtime is reachable,
+//!   an `error` event says so.
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
 //!   answers. A request that arrives once the shutdown token's `cancel()` has returned starts
@@ -115,8 +124,8 @@
 //! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one: its
 //!   callbacks, shutdown token and deadline (which can only shorten the outer one) apply.
 //! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`
-//!   (fields `reason`, `phase`, `method`, `path`, `elapsed`), inside the span that was
-//!   current when the request entered the layer.
+//!   (fields `reason`, `method`, `path`, `phase`, `elapsed`), inside the span that was
+//!   current when the request entered the layer (for example tower-http's `TraceLayer` span).
 //!
 //! # What the transport can and cannot see
 //!
