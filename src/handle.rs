@@ -60,6 +60,19 @@ impl RequestCancellation {
         Self { scope }
     }
 
+    /// The handle of an armed test request, for a layer with no callbacks.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Self {
+        let config = Arc::new(crate::scope::config::Config::new());
+        Self::new(Scope::for_test(&config, None))
+    }
+
+    /// The request's body failed to arrive (the client left mid-upload): cancels the request
+    /// with `Disconnected`, unless it already ended.
+    pub(crate) fn client_left(&self) {
+        self.scope.cancel(CancelReason::Disconnected);
+    }
+
     pub(crate) fn scope_arc(&self) -> &Arc<Scope> {
         &self.scope
     }

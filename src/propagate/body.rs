@@ -84,12 +84,7 @@ mod tests {
 
     /// The handle of an inbound request, armed, for a layer with no callbacks.
     fn inbound() -> RequestCancellation {
-        use std::sync::Arc;
-
-        use crate::scope::Scope;
-        use crate::scope::config::Config;
-
-        RequestCancellation::new(Scope::for_test(&Arc::new(Config::new()), None))
+        RequestCancellation::for_test()
     }
 
     /// A body that has ended is not turned into an error by a later cancellation.

@@ -8,9 +8,8 @@ use std::task::{Context, Poll};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::record::CancelReason;
+use crate::handle::RequestCancellation;
 use crate::request_body::read_ahead::{ForHandler, ReadAhead};
-use crate::scope::Scope;
 
 pin_project! {
     /// The request body as the handler behind [`RequestBodyLayer`] sees it: the original
@@ -31,7 +30,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     pub(crate) enum Kind<B: Body> {
-        Direct { #[pin] inner: B, scope: Option<Arc<Scope>> },
+        Direct { #[pin] inner: B, request: Option<RequestCancellation> },
         // `own`: the body, once the handler has taken it over from the read-ahead (see
         // `ReadAhead::poll_for_handler`).
         Shared { shared: Arc<ReadAhead<B>>, own: Option<Pin<Box<B>>> },
@@ -46,8 +45,8 @@ impl<B: Body> Body for RequestBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let (inner, scope) = match self.project().kind.project() {
-            KindProj::Direct { inner, scope } => (inner, scope.as_deref()),
+        let (inner, request) = match self.project().kind.project() {
+            KindProj::Direct { inner, request } => (inner, request.as_ref()),
             KindProj::Shared { shared, own } => {
                 if own.is_none() {
                     match shared.poll_for_handler(cx) {
@@ -56,12 +55,12 @@ impl<B: Body> Body for RequestBody<B> {
                     }
                 }
                 let inner = own.as_mut().expect("handed over").as_mut();
-                (inner, shared.scope.as_deref())
+                (inner, shared.request.as_ref())
             }
         };
         let poll = inner.poll_frame(cx);
-        if let (Poll::Ready(Some(Err(_))), Some(scope)) = (&poll, scope) {
-            scope.cancel(CancelReason::Disconnected);
+        if let (Poll::Ready(Some(Err(_))), Some(request)) = (&poll, request) {
+            request.client_left();
         }
         poll
     }

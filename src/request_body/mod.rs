@@ -252,15 +252,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let scope = req
-            .extensions()
-            .get::<RequestCancellation>()
-            .map(|rc| Arc::clone(rc.scope_arc()));
+        let request = req.extensions().get::<RequestCancellation>().cloned();
         let (parts, body) = req.into_parts();
         let reading_ahead = self.read_ahead > 0 && self.budget.total > 0;
         let (body, reader) = if reading_ahead && !body.is_end_stream() {
             let budget = Arc::clone(&self.budget);
-            let shared = Arc::new(ReadAhead::new(body, scope, self.read_ahead, budget));
+            let shared = Arc::new(ReadAhead::new(body, request, self.read_ahead, budget));
             (
                 RequestBody {
                     kind: Kind::Shared {
@@ -273,7 +270,10 @@ where
         } else {
             (
                 RequestBody {
-                    kind: Kind::Direct { inner: body, scope },
+                    kind: Kind::Direct {
+                        inner: body,
+                        request,
+                    },
                 },
                 None,
             )

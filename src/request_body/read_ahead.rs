@@ -19,9 +19,8 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::event::TARGET;
+use crate::handle::RequestCancellation;
 use crate::loom::{Mutex, MutexGuard, lock};
-use crate::record::CancelReason;
-use crate::scope::Scope;
 
 /// The read-ahead budget of a layer, shared by its clones and every request they serve.
 #[derive(Debug)]
@@ -99,7 +98,7 @@ pub(crate) const LOST: &str = "the request body panicked while it was read ahead
 /// and frames and errors leave the lock before they are dropped.
 pub(crate) struct ReadAhead<B: Body> {
     pub(crate) state: Mutex<State<B>>,
-    pub(crate) scope: Option<Arc<Scope>>,
+    pub(crate) request: Option<RequestCancellation>,
     pub(crate) limit: usize,
 }
 
@@ -175,7 +174,7 @@ impl<B: Body> State<B> {
 impl<B: Body> ReadAhead<B> {
     pub(crate) fn new(
         body: B,
-        scope: Option<Arc<Scope>>,
+        request: Option<RequestCancellation>,
         limit: usize,
         budget: Arc<Budget>,
     ) -> Self {
@@ -191,7 +190,7 @@ impl<B: Body> ReadAhead<B> {
                 handler_waker: None,
                 hints,
             }),
-            scope,
+            request,
             limit,
         }
     }
@@ -203,8 +202,8 @@ impl<B: Body> ReadAhead<B> {
     }
 
     pub(crate) fn disconnected(&self) {
-        if let Some(scope) = &self.scope {
-            scope.cancel(CancelReason::Disconnected);
+        if let Some(request) = &self.request {
+            request.client_left();
         }
     }
 
