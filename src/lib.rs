@@ -155,6 +155,8 @@ pub mod request_body;
 mod runtime;
 mod scope;
 pub mod server;
+#[cfg(feature = "socket2")]
+pub mod tcp;
 
 pub use handle::{MissingCancellationLayer, RequestCancellation};
 pub use propagate::{InboundCancelled, PropagateLayer};

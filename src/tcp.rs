@@ -1,0 +1,162 @@
+//! Clients that vanish without a word (a phone that goes offline, a cable pulled, a NAT that
+//! forgets the connection) send no FIN and no RST: nothing arrives, and hyper, which only
+//! learns of a closed connection from the socket, never drops the request. The kernel can
+//! notice, if asked: TCP keepalive probes an idle connection, and `TCP_USER_TIMEOUT` bounds how
+//! long sent data may stay unacknowledged. [`detect_vanished`] sets both from one number, so
+//! that the connection fails within that bound, hyper drops the request, and the layer cancels
+//! it with [`Disconnected`](crate::CancelReason::Disconnected).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! # async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     // A client that vanishes is noticed within 10 s, whether the connection is idle
+//!     // (keepalive) or the server is writing to it (TCP_USER_TIMEOUT).
+//!     tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10))?;
+//!     // ... serve the connection with hyper
+//! }
+//! # }
+//! ```
+//!
+//! HTTP/2 has its own probe, which needs no socket option: hyper's
+//! `http2().keep_alive_interval(..)` and `keep_alive_timeout(..)` close a connection whose
+//! PING goes unanswered. Use both on a server that speaks both protocols.
+//!
+//! # Platforms
+//!
+//! * Linux and Android: keepalive time, interval and probe count, and `TCP_USER_TIMEOUT`: the
+//!   bound holds for idle connections and for connections the server writes to.
+//! * Other Unix systems and Windows: keepalive time and interval where the system has them
+//!   (the probe count stays the system's), no `TCP_USER_TIMEOUT`: idle connections are probed,
+//!   but a connection the server writes to is only given up on by the system's own
+//!   retransmission timeout (minutes).
+//!
+//! Keepalive settings count in whole seconds on most systems: the bound is rounded so that it
+//! is never exceeded, with one second as the smallest step (a bound under 2 s probes every
+//! second).
+
+use std::io;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+
+/// Keepalive probes sent before the connection is given up, on systems where it can be set.
+const PROBES: u32 = 3;
+
+/// The keepalive settings for `bound`: the first probe after half of it, then [`PROBES`]
+/// probes spread over the other half, each in whole seconds, at least one.
+fn keepalive(bound: Duration) -> (Duration, Duration) {
+    let secs = bound.as_secs().max(2);
+    let idle = Duration::from_secs((secs / 2).max(1));
+    let interval = Duration::from_secs(((secs - secs / 2) / u64::from(PROBES)).max(1));
+    (idle, interval)
+}
+
+/// Sets TCP keepalive and, where the system has it, `TCP_USER_TIMEOUT` on an accepted
+/// connection, so that a peer that vanished without FIN or RST makes the connection fail
+/// within about `bound`: whether the connection is idle (keepalive) or the server is writing
+/// to it (`TCP_USER_TIMEOUT`).
+///
+/// Works on anything that owns a TCP socket: `tokio::net::TcpStream`, `std::net::TcpStream`,
+/// the stream axum's `ListenerExt::tap_io` hands over. See the [module docs](self) for what
+/// each platform supports.
+///
+/// # Errors
+///
+/// The error of the first socket option the system refused.
+#[cfg(unix)]
+pub fn detect_vanished<S: std::os::fd::AsFd>(stream: &S, bound: Duration) -> io::Result<()> {
+    apply(&SockRef::from(stream), bound)
+}
+
+/// Sets TCP keepalive on an accepted connection so that a peer that vanished without FIN or
+/// RST makes an idle connection fail within about `bound` (Windows has no `TCP_USER_TIMEOUT`).
+///
+/// # Errors
+///
+/// The error of the first socket option the system refused.
+#[cfg(windows)]
+pub fn detect_vanished<S: std::os::windows::io::AsSocket>(
+    stream: &S,
+    bound: Duration,
+) -> io::Result<()> {
+    apply(&SockRef::from(stream), bound)
+}
+
+fn apply(socket: &SockRef<'_>, bound: Duration) -> io::Result<()> {
+    let (idle, interval) = keepalive(bound);
+    let params = TcpKeepalive::new().with_time(idle);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "windows",
+    ))]
+    let params = params.with_interval(interval);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos",
+        target_os = "ios",
+    ))]
+    let params = params.with_retries(PROBES);
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "windows",
+    )))]
+    let _ = interval;
+    socket.set_tcp_keepalive(&params)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(bound.max(Duration::from_secs(1))))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probes_fit_in_the_bound() {
+        let s = Duration::from_secs;
+        for (bound, idle, interval) in [
+            (s(10), s(5), s(1)),
+            (s(30), s(15), s(5)),
+            (s(3), s(1), s(1)),
+            (Duration::from_millis(500), s(1), s(1)),
+        ] {
+            assert_eq!(keepalive(bound), (idle, interval), "{bound:?}");
+            if bound >= s(4) {
+                assert!(idle + interval * PROBES <= bound, "{bound:?}");
+            }
+        }
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn the_options_are_set_on_the_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        detect_vanished(&stream, Duration::from_secs(10)).unwrap();
+        let socket = SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), PROBES);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+    }
+}
