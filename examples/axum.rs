@@ -22,6 +22,7 @@ use axum::Router;
 use axum::extract::RawQuery;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures_util::stream::{self, Stream};
 use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
 
@@ -102,5 +103,12 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or(3000);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
+    // A client that vanishes without a word (network gone) is noticed within 10 s (feature
+    // `socket2`): every accepted connection gets TCP keepalive and TCP_USER_TIMEOUT.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = tower_cancel::tcp::detect_vanished(stream, Duration::from_secs(10)) {
+            eprintln!("socket options: {error}");
+        }
+    });
     axum::serve(listener, app).await
 }

@@ -102,6 +102,8 @@ async fn main() {
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
+            // Clients that vanish without a word are noticed within 10 s (feature `socket2`).
+            tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10)).unwrap();
             let svc = TowerToHyperService::new(svc.clone());
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())

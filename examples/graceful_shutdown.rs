@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -74,7 +74,13 @@ async fn main() -> std::io::Result<()> {
         .layer(layer.clone())
         .service(service_fn(report));
 
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 clients that vanish: an unanswered PING closes the connection.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     loop {
@@ -88,6 +94,10 @@ async fn main() -> std::io::Result<()> {
                         continue;
                     }
                 };
+                // HTTP/1.1 clients that vanish: keepalive and TCP_USER_TIMEOUT (feature `socket2`).
+                if let Err(error) = tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10)) {
+                    eprintln!("socket options: {error}");
+                }
                 let svc = TowerToHyperService::new(svc.clone());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn.into_owned());

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -184,13 +184,20 @@ async fn main() {
     println!("listening on http://{}", listener.local_addr().unwrap());
     loop {
         let (stream, _) = listener.accept().await.unwrap();
+        // A client that vanishes without a word (network gone) is noticed within 10 s: TCP
+        // keepalive and TCP_USER_TIMEOUT for HTTP/1.1 (feature `socket2`), PING for HTTP/2.
+        tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10)).unwrap();
         let svc = TowerToHyperService::new(svc.clone());
         tokio::spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
             // A client that leaves mid-request ends its connection with an error; that is
             // exactly the case the layer reports, so it is not printed again here.
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -277,6 +277,7 @@ pub async fn serve_a(timeline: Timeline, b: SocketAddr, options: AOptions) -> So
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let _ = tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10));
             let svc = TowerToHyperService::new(svc.clone());
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
