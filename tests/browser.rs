@@ -3,6 +3,8 @@
 //! as `Disconnected` while the browser is still running.
 
 mod common;
+#[path = "../examples/https/tls.rs"]
+mod tls;
 
 use std::convert::Infallible;
 use std::fs::File;
@@ -48,6 +50,36 @@ const PAGE: &str = r#"<!doctype html>
   }
   const ms = (performance.now() - aborted).toFixed(1);
   await fetch('/report?' + outcome + '&ms=' + ms, {cache: 'no-store'});
+})().catch(e => fetch('/report?error=' + encodeURIComponent(String(e))));
+</script>
+"#;
+
+/// The page over HTTPS: an `XMLHttpRequest` to `/slow`, aborted with `xhr.abort()` once the
+/// server runs it, then a `fetch` aborted through an `AbortController`; it reports both.
+const PAGE_TLS: &str = r#"<!doctype html>
+<meta charset="utf-8">
+<title>abort an XHR and a fetch</title>
+<script>
+const started = async n => {
+  while ((await (await fetch('/started?n=' + n, {cache: 'no-store'})).text()) !== 'yes') {
+    await new Promise(resolve => setTimeout(resolve, 20));
+  }
+};
+(async () => {
+  const xhr = new XMLHttpRequest();
+  const xhrDone = new Promise(resolve => { xhr.onabort = () => resolve('abort'); xhr.onload = () => resolve('load'); xhr.onerror = () => resolve('error'); });
+  xhr.open('GET', '/slow');
+  xhr.send();
+  await started(1);
+  xhr.abort();
+  const xhrOutcome = await xhrDone;
+  const controller = new AbortController();
+  const slow = fetch('/slow', {signal: controller.signal, cache: 'no-store'});
+  await started(2);
+  controller.abort();
+  let fetchOutcome;
+  try { await slow; fetchOutcome = 'none'; } catch (e) { fetchOutcome = e.name; }
+  await fetch('/report?xhr=' + xhrOutcome + '&fetch=' + encodeURIComponent(fetchOutcome), {cache: 'no-store'});
 })().catch(e => fetch('/report?error=' + encodeURIComponent(String(e))));
 </script>
 "#;
@@ -121,8 +153,17 @@ fn router(
                 .push((path.clone(), req.version()));
             Ok(match path.as_str() {
                 "/page" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+                "/page-tls" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE_TLS),
                 "/started" => {
-                    if log.entries().iter().any(|e| e == "start /slow") {
+                    // `n=2`: the second `/slow` has started.
+                    let n: usize = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("n="))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(1);
+                    let starts = log.entries().iter().filter(|e| *e == "start /slow").count();
+                    if starts >= n {
                         seen.lock()
                             .unwrap()
                             .started_yes
@@ -154,6 +195,10 @@ struct Browser {
 
 impl Browser {
     fn launch(program: &str, url: &str) -> Self {
+        Self::launch_with(program, url, &[])
+    }
+
+    fn launch_with(program: &str, url: &str, extra: &[&str]) -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -177,6 +222,7 @@ impl Browser {
                 "--disable-sync",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -338,4 +384,53 @@ async fn aborted_fetch_in_chromium_cancels_the_request() {
         signed(reported, cancelled),
     );
     drop(browser);
+}
+
+/// Over HTTPS (rustls, ALPN), where Chromium speaks HTTP/2: an `XMLHttpRequest` aborted with
+/// `xhr.abort()` and a `fetch` aborted through an `AbortController` each cancel their request
+/// with `Disconnected` while the browser runs, and the server saw HTTP/2.
+#[tokio::test]
+async fn aborted_xhr_and_fetch_over_https_cancel_their_requests_over_http2() {
+    let Some(chromium) = chromium() else { return };
+    let log = Log::default();
+    let seen = Shared::default();
+    let svc = tower::ServiceBuilder::new()
+        .layer(log.layer("layer"))
+        .service(router(log.clone(), seen.clone()));
+    let (config, _) = tls::server_config(None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(tls::serve(listener, config, svc));
+
+    let url = format!("https://127.0.0.1:{}/page-tls", addr.port());
+    let mut browser = Browser::launch_with(chromium, &url, &["--ignore-certificate-errors"]);
+    let report = browser
+        .wait_until(&log, "the page's report", BROWSER_START, |e| {
+            e.starts_with("report ")
+        })
+        .await;
+    assert_eq!(
+        report,
+        "report xhr=abort&fetch=AbortError",
+        "{:#?}",
+        log.entries()
+    );
+    log.wait_for_count("layer /slow disconnected handler", 2)
+        .await;
+    assert!(browser.is_running(), "chromium exited during the test");
+    assert_eq!(
+        log.with_prefix("layer"),
+        ["layer /slow disconnected handler"; 2]
+    );
+    let seen = seen.lock().unwrap();
+    let slow: Vec<_> = seen.requests.iter().filter(|(p, _)| p == "/slow").collect();
+    assert_eq!(slow.len(), 2, "{:?}", seen.requests);
+    assert!(
+        seen.requests.iter().all(|(_, v)| *v == Version::HTTP_2),
+        "Chromium speaks HTTP/2 over TLS: {:?}",
+        seen.requests
+    );
+    drop(seen);
+    drop(browser);
+    server.abort();
 }
