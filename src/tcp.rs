@@ -88,30 +88,28 @@ pub fn detect_vanished<S: std::os::windows::io::AsSocket>(
 fn apply(socket: &SockRef<'_>, bound: Duration) -> io::Result<()> {
     let (idle, interval) = keepalive(bound);
     let params = TcpKeepalive::new().with_time(idle);
+    // Where socket2 can set the probe interval (and, but for Windows, the count).
     #[cfg(any(
         target_os = "linux",
         target_os = "android",
         target_os = "freebsd",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "windows",
+        target_vendor = "apple",
+        windows
     ))]
     let params = params.with_interval(interval);
     #[cfg(any(
         target_os = "linux",
         target_os = "android",
         target_os = "freebsd",
-        target_os = "macos",
-        target_os = "ios",
+        target_vendor = "apple"
     ))]
     let params = params.with_retries(PROBES);
     #[cfg(not(any(
         target_os = "linux",
         target_os = "android",
         target_os = "freebsd",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "windows",
+        target_vendor = "apple",
+        windows
     )))]
     let _ = interval;
     socket.set_tcp_keepalive(&params)?;

@@ -1341,8 +1341,21 @@ async fn run_cell(run: &Run, cell: Cell) -> CellResult {
     }
 }
 
+/// The matrix on a multi-thread runtime: the server's connection tasks, the clients and the
+/// callbacks run on different threads, so a completion racing the client's reading is real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn completion_matrix() {
+    matrix("multi-thread").await;
+}
+
+/// The same matrix with everything on one thread, as a `current_thread` server runs.
+#[tokio::test(flavor = "current_thread")]
+async fn completion_matrix_on_the_current_thread_runtime() {
+    matrix("current-thread").await;
+}
+
+async fn matrix(runtime: &str) {
+    println!("runtime: {runtime}");
     let started = Instant::now();
     let cells = cells();
     let rec = Recorder::new(cells.len());
