@@ -1,9 +1,11 @@
 //! How long after a client leaves does the layer's `on_cancel` callback run?
 //!
-//! Runs a real hyper server (hyper-util `auto::Builder`, HTTP/1.1 and HTTP/2) and a tonic
-//! server on 127.0.0.1, both behind `CancellationLayer`, and for each way a client can leave
-//! (close, reset, half-close, `RST_STREAM`, connection close, a dropped gRPC call, in the
-//! handler or mid-body, with and without `RequestBodyLayer`) measures, per request:
+//! Runs a real hyper server (hyper-util `auto::Builder`, HTTP/1.1 and HTTP/2), the same app
+//! over TLS (the `https` example's server: rustls with ring, HTTP/2 or HTTP/1.1 as ALPN
+//! chose) and a tonic server on 127.0.0.1, all behind `CancellationLayer`, and for each way a
+//! client can leave (close, reset, half-close, `RST_STREAM`, connection close, a dropped gRPC
+//! call, in the handler or mid-body, with and without `RequestBodyLayer`, in cleartext and
+//! over TLS) measures, per request:
 //!
 //! - client action → callback: from `Instant::now()` taken just before the client's close,
 //!   reset or drop, to `Instant::now()` inside the layer's `on_cancel` callback: the whole
@@ -15,11 +17,20 @@
 //!   (`h1_upload_unread_read_ahead`) hyper does drop the handler: the read-ahead drained the
 //!   body, so hyper reads the socket again and sees the close.
 //!
+//! The `tls_` scenarios are their cleartext namesakes over TLS: the client (tokio-rustls,
+//! trusting the server's self-signed certificate, ALPN `http/1.1` or `h2`, checked) does the
+//! handshake and sends the request before the clock starts, so that the latency is the
+//! detection alone. `tls_h1_fin` and `tls_h1_mid_body` drop the client's TLS stream without
+//! `shutdown()`: no `close_notify`, just the TCP close, as a client killed with ^C does. The
+//! server sees the end of the TCP stream as an unexpected EOF (or a reset), not a TLS
+//! closure.
+//!
 //! Requests are matched by an id in the query (`?id=N`; for gRPC a `bench-id` header that a
 //! layer outside `CancellationLayer` moves into the query). Iterations run one after another,
-//! one connection each (the `RST_STREAM` cases reuse one HTTP/2 connection), after a few
-//! warm-up iterations, so that no latency includes queueing. Each cancellation's reason and
-//! phase are checked; the bench aborts if one is not the expected one.
+//! one connection each (the `RST_STREAM` cases reuse one HTTP/2 connection, one in cleartext
+//! and one over TLS), after a few warm-up iterations, so that no latency includes queueing.
+//! Each cancellation's reason and phase are checked; the bench aborts if one is not the
+//! expected one.
 //!
 //! Run with `cargo bench --bench detection`; `DETECTION_ITERS=20 cargo bench --bench detection`
 //! for a quick run (the default is 200 iterations per scenario).
@@ -27,6 +38,10 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/tonic/reports.rs"]
 mod reports;
+
+#[allow(dead_code)]
+#[path = "../examples/https/tls.rs"]
+mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -50,9 +65,14 @@ use hyper_util::service::TowerToHyperService;
 use reports::reports_client::ReportsClient;
 use reports::reports_server::{Reports, ReportsServer};
 use reports::{Report, ReportRequest, Tick, WatchRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ProtocolVersion, RootCertStore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tower::util::MapRequestLayer;
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_cancel::{
@@ -79,6 +99,12 @@ const CHUNK: &[u8] = b"chunk-of-data\n";
 const CHUNK_INTERVAL: Duration = Duration::from_millis(2);
 /// The gRPC request header carrying the request id.
 const ID_HEADER: &str = "bench-id";
+/// The ALPN protocol the TLS HTTP/1.1 client offers, and the one it checks was chosen.
+const ALPN_H1: &[u8] = b"http/1.1";
+/// The ALPN protocol the TLS HTTP/2 client offers, and the one it checks was chosen.
+const ALPN_H2: &[u8] = b"h2";
+/// The name the TLS clients ask for: the self-signed certificate covers it and 127.0.0.1.
+const TLS_NAME: &str = "localhost";
 
 fn main() {
     let iterations = match std::env::var("DETECTION_ITERS") {
@@ -143,10 +169,13 @@ enum Scenario {
     H2RstStream,
     H2ConnClose,
     GrpcClientCancel,
+    TlsH1Fin,
+    TlsH1MidBody,
+    TlsH2RstStream,
 }
 
 impl Scenario {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 13] = [
         Self::H1Fin,
         Self::H1Rst,
         Self::H1HalfClose,
@@ -157,6 +186,9 @@ impl Scenario {
         Self::H2RstStream,
         Self::H2ConnClose,
         Self::GrpcClientCancel,
+        Self::TlsH1Fin,
+        Self::TlsH1MidBody,
+        Self::TlsH2RstStream,
     ];
 
     fn name(self) -> &'static str {
@@ -171,14 +203,25 @@ impl Scenario {
             Self::H2RstStream => "h2_rst_stream",
             Self::H2ConnClose => "h2_conn_close",
             Self::GrpcClientCancel => "grpc_client_cancel",
+            Self::TlsH1Fin => "tls_h1_fin",
+            Self::TlsH1MidBody => "tls_h1_mid_body",
+            Self::TlsH2RstStream => "tls_h2_rst_stream",
         }
     }
 
     fn expected_phase(self) -> Phase {
         match self {
-            Self::H1MidBody => Phase::Body,
+            Self::H1MidBody | Self::TlsH1MidBody => Phase::Body,
             _ => Phase::Handler,
         }
+    }
+
+    /// Whether the scenario runs over TLS, against `Bench::tls`.
+    fn tls(self) -> bool {
+        matches!(
+            self,
+            Self::TlsH1Fin | Self::TlsH1MidBody | Self::TlsH2RstStream
+        )
     }
 
     /// Whether hyper drops the handler future (or body) and the layer reacts to the drop, or
@@ -201,6 +244,14 @@ struct Bench {
     body_watch: SocketAddr,
     /// One HTTP/2 connection to `plain`, reused by `h2_rst_stream`.
     h2: H2Sender,
+    /// `CancellationLayer` around the app, over TLS (the `https` example's server).
+    tls: SocketAddr,
+    /// The session tickets the TLS server sends after a TLS 1.3 handshake.
+    tls_tickets: u32,
+    /// TLS client trusting `tls`'s certificate, offering ALPN `http/1.1` only.
+    tls_h1: TlsConnector,
+    /// One HTTP/2 connection over TLS (ALPN `h2`) to `tls`, reused by `tls_h2_rst_stream`.
+    tls_h2: H2Sender,
     grpc: ReportsClient<tonic::transport::Channel>,
     next_id: u64,
 }
@@ -234,8 +285,16 @@ async fn run(iterations: usize) -> Vec<Row> {
             .service(app::<RequestBody<Incoming>>(recorder.clone())),
     )
     .await;
+    let (tls, tls_cert, tls_tickets) = serve_tls(
+        ServiceBuilder::new()
+            .layer(cancellation_layer(&recorder))
+            .service(app::<Incoming>(recorder.clone())),
+    )
+    .await;
     let grpc_addr = serve_grpc(&recorder).await;
     let (h2, _h2_socket) = h2_client(plain).await;
+    let tls_h1 = tls_connector(&tls_cert, ALPN_H1);
+    let tls_h2 = h2_tls_client(&tls_connector(&tls_cert, ALPN_H2), tls).await;
     let grpc = grpc_client(grpc_addr).await;
     let mut bench = Bench {
         recorder,
@@ -243,6 +302,10 @@ async fn run(iterations: usize) -> Vec<Row> {
         read_ahead,
         body_watch,
         h2,
+        tls,
+        tls_tickets,
+        tls_h1,
+        tls_h2,
         grpc,
         next_id: 0,
     };
@@ -316,7 +379,9 @@ fn format_latency(duration: Duration) -> String {
 /// server recorded for the request once the callback ran.
 async fn iteration(bench: &mut Bench, scenario: Scenario, id: u64) -> (Instant, Sample) {
     match scenario {
-        Scenario::H2RstStream => h2_rst_stream(bench, id).await,
+        Scenario::H2RstStream | Scenario::TlsH2RstStream => {
+            h2_rst_stream(bench, scenario, id).await
+        }
         Scenario::H2ConnClose => h2_conn_close(bench, id).await,
         Scenario::GrpcClientCancel => grpc_client_cancel(bench, id).await,
         _ => http1(bench, scenario, id).await,
@@ -376,9 +441,8 @@ fn check(
 // ---------------------------------------------------------------------------------------
 // Clients
 
-/// HTTP/1.1 scenarios: one raw TCP connection per request.
+/// HTTP/1.1 scenarios: one raw TCP connection per request, under TLS for the `tls_` ones.
 async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) {
-    let recorder = &bench.recorder;
     let (addr, request) = match scenario {
         Scenario::H1SmallPostUnread => (bench.plain, post("/upload", id, 1000, 1000)),
         Scenario::H1UploadUnreadReadAhead => {
@@ -386,13 +450,43 @@ async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) 
         }
         Scenario::H1MidUploadReading => (bench.body_watch, post("/read", id, UPLOAD, UPLOAD / 2)),
         Scenario::H1MidBody => (bench.plain, get(&format!("/endless?id={id}"))),
+        Scenario::TlsH1MidBody => (bench.tls, get(&format!("/endless?id={id}"))),
+        Scenario::TlsH1Fin => (bench.tls, get(&format!("/slow?id={id}"))),
         _ => (bench.plain, get(&format!("/slow?id={id}"))),
     };
-    let mut stream = connect(addr).await;
+    let stream = connect(addr).await;
+    if matches!(scenario, Scenario::H1Rst) {
+        // Only the close reads SO_LINGER: set now, it makes the drop below a reset.
+        stream.set_zero_linger().expect("failed to set SO_LINGER 0");
+    }
+    if scenario.tls() {
+        let mut stream = tls_connect(&bench.tls_h1, stream, ALPN_H1).await;
+        read_tickets(&mut stream, bench.tls_tickets).await;
+        http1_exchange(&bench.recorder, scenario, id, stream, &request).await
+    } else {
+        http1_exchange(&bench.recorder, scenario, id, stream, &request).await
+    }
+}
+
+/// Sends `request` on `stream`, waits for the moment the scenario leaves at, and leaves:
+/// drops `stream` (a close, or a reset with SO_LINGER 0; over TLS without `close_notify`), or
+/// half-closes it for `h1_half_close`.
+async fn http1_exchange<S>(
+    recorder: &Recorder,
+    scenario: Scenario,
+    id: u64,
+    mut stream: S,
+    request: &[u8],
+) -> (Instant, Sample)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     stream
-        .write_all(&request)
+        .write_all(request)
         .await
         .expect("failed to send the request");
+    // A TLS stream buffers what it encrypts until flushed.
+    stream.flush().await.expect("failed to send the request");
     match scenario {
         // Leave once the handler has read everything that was sent: the next read fails.
         Scenario::H1MidUploadReading => {
@@ -402,7 +496,7 @@ async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) 
                 })
                 .await;
         }
-        Scenario::H1MidBody => read_chunks(&mut stream, 2).await,
+        Scenario::H1MidBody | Scenario::TlsH1MidBody => read_chunks(&mut stream, 2).await,
         Scenario::H1UploadUnreadReadAhead => {
             recorder
                 .wait(id, "the handler to start", |s| s.started)
@@ -418,18 +512,15 @@ async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) 
     // The half-closed stream stays open until the callback ran; the others go now.
     let mut half_closed = None;
     let left = match scenario {
-        Scenario::H1Rst => {
-            stream.set_zero_linger().expect("failed to set SO_LINGER 0");
-            let left = Instant::now();
-            drop(stream);
-            left
-        }
         Scenario::H1HalfClose => {
             let left = Instant::now();
             stream.shutdown().await.expect("failed to half-close");
             half_closed = Some(stream);
             left
         }
+        // A close, or a reset for `h1_rst` (SO_LINGER 0). A TLS stream dropped without
+        // `shutdown()` sends no `close_notify`: the drop just closes the TCP socket, as a
+        // client killed with ^C (curl, a browser tab) does.
         _ => {
             let left = Instant::now();
             drop(stream);
@@ -464,7 +555,7 @@ async fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads the response head and at least `count` body chunks.
-async fn read_chunks(stream: &mut TcpStream, count: usize) {
+async fn read_chunks(stream: &mut (impl AsyncRead + Unpin), count: usize) {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while seen.windows(CHUNK.len()).filter(|w| *w == CHUNK).count() < count {
@@ -480,6 +571,95 @@ async fn read_chunks(stream: &mut TcpStream, count: usize) {
         "unexpected response: {:?}",
         String::from_utf8_lossy(&seen)
     );
+}
+
+/// A TLS client that trusts the certificates in `cert_pem` and offers the one ALPN protocol
+/// `alpn`.
+fn tls_connector(cert_pem: &str, alpn: &[u8]) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        let cert = cert.unwrap_or_else(|error| fail(format!("bad certificate PEM: {error}")));
+        roots
+            .add(cert)
+            .unwrap_or_else(|error| fail(format!("untrustable certificate: {error}")));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|error| fail(format!("no TLS versions: {error}")))
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// The TLS handshake on `stream`; aborts unless the server chose `alpn`.
+async fn tls_connect(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    alpn: &[u8],
+) -> TlsStream<TcpStream> {
+    let name = ServerName::try_from(TLS_NAME).expect("a valid server name");
+    let tls = match tokio::time::timeout(PATIENCE, connector.connect(name, stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => fail(format!("TLS handshake failed: {error}")),
+        Err(_) => fail(format!("the TLS handshake took more than {PATIENCE:?}")),
+    };
+    let chosen = tls.get_ref().1.alpn_protocol();
+    if chosen != Some(alpn) {
+        fail(format!(
+            "the TLS server chose ALPN {:?}, expected {:?}",
+            chosen.map(String::from_utf8_lossy),
+            String::from_utf8_lossy(alpn)
+        ));
+    }
+    tls
+}
+
+/// Reads the session tickets a TLS 1.3 server sends after the handshake (`tickets` of them),
+/// so that the client's close later leaves nothing unread in the socket: unread data would
+/// turn the FIN of `tls_h1_fin` into a reset. TLS 1.2 sends none.
+async fn read_tickets(stream: &mut TlsStream<TcpStream>, tickets: u32) {
+    if stream.get_ref().1.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    let read = std::future::poll_fn(|cx| {
+        let received =
+            |stream: &TlsStream<TcpStream>| stream.get_ref().1.tls13_tickets_received() >= tickets;
+        if received(stream) {
+            return Poll::Ready(Ok(()));
+        }
+        let mut unexpected = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut unexpected) {
+            // Tickets carry no application data: anything read, or the end, is wrong.
+            Poll::Ready(Ok(())) => Poll::Ready(Err(format!(
+                "read {:?} instead of session tickets",
+                String::from_utf8_lossy(unexpected.filled())
+            ))),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error.to_string())),
+            Poll::Pending if received(stream) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    match tokio::time::timeout(PATIENCE, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => fail(format!("reading the TLS session tickets: {error}")),
+        Err(_) => fail(format!(
+            "waited {PATIENCE:?} for {tickets} TLS session tickets"
+        )),
+    }
+}
+
+/// HTTP/2 client over TLS (ALPN `h2`); hyper runs the connection in a task of its own.
+async fn h2_tls_client(connector: &TlsConnector, addr: SocketAddr) -> H2Sender {
+    let tls = tls_connect(connector, connect(addr).await, ALPN_H2).await;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake over TLS failed");
+    tokio::spawn(connection);
+    sender
 }
 
 /// HTTP/2 client over prior knowledge, with a clone of its socket so that the bench can close
@@ -500,8 +680,8 @@ async fn h2_client(addr: SocketAddr) -> (H2Sender, std::net::TcpStream) {
     (sender, kill)
 }
 
-fn h2_get(addr: SocketAddr, id: u64) -> Request<Empty<Bytes>> {
-    Request::get(format!("http://{addr}/slow?id={id}"))
+fn h2_get(scheme: &str, addr: SocketAddr, id: u64) -> Request<Empty<Bytes>> {
+    Request::get(format!("{scheme}://{addr}/slow?id={id}"))
         .body(Empty::new())
         .expect("valid request")
 }
@@ -532,16 +712,20 @@ where
 }
 
 /// Drops the response future of an HTTP/2 request in flight: hyper's client sends
-/// `RST_STREAM(CANCEL)`.
-async fn h2_rst_stream(bench: &mut Bench, id: u64) -> (Instant, Sample) {
-    let call = Box::pin(bench.h2.send_request(h2_get(bench.plain, id)));
-    leave_once_started(&bench.recorder, id, call, drop).await
+/// `RST_STREAM(CANCEL)`, on the cleartext connection or on the TLS one.
+async fn h2_rst_stream(bench: &mut Bench, scenario: Scenario, id: u64) -> (Instant, Sample) {
+    let request = if scenario.tls() {
+        bench.tls_h2.send_request(h2_get("https", bench.tls, id))
+    } else {
+        bench.h2.send_request(h2_get("http", bench.plain, id))
+    };
+    leave_once_started(&bench.recorder, id, Box::pin(request), drop).await
 }
 
 /// Closes the TCP connection of an HTTP/2 client with one request in flight.
 async fn h2_conn_close(bench: &Bench, id: u64) -> (Instant, Sample) {
     let (mut sender, socket) = h2_client(bench.plain).await;
-    let call = Box::pin(sender.send_request(h2_get(bench.plain, id)));
+    let call = Box::pin(sender.send_request(h2_get("http", bench.plain, id)));
     leave_once_started(&bench.recorder, id, call, |call| {
         socket
             .shutdown(std::net::Shutdown::Both)
@@ -754,6 +938,33 @@ where
         }
     });
     addr
+}
+
+/// Serves `service` over TLS on 127.0.0.1:0 with the `https` example's code: a self-signed
+/// certificate, ALPN `h2` then `http/1.1`, each connection served with the version ALPN
+/// chose. Returns the address, the certificate (PEM) and how many session tickets the server
+/// sends after a TLS 1.3 handshake.
+async fn serve_tls<S, B>(service: S) -> (SocketAddr, String, u32)
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (config, cert) = tls::server_config(None)
+        .unwrap_or_else(|error| fail(format!("no TLS server configuration: {error}")));
+    let cert = cert.unwrap_or_else(|| fail("no self-signed certificate".to_owned()));
+    let tickets = u32::try_from(config.send_tls13_tickets).expect("a few tickets");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind");
+    let addr = listener.local_addr().expect("bound socket has an address");
+    tokio::spawn(tls::serve(listener, config, service));
+    (addr, cert, tickets)
 }
 
 /// The HTTP app, generic over the request body (hyper's, or `RequestBodyLayer`'s).

@@ -6,6 +6,7 @@ mod common;
 #[path = "../examples/https/tls.rs"]
 mod tls;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -15,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Version, header};
+use http::{Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tower::ServiceExt;
-use tower_cancel::Cancelled;
+use tower_cancel::{CancellationLayer, Cancelled};
 
 use common::*;
 
@@ -54,8 +55,11 @@ const PAGE: &str = r#"<!doctype html>
 </script>
 "#;
 
-/// The page over HTTPS: an `XMLHttpRequest` to `/slow`, aborted with `xhr.abort()` once the
-/// server runs it, then a `fetch` aborted through an `AbortController`; it reports both.
+/// The page over HTTPS: an `XMLHttpRequest` to `/slow?n=1`, aborted with `xhr.abort()` as soon
+/// as `/started?n=1` says the server runs it, then a `fetch` to `/slow?n=2` aborted through an
+/// `AbortController` as soon as `/started?n=2` says yes; it reports both. The `n` tells the
+/// server which abort a cancellation belongs to, and each abort follows the first "yes" for its
+/// `n` by the page's half round trip.
 const PAGE_TLS: &str = r#"<!doctype html>
 <meta charset="utf-8">
 <title>abort an XHR and a fetch</title>
@@ -68,13 +72,13 @@ const started = async n => {
 (async () => {
   const xhr = new XMLHttpRequest();
   const xhrDone = new Promise(resolve => { xhr.onabort = () => resolve('abort'); xhr.onload = () => resolve('load'); xhr.onerror = () => resolve('error'); });
-  xhr.open('GET', '/slow');
+  xhr.open('GET', '/slow?n=1');
   xhr.send();
   await started(1);
   xhr.abort();
   const xhrOutcome = await xhrDone;
   const controller = new AbortController();
-  const slow = fetch('/slow', {signal: controller.signal, cache: 'no-store'});
+  const slow = fetch('/slow?n=2', {signal: controller.signal, cache: 'no-store'});
   await started(2);
   controller.abort();
   let fetchOutcome;
@@ -105,13 +109,51 @@ fn chromium() -> Option<&'static str> {
 }
 
 /// What the router saw, beside the log: every request's version, and when things happened.
+/// The maps are keyed by the `n` of `?n=` (1 without one): which `/slow` of the page.
 #[derive(Default)]
 struct Seen {
     requests: Vec<(String, Version)>,
-    /// When `/started` first answered "yes": the page aborts right after it reads that.
-    started_yes: Option<Instant>,
+    /// When `/started?n=` first answered "yes": the page aborts `/slow?n=` right after it reads
+    /// that.
+    started_yes: BTreeMap<usize, Instant>,
+    /// When `/slow?n=` reached the router.
+    slow_arrived: BTreeMap<usize, Instant>,
     report: Option<Instant>,
-    cancelled: Option<Instant>,
+    /// When the layer's `on_cancel` ran for `/slow?n=`.
+    cancelled: BTreeMap<usize, Instant>,
+}
+
+/// The `n` of a `?n=` query: which of the page's `/slow` requests (1 without one).
+fn query_n(uri: &Uri) -> usize {
+    uri.query()
+        .and_then(|q| q.strip_prefix("n="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// A layer whose first callback stamps, per `n`, when it ran for a cancelled `/slow?n=`, and
+/// whose second logs as `name`: when the log shows the cancellation, the stamp is there.
+fn stamping_layer(log: &Log, seen: &Shared, name: &'static str) -> CancellationLayer {
+    let (log, seen) = (log.clone(), seen.clone());
+    CancellationLayer::new()
+        .on_cancel(move |c: &Cancelled| {
+            let now = Instant::now();
+            seen.lock()
+                .unwrap()
+                .cancelled
+                .entry(query_n(c.uri()))
+                .or_insert(now);
+        })
+        .on_cancel(move |c: &Cancelled| log.push(describe(name, c)))
+}
+
+/// `b - a` in ms, negative if `b` came first.
+fn signed(a: Instant, b: Instant) -> f64 {
+    if b >= a {
+        millis(b - a)
+    } else {
+        -millis(a - b)
+    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -146,28 +188,29 @@ fn router(
     tower::service_fn(move |req: Request<Incoming>| {
         let (log, seen, app) = (log.clone(), seen.clone(), app.clone());
         async move {
+            let arrived = Instant::now();
             let path = req.uri().path().to_owned();
-            seen.lock()
-                .unwrap()
-                .requests
-                .push((path.clone(), req.version()));
+            {
+                let mut s = seen.lock().unwrap();
+                s.requests.push((path.clone(), req.version()));
+                if path == "/slow" {
+                    s.slow_arrived.entry(query_n(req.uri())).or_insert(arrived);
+                }
+            }
             Ok(match path.as_str() {
                 "/page" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
                 "/page-tls" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE_TLS),
                 "/started" => {
                     // `n=2`: the second `/slow` has started.
-                    let n: usize = req
-                        .uri()
-                        .query()
-                        .and_then(|q| q.strip_prefix("n="))
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(1);
+                    let n = query_n(req.uri());
                     let starts = log.entries().iter().filter(|e| *e == "start /slow").count();
                     if starts >= n {
+                        // The first "yes" for `n` is the one the page aborts after.
                         seen.lock()
                             .unwrap()
                             .started_yes
-                            .get_or_insert_with(Instant::now);
+                            .entry(n)
+                            .or_insert_with(Instant::now);
                         text(StatusCode::OK, "text/plain", "yes")
                     } else {
                         text(StatusCode::OK, "text/plain", "no")
@@ -302,13 +345,9 @@ async fn aborted_fetch_in_chromium_cancels_the_request() {
     let Some(chromium) = chromium() else { return };
     let log = Log::default();
     let seen = Shared::default();
-    let stamp = seen.clone();
-    let layer = log
-        .layer("layer")
-        .on_cancel(move |_: &Cancelled| stamp.lock().unwrap().cancelled = Some(Instant::now()));
     let server = Server::start(
         tower::ServiceBuilder::new()
-            .layer(layer)
+            .layer(stamping_layer(&log, &seen, "layer"))
             .service(router(log.clone(), seen.clone())),
     )
     .await;
@@ -365,17 +404,10 @@ async fn aborted_fetch_in_chromium_cancels_the_request() {
         seen.requests
     );
     let (yes, cancelled, reported) = (
-        seen.started_yes.unwrap(),
-        seen.cancelled.unwrap(),
+        seen.started_yes[&1],
+        seen.cancelled[&1],
         seen.report.unwrap(),
     );
-    let signed = |a: Instant, b: Instant| {
-        if b >= a {
-            millis(b - a)
-        } else {
-            -millis(a - b)
-        }
-    };
     eprintln!(
         "requests: {:?}\n/started said yes → cancelled: {:.1} ms; report → cancelled: {:+.1} ms; \
          page: {report}",
@@ -395,7 +427,7 @@ async fn aborted_xhr_and_fetch_over_https_cancel_their_requests_over_http2() {
     let log = Log::default();
     let seen = Shared::default();
     let svc = tower::ServiceBuilder::new()
-        .layer(log.layer("layer"))
+        .layer(stamping_layer(&log, &seen, "layer"))
         .service(router(log.clone(), seen.clone()));
     let (config, _) = tls::server_config(None).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -429,6 +461,28 @@ async fn aborted_xhr_and_fetch_over_https_cancel_their_requests_over_http2() {
         seen.requests.iter().all(|(_, v)| *v == Version::HTTP_2),
         "Chromium speaks HTTP/2 over TLS: {:?}",
         seen.requests
+    );
+    // Each abort follows the first "yes" for its `n` by the page's half round trip (the answer
+    // travelling to the page, the script reading it): "yes → cancelled" is the browser's
+    // give-up → on_cancel plus that. "→ next request" is signed: negative when the server
+    // cancelled the aborted request before the page's next request (the fetch, the report)
+    // arrived. Printed, not asserted: the machines are shared.
+    let stamp = |n: usize, what: &str| {
+        *seen
+            .cancelled
+            .get(&n)
+            .unwrap_or_else(|| panic!("on_cancel stamped no cancellation for the {what} (n={n})"))
+    };
+    let (xhr, fetch) = (stamp(1, "XHR"), stamp(2, "fetch"));
+    let (yes1, yes2) = (seen.started_yes[&1], seen.started_yes[&2]);
+    let (next1, report) = (seen.slow_arrived[&2], seen.report.unwrap());
+    eprintln!(
+        "https h2 xhr: /started said yes → cancelled: {:.1} ms; next request → cancelled: {:+.1} ms\n\
+         https h2 fetch: /started said yes → cancelled: {:.1} ms; report → cancelled: {:+.1} ms",
+        signed(yes1, xhr),
+        signed(next1, xhr),
+        signed(yes2, fetch),
+        signed(report, fetch),
     );
     drop(seen);
     drop(browser);

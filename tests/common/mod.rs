@@ -141,6 +141,37 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        Self::serve(svc, None).await
+    }
+
+    /// [`Server::start`] over TLS (rustls): HTTP/1.x or HTTP/2, told apart by the first bytes
+    /// after the handshake as over plain text, so that a client without ALPN (nginx's
+    /// `proxy_pass https://`) is served too.
+    pub async fn start_tls<S, B>(svc: S, config: Arc<rustls::ServerConfig>) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        Self::serve(svc, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn serve<S, B>(svc: S, tls: Option<tokio_rustls::TlsAcceptor>) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
@@ -151,12 +182,23 @@ impl Server {
                 let (stream, _) = listener.accept().await.unwrap();
                 let svc = TowerToHyperService::new(svc.clone());
                 let (open, closed) = (o.clone(), c.clone());
+                let tls = tls.clone();
                 open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     // Room for the tests that keep thousands of streams in flight.
                     builder.http2().max_concurrent_streams(20_000);
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let io = TokioIo::new(stream);
+                                let _ = builder.serve_connection(io, svc).await;
+                            }
+                        }
+                    }
                     open.fetch_sub(1, Ordering::SeqCst);
                     closed.notify_waiters();
                 });
@@ -176,6 +218,17 @@ impl Server {
             tower::ServiceBuilder::new()
                 .layer(log.layer("layer"))
                 .service(app(log.clone())),
+        )
+        .await
+    }
+
+    /// [`Server::app`] over TLS.
+    pub async fn app_tls(log: &Log, config: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_tls(
+            tower::ServiceBuilder::new()
+                .layer(log.layer("layer"))
+                .service(app(log.clone())),
+            config,
         )
         .await
     }
