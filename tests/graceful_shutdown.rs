@@ -3,92 +3,20 @@
 //! async cleanup runs) ends in well under a second.
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "common/process.rs"]
+mod process;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Builds the example with the profile of this test and returns its path.
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--quiet", "--example", "graceful_shutdown"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "building the example failed");
-    profile_dir.join("examples").join("graceful_shutdown")
-}
-
-/// The example's stdout, line by line.
-struct Output {
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Output {
-    fn new(child: &mut Child) -> Self {
-        let stdout = child.stdout.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line starting with `prefix` and returns it.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no line {prefix:?}; output so far: {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// Everything until the process closed its stdout.
-    fn rest(mut self) -> Vec<String> {
-        while let Ok(line) = self.lines.recv_timeout(PATIENCE) {
-            self.seen.push(line);
-        }
-        self.seen
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use process::{KillOnDrop, Output, PATIENCE, example};
 
 #[test]
 fn sigterm_drains_a_30_second_request_in_well_under_a_second() {
     let mut child = KillOnDrop(
-        Command::new(example())
+        Command::new(example("graceful_shutdown"))
             .env("PORT", "0")
             .stdout(Stdio::piped())
             .spawn()
