@@ -1,11 +1,12 @@
-//! Cancellation across services: a client → A (plain hyper, HTTP/1.1) → B (tonic) → C (axum),
+//! Cancellation across services: a client → A (plain hyper, HTTP/1.1) → B (tonic) → C (axum,
+//! called over Connect),
 //! three real servers on loopback in one process, each behind a `CancellationLayer`, each
 //! calling the next through a `PropagateLayer`. Runs by itself and prints a timeline:
 //!
 //! 1. The client gives up on its request at A: A, B and C are cancelled in that order, within
 //!    a fraction of a millisecond per hop.
-//! 2. A has a 300 ms deadline: B and C receive it as a shorter `grpc-timeout`, and all three
-//!    stop at it.
+//! 2. A has a 300 ms deadline: B receives it as a shorter `grpc-timeout` and C as a shorter
+//!    `connect-timeout-ms`, and all three stop at it.
 //! 3. A's server shuts down with the call in flight: A's handler is not dropped, so only its
 //!    `PropagateLayer` can stop the call it waits on; it fails with `InboundCancelled`, which
 //!    tonic reports as `UNAVAILABLE`, and A answers 503.

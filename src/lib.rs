@@ -144,7 +144,6 @@
 #![forbid(unsafe_code)]
 
 mod event;
-mod grpc_timeout;
 mod handle;
 mod integrations;
 mod loom;
@@ -157,6 +156,7 @@ mod scope;
 pub mod server;
 #[cfg(feature = "socket2")]
 pub mod tcp;
+mod timeout_header;
 
 pub use handle::{MissingCancellationLayer, RequestCancellation};
 pub use propagate::{InboundCancelled, PropagateLayer};
@@ -181,7 +181,12 @@ pub fn __live_scopes() -> usize {
 pub mod __fuzz {
     /// The `grpc-timeout` parser: the duration, or `None` for a malformed value.
     pub fn grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
-        crate::grpc_timeout::parse(value).ok()
+        crate::timeout_header::grpc::parse(value).ok()
+    }
+
+    /// The millisecond parser of `connect-timeout-ms` and `x-envoy-expected-rq-timeout-ms`.
+    pub fn millis_timeout(value: &[u8]) -> Option<std::time::Duration> {
+        crate::timeout_header::millis::parse(value).ok()
     }
 }
 

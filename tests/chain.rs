@@ -101,7 +101,7 @@ async fn a_client_leaving_a_cancels_b_then_c() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deadline_at_a_arrives_at_c_as_a_shorter_grpc_timeout() {
+async fn a_deadline_at_a_arrives_at_b_as_grpc_timeout_and_at_c_as_connect_timeout_ms() {
     let timeline = Timeline::new(false);
     let a = serve_chain(
         &timeline,
@@ -118,22 +118,26 @@ async fn a_deadline_at_a_arrives_at_c_as_a_shorter_grpc_timeout() {
     timeline.wait_for("C: cancelled").await;
     settle().await;
 
-    let timeout_at = |prefix: &str| -> Duration {
+    let header_at = |prefix: &str, header: &str| -> String {
         let events = timeline.events();
         let (_, event) = events
             .iter()
             .find(|(_, event)| event.starts_with(prefix))
             .unwrap_or_else(|| panic!("no {prefix}: {events:#?}"));
         let value = event
-            .rsplit("grpc-timeout ")
+            .rsplit(&format!("{header} "))
             .next()
             .unwrap()
             .trim_end_matches(')');
-        parse(value)
+        value.to_owned()
     };
-    let at_b = timeout_at("B: call started");
-    let at_c = timeout_at("C: request started");
-    println!("grpc-timeout: {at_b:?} at B, {at_c:?} at C (A's timeout: 600 ms)");
+    let at_b = parse(&header_at("B: call started", "grpc-timeout"));
+    let at_c = header_at("C: request started", "connect-timeout-ms");
+    let at_c = Duration::from_millis(
+        at_c.parse()
+            .unwrap_or_else(|_| panic!("connect-timeout-ms {at_c:?}")),
+    );
+    println!("grpc-timeout {at_b:?} at B, connect-timeout-ms {at_c:?} at C (A's timeout: 600 ms)");
     assert!(at_b < Duration::from_millis(600), "B got {at_b:?}");
     assert!(at_c < at_b, "C got {at_c:?}, B {at_b:?}");
     // B and C stop at their deadline, or when the hop before them resets the call at its own

@@ -1,5 +1,6 @@
-//! Deadlines over real sockets: the layer's `timeout`, the `grpc-timeout` header (the shorter
-//! wins), per-route deadlines, the body phase, and malformed headers.
+//! Deadlines over real sockets: the layer's `timeout`, the deadline headers (`grpc-timeout`,
+//! `connect-timeout-ms`, `x-envoy-expected-rq-timeout-ms`; the shortest of all wins), per-route
+//! deadlines, the body phase, and malformed headers.
 
 mod common;
 
@@ -261,4 +262,162 @@ fn a_runtime_without_timers_leaves_the_deadline_unenforced_without_panicking() {
         response.into_body().collect().await.unwrap().to_bytes()
     });
     assert_eq!(body, "None");
+}
+
+/// Turns on one deadline header convention.
+type Honour = fn(CancellationLayer) -> CancellationLayer;
+
+/// The three deadline headers, their unit suffix, and the layer option that honours each.
+const CONVENTIONS: [(&str, &str, Honour); 3] = [
+    ("grpc-timeout", "m", |layer| layer.grpc_timeout(true)),
+    ("connect-timeout-ms", "", |layer| {
+        layer.connect_timeout(true)
+    }),
+    ("x-envoy-expected-rq-timeout-ms", "", |layer| {
+        layer.envoy_timeout(true)
+    }),
+];
+
+fn with_headers(
+    server: &Server,
+    path: &str,
+    headers: &[(&'static str, String)],
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut request = h2_get(server, path);
+    for (name, value) in headers {
+        request.headers_mut().append(*name, value.parse().unwrap());
+    }
+    request
+}
+
+#[tokio::test]
+async fn each_deadline_header_cancels_when_honoured_and_is_ignored_otherwise() {
+    for (header, unit, honour) in CONVENTIONS {
+        // Honoured: a 30 s handler that honours its token answers 503 at the header's 80 ms.
+        let log = Log::default();
+        let server = serve(&log, honour(log.layer("layer"))).await;
+        let (mut h2, _conn, _socket) = h2_client(&server).await;
+        let before = Instant::now();
+        let value = format!("80{unit}");
+        let request = with_headers(&server, "/honour", &[(header, value)]);
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 503, "{header}");
+        assert_eq!(
+            log.with_prefix("layer"),
+            ["layer /honour deadline_exceeded handler"],
+            "{header}"
+        );
+        let rc = &log.handles()[0];
+        assert_eq!(
+            rc.reason(),
+            Some(CancelReason::DeadlineExceeded),
+            "{header}"
+        );
+        assert_deadline_is(rc.deadline(), before, Duration::from_millis(80));
+
+        // Not honoured by a layer without the option (the others on): no deadline at all.
+        let log = Log::default();
+        let others = CONVENTIONS
+            .iter()
+            .filter(|(name, ..)| *name != header)
+            .fold(log.layer("layer"), |layer, (_, _, on)| on(layer));
+        let server = serve(&log, others).await;
+        let (mut h2, _conn, _socket) = h2_client(&server).await;
+        let request = with_headers(&server, "/full", &[(header, format!("1{unit}"))]);
+        let response = h2.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello", "{header}");
+        assert_eq!(log.handles()[0].deadline(), None, "{header}");
+        assert_all_completed(&log);
+    }
+}
+
+#[tokio::test]
+async fn the_shortest_deadline_of_every_source_wins() {
+    let log = Log::default();
+    let layer = CONVENTIONS
+        .iter()
+        .fold(log.layer("layer"), |layer, (_, _, on)| on(layer))
+        .timeout(Duration::from_secs(40));
+    let server = serve(&log, layer).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    // Each header in turn is the shortest (10 s); the others say 20 s and 30 s.
+    for shortest in 0..CONVENTIONS.len() {
+        let headers: Vec<_> = CONVENTIONS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, unit, _))| {
+                let secs = 10 + 10 * ((i + CONVENTIONS.len() - shortest) % CONVENTIONS.len());
+                let value = if unit.is_empty() {
+                    format!("{}", secs * 1000)
+                } else {
+                    format!("{secs}S")
+                };
+                (*name, value)
+            })
+            .collect();
+        let before = Instant::now();
+        let response = h2
+            .send_request(with_headers(&server, "/full", &headers))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        let rc = log.handles().pop().unwrap();
+        assert_deadline_is(rc.deadline(), before, Duration::from_secs(10));
+    }
+    // The layer's own timeout, when it is the shortest.
+    let short = [("connect-timeout-ms", "50000".to_owned())];
+    let before = Instant::now();
+    let response = h2
+        .send_request(with_headers(&server, "/full", &short))
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    let rc = log.handles().pop().unwrap();
+    assert_deadline_is(rc.deadline(), before, Duration::from_secs(40));
+    assert_all_completed(&log);
+}
+
+#[tokio::test]
+async fn malformed_millisecond_deadlines_are_ignored() {
+    let log = Log::default();
+    let layer = log.layer("layer").connect_timeout(true).envoy_timeout(true);
+    let server = serve(&log, layer).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    let malformed = [
+        "0",
+        "-5",
+        "+5",
+        "5ms",
+        "5S",
+        "1.5",
+        "1e3",
+        " 5",
+        "12345678901",
+        "",
+    ];
+    let mut sent = 0;
+    for header in ["connect-timeout-ms", "x-envoy-expected-rq-timeout-ms"] {
+        for value in malformed {
+            let request = with_headers(&server, "/full", &[(header, value.to_owned())]);
+            let response = h2.send_request(request).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "hello", "{header}: {value:?}");
+            sent += 1;
+        }
+        // Repeated: as malformed as one bad value.
+        let twice = [(header, "1".to_owned()), (header, "1".to_owned())];
+        let response = h2
+            .send_request(with_headers(&server, "/full", &twice))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        sent += 1;
+    }
+    let handles = log.handles();
+    assert_eq!(handles.len(), sent);
+    for rc in &handles {
+        assert_eq!(rc.deadline(), None);
+    }
+    assert_all_completed(&log);
 }

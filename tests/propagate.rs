@@ -1,5 +1,6 @@
 //! `PropagateLayer` on a hyper-util client against a real server: an inbound request's
-//! deadline becomes the outbound `grpc-timeout`, and its cancellation abandons the outbound
+//! deadline becomes the outbound deadline header of the call's convention (`grpc-timeout`,
+//! `connect-timeout-ms`, or a configured header), and its cancellation abandons the outbound
 //! call even after the call answered, in the middle of its body.
 
 mod common;
@@ -145,6 +146,114 @@ async fn the_inbound_deadline_becomes_the_outbound_grpc_timeout() {
         "at most the 2 s that remained, and not much less: {seen}"
     );
     assert_eq!(grpc_timeout_seen(CancellationLayer::new()).await, "none");
+}
+
+/// Answers with every deadline header it received, `name=value` separated by spaces.
+fn echo_deadline_headers() -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(|req: Request<Incoming>| async move {
+        let names = [
+            "grpc-timeout",
+            "connect-timeout-ms",
+            "x-envoy-upstream-rq-timeout-ms",
+        ];
+        let seen: Vec<String> = names
+            .iter()
+            .flat_map(|name| {
+                req.headers()
+                    .get_all(*name)
+                    .iter()
+                    .map(move |v| format!("{name}={}", v.to_str().unwrap()))
+            })
+            .collect();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen.join(" ")))))
+    })
+}
+
+#[tokio::test]
+async fn each_call_gets_the_deadline_header_of_its_convention() {
+    let downstream = Server::start(echo_deadline_headers()).await;
+    let envoy = http::HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+    // (content-type, connect-protocol-version, query, configured header) → header written
+    let cases = [
+        (Some("application/grpc"), false, "", true, "grpc-timeout"),
+        (
+            Some("application/json"),
+            true,
+            "",
+            true,
+            "connect-timeout-ms",
+        ),
+        (
+            Some("application/connect+proto"),
+            false,
+            "",
+            false,
+            "connect-timeout-ms",
+        ),
+        (
+            None,
+            false,
+            "?connect=v1&encoding=json&message=%7B%7D",
+            true,
+            "connect-timeout-ms",
+        ),
+        (
+            Some("application/json"),
+            false,
+            "",
+            true,
+            "x-envoy-upstream-rq-timeout-ms",
+        ),
+        (None, false, "", false, "grpc-timeout"),
+    ];
+    for (content_type, connect, query, configured, expected) in cases {
+        let url = downstream.url(&format!("/call{query}"));
+        let envoy = envoy.clone();
+        let layer = CancellationLayer::new().timeout(std::time::Duration::from_secs(2));
+        let seen = inbound(layer, move |rc| {
+            let (url, envoy) = (url.clone(), envoy.clone());
+            async move {
+                let mut layer = PropagateLayer::from_inbound(rc);
+                if configured {
+                    layer = layer.deadline_header(envoy);
+                }
+                let mut outbound = layer.layer(client());
+                let mut call = Request::get(url);
+                if let Some(content_type) = content_type {
+                    call = call.header("content-type", content_type);
+                }
+                if connect {
+                    call = call.header("connect-protocol-version", "1");
+                }
+                let call = call.body(Empty::new()).unwrap();
+                let response = outbound.ready().await.unwrap().call(call).await.unwrap();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                String::from_utf8(body.to_vec()).unwrap()
+            }
+        })
+        .await;
+        let case = format!("{content_type:?} connect={connect} {query:?} configured={configured}");
+        let (name, value) = seen
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{case}: {seen:?}"));
+        assert_eq!(name, expected, "{case}: {seen:?}");
+        assert!(
+            !value.contains(' '),
+            "one deadline header only: {case}: {seen:?}"
+        );
+        if expected != "grpc-timeout" {
+            let millis: u64 = value.parse().unwrap();
+            assert!(
+                (1_000..=2_000).contains(&millis),
+                "at most the 2 s that remained, and not much less: {case}: {seen:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -207,39 +207,59 @@ fn no_runtime_for_async_cleanup_is_reported_not_a_panic() {
 }
 
 #[tokio::test]
-async fn malformed_grpc_timeout_is_ignored_with_a_debug_event() {
+async fn malformed_deadline_headers_are_ignored_with_a_debug_event() {
     let capture = events();
     let log = Log::default();
-    let layer = log.layer("layer").grpc_timeout(true);
+    let layer = log
+        .layer("layer")
+        .grpc_timeout(true)
+        .connect_timeout(true)
+        .envoy_timeout(true);
     let server = Server::start(ServiceBuilder::new().layer(layer).service(app(log.clone()))).await;
     let (mut h2, _conn, _socket) = h2_client(&server).await;
-    let mut request = h2_get(&server, "/full");
-    request
-        .headers_mut()
-        .insert("grpc-timeout", "-7S".parse().unwrap());
-    let response = h2.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(log.handles()[0].deadline(), None);
+    // (header, value, why); each value is unique, so its event can be told apart.
+    let cases = [
+        ("grpc-timeout", "-7S", "not an ASCII digit"),
+        ("grpc-timeout", "7s", "unit is not one of H M S m u n"),
+        ("connect-timeout-ms", "0", "zero is not a deadline"),
+        (
+            "connect-timeout-ms",
+            "12345678901",
+            "more digits than the convention allows",
+        ),
+        (
+            "x-envoy-expected-rq-timeout-ms",
+            "15s",
+            "not an ASCII digit",
+        ),
+        ("x-envoy-expected-rq-timeout-ms", "", "no digits"),
+    ];
+    for (header, value, why) in cases {
+        let mut request = h2_get(&server, "/full");
+        request.headers_mut().insert(header, value.parse().unwrap());
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(log.handles().pop().unwrap().deadline(), None, "{header}");
 
-    let events: Vec<_> = capture
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.fields.get("value").map(String::as_str) == Some("\"-7S\""))
-        .cloned()
-        .collect();
-    assert_eq!(events.len(), 1, "{events:#?}");
-    assert_eq!(events[0].level, tracing::Level::DEBUG);
-    assert_eq!(events[0].target, "tower_cancel");
-    assert_eq!(
-        events[0].fields["message"],
-        "ignoring malformed grpc-timeout header"
-    );
-    assert_eq!(
-        events[0].fields["why"],
-        "not an ASCII digit before the unit"
-    );
+        let quoted = format!("{value:?}");
+        let events: Vec<_> = capture
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.fields.get("value") == Some(&quoted))
+            .cloned()
+            .collect();
+        assert_eq!(events.len(), 1, "{header} {value:?}: {events:#?}");
+        assert_eq!(events[0].level, tracing::Level::DEBUG);
+        assert_eq!(events[0].target, "tower_cancel");
+        assert_eq!(
+            events[0].fields["message"],
+            "ignoring a malformed deadline header"
+        );
+        assert_eq!(events[0].fields["header"], header);
+        assert_eq!(events[0].fields["why"], why, "{header} {value:?}");
+    }
 }
 
 #[tokio::test]

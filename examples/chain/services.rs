@@ -110,15 +110,17 @@ impl Timeline {
     }
 }
 
-fn grpc_timeout(headers: &HeaderMap) -> String {
+/// The value of deadline header `name`, or `none`.
+fn deadline_header(headers: &HeaderMap, name: &str) -> String {
     headers
-        .get("grpc-timeout")
+        .get(name)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("none")
         .to_owned()
 }
 
-/// C: an axum app whose `/work` runs until its request is cancelled.
+/// C: an axum app whose `/work` (a Connect unary method, called with `GET`) runs until its
+/// request is cancelled; it honours the caller's `connect-timeout-ms`.
 pub async fn serve_c(timeline: Timeline) -> SocketAddr {
     async fn work(
         State(timeline): State<Timeline>,
@@ -126,8 +128,8 @@ pub async fn serve_c(timeline: Timeline) -> SocketAddr {
         headers: HeaderMap,
     ) -> String {
         timeline.record(format!(
-            "C: request started (grpc-timeout {})",
-            grpc_timeout(&headers)
+            "C: request started (connect-timeout-ms {})",
+            deadline_header(&headers, "connect-timeout-ms")
         ));
         let t = timeline.clone();
         cancel.on_cancel(move |_| t.record("C: handler cleanup ran"));
@@ -136,7 +138,7 @@ pub async fn serve_c(timeline: Timeline) -> SocketAddr {
         format!("C stopped: {reason}")
     }
 
-    let layer = timeline.layer("C").grpc_timeout(true);
+    let layer = timeline.layer("C").connect_timeout(true);
     let app = axum::Router::new()
         .route("/work", get(work))
         .layer(layer)
@@ -168,17 +170,21 @@ impl Reports for B {
         let cancel = RequestCancellation::from_extensions(request.extensions())?;
         self.timeline.record(format!(
             "B: call started (grpc-timeout {})",
-            grpc_timeout(request.metadata().as_ref()),
+            deadline_header(request.metadata().as_ref(), "grpc-timeout"),
         ));
         let t = self.timeline.clone();
         cancel.on_cancel(move |_| t.record("B: handler cleanup ran"));
 
-        // The call to C carries this call's cancellation and deadline.
+        // The call to C carries this call's cancellation and deadline. It speaks Connect (a
+        // unary `GET`, `connect=v1` in its query), so the deadline goes in `connect-timeout-ms`.
         let mut c: PropagateService<CClient> =
             PropagateLayer::from_inbound(cancel).layer(self.client.clone());
-        let call = Request::get(format!("http://{}/work", self.c))
-            .body(Empty::new())
-            .unwrap();
+        let call = Request::get(format!(
+            "http://{}/work?connect=v1&encoding=json&message=%7B%7D",
+            self.c
+        ))
+        .body(Empty::new())
+        .unwrap();
         let response = match c.ready().await.map_err(internal)?.call(call).await {
             Ok(response) => response,
             Err(error) => {

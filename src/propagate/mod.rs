@@ -27,15 +27,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http::header::HeaderName;
 use http::{Request, Response};
 use http_body::Body;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::grpc_timeout;
 use crate::handle::RequestCancellation;
 use crate::macros::inner_service_accessors;
+use crate::timeout_header;
 
 mod body;
 mod error;
@@ -55,12 +56,18 @@ pub use self::future::PropagateFuture;
 /// [`PropagateLayer::from_inbound`], or else one in the outbound request's extensions (insert
 /// a clone there; a tonic `Request`'s extensions become the HTTP request's). Then:
 ///
-/// * **Deadline.** If the inbound request has a deadline, the outbound request carries a
-///   `grpc-timeout` header with the time that remains: never longer (rounded down), never
-///   below one unit (`1n` once it has passed), and never longer than a `grpc-timeout` the
-///   request already had. No deadline, no header. A server behind a
-///   [`CancellationLayer`](crate::CancellationLayer) with
-///   [`grpc_timeout(true)`](crate::CancellationLayer::grpc_timeout), and tonic, enforce it.
+/// * **Deadline.** If the inbound request has a deadline, the outbound request carries the
+///   time that remains, in the convention it speaks: `grpc-timeout` for gRPC (a
+///   `content-type` of `application/grpc…`), `connect-timeout-ms` for Connect (a
+///   `connect-protocol-version` header, a `content-type` of `application/connect+…`, or
+///   `connect=v1` in the query), and for anything else `grpc-timeout`, or the header set
+///   with [`deadline_header`](Self::deadline_header) in milliseconds. The value is never
+///   longer than what remains (rounded down), never below one unit (`1n`, or `1` ms, once
+///   it has passed), and never longer than a value the request already had in that header.
+///   No deadline, no header. A server behind a [`CancellationLayer`](crate::CancellationLayer)
+///   with [`grpc_timeout(true)`](crate::CancellationLayer::grpc_timeout) or
+///   [`connect_timeout(true)`](crate::CancellationLayer::connect_timeout) enforces it, and
+///   so do tonic and Connect servers.
 /// * **Cancellation.** When the inbound request is cancelled (its client left, the server shuts
 ///   down, its deadline passed, or the token was cancelled), the outbound call is abandoned:
 ///   its response future, or its response body if the call already answered, is dropped, so
@@ -108,6 +115,7 @@ pub use self::future::PropagateFuture;
 #[derive(Clone, Debug, Default)]
 pub struct PropagateLayer {
     inbound: Option<RequestCancellation>,
+    deadline_header: Option<HeaderName>,
 }
 
 impl PropagateLayer {
@@ -121,7 +129,26 @@ impl PropagateLayer {
     pub fn from_inbound(inbound: RequestCancellation) -> Self {
         Self {
             inbound: Some(inbound),
+            deadline_header: None,
         }
+    }
+
+    /// For outbound requests that are neither gRPC nor Connect: write the time that remains
+    /// in header `name`, in whole milliseconds (rounded down, at least 1), instead of
+    /// `grpc-timeout`. For example `x-envoy-upstream-rq-timeout-ms`, which an Envoy in front
+    /// of the downstream service takes as the route's timeout.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_cancel::PropagateLayer;
+    ///
+    /// let layer = PropagateLayer::new()
+    ///     .deadline_header(HeaderName::from_static("x-envoy-upstream-rq-timeout-ms"));
+    /// # let _ = layer;
+    /// ```
+    pub fn deadline_header(mut self, name: HeaderName) -> Self {
+        self.deadline_header = Some(name);
+        self
     }
 }
 
@@ -132,6 +159,7 @@ impl<S> Layer<S> for PropagateLayer {
         PropagateService {
             inner,
             inbound: self.inbound.clone(),
+            deadline_header: self.deadline_header.clone(),
         }
     }
 }
@@ -141,6 +169,7 @@ impl<S> Layer<S> for PropagateLayer {
 pub struct PropagateService<S> {
     inner: S,
     inbound: Option<RequestCancellation>,
+    deadline_header: Option<HeaderName>,
 }
 
 impl<S> PropagateService<S> {
@@ -168,7 +197,10 @@ where
             .clone()
             .or_else(|| req.extensions().get::<RequestCancellation>().cloned());
         if let Some(deadline) = inbound.as_ref().and_then(RequestCancellation::deadline) {
-            grpc_timeout::set(req.headers_mut(), deadline);
+            let (mut parts, body) = req.into_parts();
+            let other = self.deadline_header.as_ref();
+            timeout_header::propagate(&mut parts.headers, &parts.uri, deadline, other);
+            req = Request::from_parts(parts, body);
         }
         PropagateFuture {
             inner: Some(self.inner.call(req)),

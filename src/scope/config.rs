@@ -14,12 +14,12 @@ use tokio::runtime::Handle;
 use tracing::Span;
 
 use crate::event::request_event;
-use crate::grpc_timeout;
 use crate::record::Cancelled;
 use crate::runtime::callback::{Callback, contain, contain_async};
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::shutdown::{Closed, InFlight, Registration, Shutdown};
+use crate::timeout_header::Conventions;
 
 /// Aligned so that, inside its `Arc`, the fields start on their own cache lines (128 bytes
 /// covers adjacent-line prefetch): every request writes the `Arc`'s reference count, and
@@ -35,7 +35,8 @@ pub(crate) struct Config {
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) shutdown: Option<Shutdown>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) grpc_timeout: bool,
+    /// The deadline headers honoured.
+    pub(crate) deadline_headers: Conventions,
 }
 
 impl Config {
@@ -47,7 +48,7 @@ impl Config {
             limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
             shutdown: None,
             timeout: None,
-            grpc_timeout: false,
+            deadline_headers: Conventions::default(),
         }
     }
 
@@ -70,13 +71,13 @@ impl Config {
         }
     }
 
-    /// How long a request with these headers may run: the shorter of the layer's timeout and
-    /// a valid `grpc-timeout` header (when honoured).
+    /// How long a request with these headers may run: the shortest of the layer's timeout and
+    /// the well-formed deadline headers of the honoured conventions.
     pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<TimeLimit> {
-        let header = if self.grpc_timeout {
-            grpc_timeout::from_headers(headers)
-        } else {
+        let header = if self.deadline_headers.is_empty() {
             None
+        } else {
+            self.deadline_headers.shortest(headers)
         };
         TimeLimit::earliest(
             self.timeout.map(TimeLimit::server),

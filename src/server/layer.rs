@@ -16,6 +16,7 @@ use crate::runtime::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
 use crate::runtime::shutdown::Shutdown;
 use crate::scope::config::Config;
 use crate::server::service::{Attached, CancellationService, Detached};
+use crate::timeout_header::Conventions;
 
 /// A [`Layer`] that gives every request a cancellation scope and runs cleanup when the
 /// request is abandoned.
@@ -189,7 +190,9 @@ impl<M> CancellationLayer<M> {
     }
 
     /// Honours the `grpc-timeout` request header (gRPC over HTTP/2): its deadline applies as
-    /// if given to [`timeout`](Self::timeout), and the shorter of the two wins.
+    /// if given to [`timeout`](Self::timeout), and the shortest deadline of all wins (this,
+    /// `timeout`, [`connect_timeout`](Self::connect_timeout) and
+    /// [`envoy_timeout`](Self::envoy_timeout), each only if set).
     ///
     /// A valid value is 1 to 8 ASCII digits followed by one unit: `H` (hours), `M` (minutes),
     /// `S` (seconds), `m` (milliseconds), `u` (microseconds) or `n` (nanoseconds). Anything
@@ -201,7 +204,42 @@ impl<M> CancellationLayer<M> {
     /// deadline and records their drops as `Disconnected`. With it, a drop at the deadline is
     /// recorded as [`DeadlineExceeded`](crate::CancelReason::DeadlineExceeded).
     pub fn grpc_timeout(self, honour: bool) -> Self {
-        self.configure(|config| config.grpc_timeout = honour)
+        self.honour(Conventions::GRPC, honour)
+    }
+
+    /// Honours the `connect-timeout-ms` request header ([Connect RPC]): its deadline applies
+    /// as if given to [`timeout`](Self::timeout), and the shortest deadline of all wins.
+    ///
+    /// A valid value is a positive whole number of milliseconds, 1 to 10 ASCII digits. Anything
+    /// else (empty, `0`, 11 digits or more, a sign, a space, a unit, or the header repeated) is
+    /// ignored with a `debug` event on target `tower_cancel`. Connect clients enforce their
+    /// deadline themselves, so a drop a moment before it counts as
+    /// [`DeadlineExceeded`](crate::CancelReason::DeadlineExceeded), as for `grpc-timeout`.
+    ///
+    /// [Connect RPC]: https://connectrpc.com/docs/protocol/
+    pub fn connect_timeout(self, honour: bool) -> Self {
+        self.honour(Conventions::CONNECT, honour)
+    }
+
+    /// Honours the `x-envoy-expected-rq-timeout-ms` request header, which Envoy (and so Istio)
+    /// sends to the upstream it routes to: the route's timeout in milliseconds. Its deadline
+    /// applies as if given to [`timeout`](Self::timeout), and the shortest deadline of all
+    /// wins.
+    ///
+    /// The value is read as for [`connect_timeout`](Self::connect_timeout): 1 to 10 ASCII
+    /// digits, not `0` (a route timeout of 0 disables it). Envoy resets the upstream request
+    /// when its route timeout passes, so a drop a moment before the deadline counts as
+    /// [`DeadlineExceeded`](crate::CancelReason::DeadlineExceeded). Turn it on only behind an
+    /// Envoy that sets the header: a client could send it too, and would only shorten its own
+    /// request.
+    pub fn envoy_timeout(self, honour: bool) -> Self {
+        self.honour(Conventions::ENVOY, honour)
+    }
+
+    fn honour(self, convention: Conventions, honour: bool) -> Self {
+        self.configure(|config| {
+            config.deadline_headers = config.deadline_headers.set(convention, honour);
+        })
     }
 
     /// Bounds the async cleanups of this layer: at most `max_running` run at once, at most
@@ -312,7 +350,7 @@ impl<M> fmt::Debug for CancellationLayer<M> {
             .field("cleanups", &config.limiter)
             .field("shutdown", &config.shutdown)
             .field("timeout", &config.timeout)
-            .field("grpc_timeout", &config.grpc_timeout)
+            .field("deadline_headers", &config.deadline_headers)
             .finish()
     }
 }

@@ -2,50 +2,16 @@
 //! ASCII digits and one of `H M S m u n`. Parsed on the way in (a server's deadline), encoded
 //! on the way out (the time that remains, for a downstream call).
 
-use std::fmt;
 use std::time::Duration;
 
 use http::HeaderMap;
 use http::header::HeaderValue;
 use tokio::time::Instant;
 
-use crate::event::TARGET;
+use crate::timeout_header::{self, Malformed, lookup};
 
 /// The header gRPC clients send their deadline in (gRPC over HTTP/2, "Requests").
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
-
-/// Why a `grpc-timeout` value was ignored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Malformed {
-    /// More than one `grpc-timeout` header.
-    Repeated,
-    /// No digits before the unit (this includes an empty value).
-    NoDigits,
-    /// More than the 8 digits the specification allows.
-    TooManyDigits,
-    /// Something other than ASCII digits before the unit (a sign, a space, a dot...).
-    NotADigit,
-    /// The last byte is not one of `H M S m u n`.
-    UnknownUnit,
-}
-
-impl Malformed {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Repeated => "more than one grpc-timeout header",
-            Self::NoDigits => "no digits before the unit",
-            Self::TooManyDigits => "more than 8 digits",
-            Self::NotADigit => "not an ASCII digit before the unit",
-            Self::UnknownUnit => "unit is not one of H M S m u n",
-        }
-    }
-}
-
-impl fmt::Display for Malformed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Parses a `grpc-timeout` value: 1 to 8 ASCII digits, then one of `H M S m u n`.
 ///
@@ -54,20 +20,8 @@ pub(crate) fn parse(value: &[u8]) -> Result<Duration, Malformed> {
     let Some((&unit, digits)) = value.split_last() else {
         return Err(Malformed::NoDigits);
     };
-    if digits.is_empty() {
-        return Err(Malformed::NoDigits);
-    }
-    if digits.len() > 8 {
-        return Err(Malformed::TooManyDigits);
-    }
-    let mut amount: u64 = 0;
-    for &digit in digits {
-        if !digit.is_ascii_digit() {
-            return Err(Malformed::NotADigit);
-        }
-        // At most 8 digits: no overflow possible.
-        amount = amount * 10 + u64::from(digit - b'0');
-    }
+    // At most 8 digits: no overflow below.
+    let amount = timeout_header::digits(digits, 8)?;
     Ok(match unit {
         b'H' => Duration::from_secs(amount * 3600),
         b'M' => Duration::from_secs(amount * 60),
@@ -82,25 +36,7 @@ pub(crate) fn parse(value: &[u8]) -> Result<Duration, Malformed> {
 /// The `grpc-timeout` of a request, if it carries a well-formed one. A malformed one is
 /// ignored with a `debug` event.
 pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Duration> {
-    let mut values = headers.get_all(GRPC_TIMEOUT).iter();
-    let value = values.next()?;
-    let parsed = if values.next().is_some() {
-        Err(Malformed::Repeated)
-    } else {
-        parse(value.as_bytes())
-    };
-    match parsed {
-        Ok(timeout) => Some(timeout),
-        Err(why) => {
-            tracing::debug!(
-                target: TARGET,
-                value = ?value,
-                why = why.as_str(),
-                "ignoring malformed grpc-timeout header",
-            );
-            None
-        }
-    }
+    lookup(headers, GRPC_TIMEOUT, parse)
 }
 
 /// Sets `grpc-timeout` to the time left until `deadline` (measured now, when the call is
