@@ -1,6 +1,7 @@
 //! An axum server with an app-wide `CancellationLayer`, per-route layers (extra cleanup on one
 //! route, a detached route that must finish), an SSE stream that stops when its client leaves,
-//! and the `RequestCancellation` extractor.
+//! an upload route whose client may stall (`RequestBodyLayer::idle_timeout`: 408), and the
+//! `RequestCancellation` extractor.
 //!
 //! Run with: cargo run --example axum
 //!
@@ -10,6 +11,11 @@
 //! curl --max-time 1 'http://127.0.0.1:3000/report?seconds=10'  # stops at once, cleanup runs
 //! curl --max-time 2 -N http://127.0.0.1:3000/events            # SSE: cancelled in the body phase
 //! curl --max-time 1 -X POST http://127.0.0.1:3000/upload         # per-route cleanup runs too
+//! curl -X POST --data-binary @Cargo.toml http://127.0.0.1:3000/upload  # stored after 3 s
+//! # declares 100 bytes, sends 4, then stalls: `408 Request Timeout` after 5 s, cleanup runs
+//! curl -H 'content-length: 100' --data-binary part http://127.0.0.1:3000/upload
+//! # slow but steady (a line every 3 s): no timeout, stored
+//! (for i in 1 2 3 4; do echo $i; sleep 3; done) | curl -X POST -T - http://127.0.0.1:3000/upload
 //! curl --max-time 1 -X POST http://127.0.0.1:3000/pay            # detached: still commits after 3 s
 //! ```
 //!
@@ -19,11 +25,15 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::RawQuery;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
+use tower::ServiceBuilder;
+use tower_cancel::request_body::{IdleTimeout, RequestBodyLayer};
 use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
 
 /// Work that is pointless once nobody waits for it: stops as soon as the client leaves.
@@ -50,11 +60,33 @@ async fn events() -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     Sse::new(ticks).keep_alive(KeepAlive::default())
 }
 
-/// An upload that leaves a temporary file behind if the client goes away.
-async fn upload(cancel: RequestCancellation) -> &'static str {
+/// An upload that leaves a temporary file behind if the client goes away, or stalls: the
+/// route's cleanup removes it. A client that sends nothing for 5 s mid-body gets a 408.
+async fn upload(cancel: RequestCancellation, body: Body) -> (StatusCode, String) {
     println!("upload: receiving into /tmp/upload.part");
-    cancel.cancelled().await;
-    "unreachable: the client left"
+    let mut body = body.into_data_stream();
+    let mut received = 0;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => received += bytes.len(),
+            // `RequestBodyLayer::idle_timeout`: the request is cancelled (DeadlineExceeded).
+            Err(error) => match IdleTimeout::find(&error) {
+                Some(timeout) => {
+                    println!("upload: stalled after {received} bytes: {timeout}");
+                    return (StatusCode::REQUEST_TIMEOUT, format!("{timeout}\n"));
+                }
+                None => return (StatusCode::BAD_REQUEST, format!("upload failed: {error}\n")),
+            },
+        }
+    }
+    println!("upload: received {received} bytes, storing them");
+    // A client that leaves now is seen by hyper, which drops this future: the cleanup runs.
+    tokio::select! {
+        reason = cancel.cancelled() => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        _ = tokio::time::sleep(Duration::from_secs(3)) => {
+            (StatusCode::OK, format!("stored {received} bytes\n"))
+        }
+    }
 }
 
 /// A payment must not stop halfway: this route is detached, so it runs to its end.
@@ -79,9 +111,14 @@ async fn main() -> std::io::Result<()> {
         .route("/events", get(events))
         .route(
             "/upload",
-            post(upload).route_layer(CancellationLayer::new().on_cancel(|_: &Cancelled| {
-                println!("upload: removing /tmp/upload.part");
-            })),
+            post(upload).route_layer(
+                ServiceBuilder::new()
+                    .layer(CancellationLayer::new().on_cancel(|_: &Cancelled| {
+                        println!("upload: removing /tmp/upload.part");
+                    }))
+                    // A read that waits 5 s for body bytes fails with `IdleTimeout`.
+                    .layer(RequestBodyLayer::new().idle_timeout(Duration::from_secs(5))),
+            ),
         )
         .route(
             "/pay",

@@ -73,6 +73,13 @@ impl RequestCancellation {
         self.scope.cancel(CancelReason::Disconnected);
     }
 
+    /// No request-body bytes arrived for the body's idle timeout while the handler waited for
+    /// them: cancels the request with `DeadlineExceeded` in its current phase (`Handler` while
+    /// the handler runs), unless it already ended.
+    pub(crate) fn body_timed_out(&self) {
+        self.scope.cancel(CancelReason::DeadlineExceeded);
+    }
+
     pub(crate) fn scope_arc(&self) -> &Arc<Scope> {
         &self.scope
     }

@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
             YieldOnce(false).await;
         }
         let bytes = req.into_body().collect().await?.to_bytes();
-        Ok::<_, Infallible>(Response::new(bytes))
+        Ok::<_, tower::BoxError>(Response::new(bytes))
     });
     let layer = RequestBodyLayer::new()
         .read_ahead(limit)

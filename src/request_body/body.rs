@@ -9,11 +9,19 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::handle::RequestCancellation;
-use crate::request_body::read_ahead::{ForHandler, ReadAhead};
+use crate::request_body::idle::{BoxError, IdleClock};
+use crate::request_body::read_ahead::{ForHandler, PollFrame, ReadAhead};
 
 pin_project! {
     /// The request body as the handler behind [`RequestBodyLayer`] sees it: the original
     /// body's frames, in order, whether or not some were read ahead.
+    ///
+    /// # Errors
+    ///
+    /// The error type is a box (as `tower::BoxError`): it holds the original body's error,
+    /// unchanged (`error.downcast_ref::<hyper::Error>()` finds hyper's), or, with an
+    /// [`idle_timeout`], an [`IdleTimeout`]. After an `IdleTimeout` the body is over: it
+    /// yields `None` and never polls the original body again.
     ///
     /// # Panics
     ///
@@ -21,9 +29,15 @@ pin_project! {
     /// the response future, where the server reports it), polling this body after the frames
     /// read before the panic panics with "the request body panicked while it was read ahead",
     /// rather than ending the body early.
+    ///
+    /// [`RequestBodyLayer`]: crate::request_body::RequestBodyLayer
+    /// [`IdleTimeout`]: crate::request_body::IdleTimeout
+    /// [`idle_timeout`]: crate::request_body::RequestBodyLayer::idle_timeout
     pub struct RequestBody<B: Body> {
         #[pin]
         pub(crate) kind: Kind<B>,
+        // With an idle timeout only.
+        pub(crate) idle: Option<IdleClock>,
     }
 }
 
@@ -37,15 +51,17 @@ pin_project! {
     }
 }
 
-impl<B: Body> Body for RequestBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+impl<B: Body> Kind<B> {
+    fn request(&self) -> Option<&RequestCancellation> {
+        match self {
+            Kind::Direct { request, .. } => request.as_ref(),
+            Kind::Shared { shared, .. } => shared.request.as_ref(),
+        }
+    }
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let (inner, request) = match self.project().kind.project() {
+    /// The next frame for the handler: read ahead, or from the body itself.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame<B> {
+        let (inner, request) = match self.project() {
             KindProj::Direct { inner, request } => (inner, request.as_ref()),
             KindProj::Shared { shared, own } => {
                 if own.is_none() {
@@ -64,8 +80,48 @@ impl<B: Body> Body for RequestBody<B> {
         }
         poll
     }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let mut this = self.project();
+        let Some(idle) = this.idle else {
+            return this.kind.poll_next(cx).map_err(Into::into);
+        };
+        if idle.expired() {
+            return Poll::Ready(None);
+        }
+        match this.kind.as_mut().poll_next(cx) {
+            Poll::Ready(next) => {
+                idle.stop();
+                Poll::Ready(next.map(|next| next.map_err(Into::into)))
+            }
+            Poll::Pending => match idle.poll_wait(cx) {
+                Poll::Ready(timeout) => {
+                    if let Some(request) = this.kind.as_ref().get_ref().request() {
+                        request.body_timed_out();
+                    }
+                    Poll::Ready(Some(Err(timeout.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 
     fn is_end_stream(&self) -> bool {
+        if self.idle.as_ref().is_some_and(IdleClock::expired) {
+            return true;
+        }
         match &self.kind {
             Kind::Direct { inner, .. } => inner.is_end_stream(),
             Kind::Shared {
@@ -76,6 +132,9 @@ impl<B: Body> Body for RequestBody<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.idle.as_ref().is_some_and(IdleClock::expired) {
+            return SizeHint::with_exact(0);
+        }
         match &self.kind {
             Kind::Direct { inner, .. } => inner.size_hint(),
             Kind::Shared {
@@ -91,6 +150,7 @@ impl<B: Body> fmt::Debug for RequestBody<B> {
         let read_ahead = matches!(self.kind, Kind::Shared { .. });
         f.debug_struct("RequestBody")
             .field("read_ahead", &read_ahead)
+            .field("idle", &self.idle)
             .finish_non_exhaustive()
     }
 }

@@ -15,6 +15,16 @@
 //! frames from the [`RequestBody`]. A failed read, by either, cancels the request with
 //! `Disconnected`.
 //!
+//! A client can also stall: send the head and part of the body, then nothing, with the
+//! connection open. With an [`idle_timeout`](RequestBodyLayer::idle_timeout), a handler that
+//! waits that long for body bytes gets an [`IdleTimeout`] error from its read (answer
+//! `408 Request Timeout`), and the request is cancelled with `DeadlineExceeded`, in the phase
+//! it is in (`Handler` while the handler runs, the usual case). The clock runs only while the
+//! handler waits for the body: it starts when a read finds nothing ready and stops when a
+//! frame arrives, so a slow but steady upload never times out, and neither does a handler
+//! that is busy elsewhere while the body waits for it. The body's error type is a box
+//! (`tower::BoxError`), holding the original body's error unchanged or the `IdleTimeout`.
+//!
 //! ```
 //! use http::{Request, Response};
 //! use http_body_util::BodyExt;
@@ -42,6 +52,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Request;
 use http_body::Body;
@@ -53,6 +64,7 @@ use crate::macros::inner_service_accessors;
 
 mod body;
 mod future;
+mod idle;
 mod read_ahead;
 // Not under loom: these tests run std threads, outside any loom model.
 #[cfg(all(test, not(tower_cancel_loom)))]
@@ -61,6 +73,8 @@ mod tests;
 use self::body::Kind;
 pub use self::body::RequestBody;
 pub use self::future::RequestBodyFuture;
+pub use self::idle::IdleTimeout;
+use self::idle::{BoxError, IdleClock};
 use self::read_ahead::{Budget, ReadAhead};
 
 /// A [`Layer`] for routes that receive request bodies (uploads): a failed body read caused by
@@ -78,7 +92,9 @@ use self::read_ahead::{Budget, ReadAhead};
 /// Any error the request body reports counts as the client leaving: hyper only fails a
 /// request body for transport reasons (incomplete message, reset stream, malformed chunk).
 /// Layers that produce request-body errors of their own (size limits, timeouts) belong inside
-/// this one, so their errors never pass through it.
+/// this one, so their errors never pass through it. This layer's own
+/// [`idle_timeout`](Self::idle_timeout) is not a client leaving: it cancels with
+/// `DeadlineExceeded`.
 ///
 /// What is read ahead is bounded per request ([`read_ahead`](Self::read_ahead)) and for all
 /// requests together ([`read_ahead_total`](Self::read_ahead_total), 64 MiB by default). The
@@ -102,6 +118,7 @@ use self::read_ahead::{Budget, ReadAhead};
 pub struct RequestBodyLayer {
     read_ahead: usize,
     budget: Arc<Budget>,
+    idle_timeout: Option<Duration>,
 }
 
 impl Default for RequestBodyLayer {
@@ -119,6 +136,7 @@ impl RequestBodyLayer {
         Self {
             read_ahead: 0,
             budget: Arc::new(Budget::new(Self::DEFAULT_READ_AHEAD_TOTAL)),
+            idle_timeout: None,
         }
     }
 
@@ -171,6 +189,95 @@ impl RequestBodyLayer {
         self
     }
 
+    /// Fails the handler's read of its body with [`IdleTimeout`] once it has waited `idle` for
+    /// body bytes that do not come, and cancels the request with
+    /// [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded): for clients
+    /// that send part of a body and then stall, holding the connection and the handler.
+    /// Without it, nothing limits how long a read waits.
+    ///
+    /// The clock runs only while the handler waits for the body. It starts when the
+    /// handler's read finds no frame ready (`poll_frame` returns `Pending`) and stops when a
+    /// frame (data or trailers) reaches the handler; the next wait starts a fresh `idle`. So
+    /// a slow upload that keeps sending never times out, however long it takes, and time the
+    /// handler spends not reading (before its first read, or between frames it was given)
+    /// does not count. A wait that has started runs until a frame arrives, even if the handler
+    /// stops polling meanwhile (a read dropped by a `select!`): the next read sees it. With
+    /// [`read_ahead`](Self::read_ahead), frames already read ahead reach the handler at once;
+    /// a handler waiting for more is on the same clock.
+    ///
+    /// When it runs out, on the handler's read:
+    ///
+    /// * the request's scope (of the [`CancellationLayer`](crate::CancellationLayer) outside)
+    ///   is cancelled with `DeadlineExceeded`, in its current phase: `Phase::Handler` while the
+    ///   handler runs, which is when a handler reads its body (a response body that streams
+    ///   the request body out after the handler returned would see `Phase::Body`). Without a
+    ///   `CancellationLayer` there is nothing to cancel, and the read fails all the same;
+    /// * the read returns `Err` with a boxed [`IdleTimeout`]: answer `408 Request Timeout`
+    ///   (find it with `downcast_ref`, `is`, or [`IdleTimeout::find`] through wrappers such
+    ///   as `axum::Error`);
+    /// * the body is over: it yields `None` from then on and never polls the original body
+    ///   again.
+    ///
+    /// The timeout needs Tokio's timer: on a runtime without the time driver it is not
+    /// enforced, and an `error` event with target `tower_cancel` says so, once per request.
+    /// A zero `idle` fails any read that has to wait.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    ///
+    /// use bytes::Bytes;
+    /// use futures_util::stream::{self, StreamExt};
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body::Frame;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_cancel::request_body::{IdleTimeout, RequestBody, RequestBodyLayer};
+    /// use tower_cancel::{CancelReason, CancellationLayer, Cancelled, Phase};
+    ///
+    /// async fn upload<B>(req: Request<RequestBody<B>>) -> Result<Response<String>, Infallible>
+    /// where
+    ///     B: http_body::Body,
+    ///     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    /// {
+    ///     let (status, text) = match req.into_body().collect().await {
+    ///         Ok(body) => (StatusCode::OK, format!("{} bytes\n", body.to_bytes().len())),
+    ///         Err(e) if e.is::<IdleTimeout>() => (StatusCode::REQUEST_TIMEOUT, format!("{e}\n")),
+    ///         Err(_) => (StatusCode::BAD_REQUEST, "the upload failed\n".to_owned()),
+    ///     };
+    ///     let mut response = Response::new(text);
+    ///     *response.status_mut() = status;
+    ///     Ok(response)
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let (seen, cancelled) = std::sync::mpsc::channel();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(CancellationLayer::new().on_cancel(move |c: &Cancelled| {
+    ///         let _ = seen.send((c.reason(), c.phase()));
+    ///     }))
+    ///     .layer(RequestBodyLayer::new().idle_timeout(Duration::from_secs(30)))
+    ///     .service_fn(upload);
+    ///
+    /// // A client that sends 5 bytes, then stalls.
+    /// let first = Ok::<_, Infallible>(Frame::data(Bytes::from("hello")));
+    /// let stalled = StreamBody::new(stream::iter([first]).chain(stream::pending()));
+    /// let response = svc.oneshot(Request::new(stalled)).await.unwrap();
+    /// assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    /// let text = response.into_body().collect().await.unwrap().to_bytes();
+    /// assert_eq!(text, "no request body bytes arrived for 30s\n");
+    /// assert_eq!(
+    ///     cancelled.try_recv(),
+    ///     Ok((CancelReason::DeadlineExceeded, Phase::Handler))
+    /// );
+    /// # }
+    /// ```
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
     /// Bytes held in read-ahead buffers right now, by all requests served through this layer's
     /// budget (this layer and its clones; see [`read_ahead_total`](Self::read_ahead_total)).
     /// For metrics.
@@ -189,7 +296,7 @@ impl RequestBodyLayer {
     /// let mut svc = layer.layer(service_fn(|req: http::Request<RequestBody<Full<Bytes>>>| async {
     ///     tokio::time::sleep(Duration::from_secs(1)).await; // busy: the body is read ahead
     ///     let body = req.into_body().collect().await?.to_bytes();
-    ///     Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    ///     Ok::<_, tower::BoxError>(http::Response::new(body))
     /// }));
     /// let mut response = std::pin::pin!(svc.call(http::Request::new(Full::from("hello"))));
     /// assert!(tokio::time::timeout(Duration::from_millis(1), &mut response).await.is_err());
@@ -220,6 +327,7 @@ impl<S> Layer<S> for RequestBodyLayer {
             inner,
             read_ahead: self.read_ahead,
             budget: Arc::clone(&self.budget),
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -230,6 +338,7 @@ pub struct RequestBodyService<S> {
     inner: S,
     read_ahead: usize,
     budget: Arc<Budget>,
+    idle_timeout: Option<Duration>,
 }
 
 impl<S> RequestBodyService<S> {
@@ -241,7 +350,7 @@ where
     S: Service<Request<RequestBody<B>>>,
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Send,
+    B::Error: Into<BoxError> + Send,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -255,6 +364,7 @@ where
         let request = req.extensions().get::<RequestCancellation>().cloned();
         let (parts, body) = req.into_parts();
         let reading_ahead = self.read_ahead > 0 && self.budget.total > 0;
+        let idle = self.idle_timeout.map(IdleClock::new);
         let (body, reader) = if reading_ahead && !body.is_end_stream() {
             let budget = Arc::clone(&self.budget);
             let shared = Arc::new(ReadAhead::new(body, request, self.read_ahead, budget));
@@ -264,6 +374,7 @@ where
                         shared: Arc::clone(&shared),
                         own: None,
                     },
+                    idle,
                 },
                 Some(shared),
             )
@@ -274,6 +385,7 @@ where
                         inner: body,
                         request,
                     },
+                    idle,
                 },
                 None,
             )
