@@ -15,7 +15,7 @@ use crate::event::TARGET;
 
 /// The error type of [`RequestBody`](super::RequestBody) (the same as `tower::BoxError`): the
 /// original body's error, or [`IdleTimeout`].
-pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
+pub(crate) use crate::propagate::BoxError;
 
 /// No request-body bytes arrived for the [`idle_timeout`](super::RequestBodyLayer::idle_timeout)
 /// while the handler waited for them.
