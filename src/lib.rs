@@ -82,6 +82,12 @@
 //! * `tonic`: [`CancelReason`] and [`MissingCancellationLayer`] convert into `tonic::Status`,
 //!   so that a tonic method can answer `Err(reason.into())` and use `?` on
 //!   [`RequestCancellation::from_extensions`].
+//! * `socket2`: `tcp::detect_vanished(&stream, bound)` sets TCP keepalive and
+//!   `TCP_USER_TIMEOUT` on an accepted connection, so that a client that vanishes without FIN
+//!   or RST is noticed within `bound`.
+//! * `metrics`: counters of cancellations (by reason and phase) and of async cleanups (run,
+//!   refused, overrun), and a histogram of how long cancelled work ran on after its
+//!   cancellation, on the `metrics` facade; see [`CancellationLayer`]'s "Metrics".
 //!
 //! # Semantics
 //!
@@ -126,6 +132,10 @@
 //! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`
 //!   (fields `reason`, `method`, `path`, `phase`, `elapsed`), inside the span that was
 //!   current when the request entered the layer (for example tower-http's `TraceLayer` span).
+//!   Work that runs on after its cancellation (shutdown, deadline, explicit, detached) emits a
+//!   second `DEBUG` event, "cancelled request stopped", when it stops, with
+//!   `ran_after_cancel` and `stopped`; a dropped request's single event carries
+//!   `stopped = "dropped"` and `ran_after_cancel = 0ns`.
 //!
 //! # What the transport can and cannot see
 //!

@@ -25,6 +25,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::event::request_event;
 use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::Cancelled;
+use crate::runtime::metrics::{self, Cleanup};
 
 /// Default number of async cleanups that may run at once, per layer.
 pub(crate) const DEFAULT_MAX_RUNNING: usize = 64;
@@ -140,6 +141,7 @@ impl Limiter {
         } else {
             drop(state);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::cleanup(Cleanup::Refused);
             drop(job);
             request_event!(
                 warn,
@@ -184,6 +186,7 @@ impl Limiter {
             .map(|c| (c, "running"))
             .chain(queued.iter().map(|c| (c, "queued")))
         {
+            metrics::cleanup(Cleanup::Overrun);
             request_event!(
                 warn,
                 cancelled,
@@ -206,6 +209,7 @@ async fn work(mut slot: RunningSlot, mut job: Job) {
         // The finished cleanup is dropped here, before the lock is taken.
         job.await;
         limiter.completed.fetch_add(1, Ordering::Relaxed);
+        metrics::cleanup(Cleanup::Run);
         let mut state = limiter.lock();
         let Some(next) = state.queue.pop_front() else {
             // Under the lock, so a submitter cannot queue behind a slot that is leaving.
@@ -288,6 +292,7 @@ impl Limiter {
         drop(dropped);
         for cancelled in &lost {
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::cleanup(Cleanup::Refused);
             request_event!(
                 warn,
                 cancelled,
@@ -426,5 +431,46 @@ mod tests {
             .unwrap();
         let drained = other.block_on(limiter.drain(Duration::from_millis(10)));
         assert!(drained.is_ok(), "nothing to wait for: {drained:?}");
+    }
+
+    /// Refused for a full queue or lost with the runtime: both count as `refused`.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn refusals_and_losses_are_counted_under_one_outcome() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            let limiter = Arc::new(Limiter::new(1, 1));
+            let tracker = TaskTracker::new();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                let job: Job = Box::pin(std::future::pending());
+                limiter.submit(job, &tracker, runtime.handle(), &cancelled());
+            }
+            // One running, one queued, one refused; then the runtime takes both others along.
+            drop(runtime);
+            assert_eq!(limiter.counts().refused, 3);
+        });
+        let counted: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let labels: Vec<_> = key.key().labels().map(|l| l.value().to_owned()).collect();
+                (key.key().name().to_owned(), labels, value)
+            })
+            .collect();
+        assert_eq!(
+            counted,
+            [(
+                "tower_cancel_cleanups_total".to_owned(),
+                vec!["refused".to_owned()],
+                DebugValue::Counter(3)
+            )]
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! The mechanisms the scope uses, none of which names it: running a callback with its panic
-//! contained ([`hooks`]), the bounded async cleanup limiter ([`cleanup`]), the sharded shutdown
-//! registry ([`shutdown`]) and the deadline's limits and timer ([`deadline`]).
+//! contained ([`callback`]), the bounded async cleanup limiter ([`cleanup`]), the sharded shutdown
+//! registry ([`shutdown`]), the deadline's limits and timer ([`deadline`]) and the metrics of
+//! feature `metrics` ([`metrics`]).
 
 pub(crate) mod callback;
 pub(crate) mod cleanup;
 pub(crate) mod deadline;
+pub(crate) mod metrics;
 pub(crate) mod shutdown;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::record::Cancelled;
 use crate::runtime::shutdown::Registration;
 use crate::scope::config::Bound;
+use crate::scope::tail::Tail;
 
 pub(crate) type HandlerCallback = Box<dyn FnOnce(&Cancelled) + Send>;
 
@@ -18,6 +19,9 @@ pub(super) struct Callbacks {
     /// Allocated by the first registration: most requests have none, and two empty `Vec`s
     /// would cost every request 48 bytes.
     lists: Option<Box<Lists>>,
+    /// What still runs of the request, for the report of how long it ran on after a
+    /// cancellation (in the padding of the fields above: it costs no space).
+    pub(super) tail: Tail,
 }
 
 #[derive(Default)]

@@ -41,6 +41,8 @@ pub(crate) struct Config {
 
 impl Config {
     pub(crate) fn new() -> Self {
+        // Once per layer, on the recorder installed when it is built (feature `metrics`).
+        crate::runtime::metrics::describe();
         Self {
             callbacks: Vec::new(),
             has_async: false,

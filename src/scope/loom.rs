@@ -18,6 +18,9 @@
 //! * every registration was either run or dropped: nothing registered stays behind (the
 //!   closures hold a marker whose count must return to one), and no layer keeps the scope in
 //!   its shutdown registry.
+//! * every model ends the response (the guard finishes or is dropped) and any detached handler:
+//!   a cancelled request was then reported as stopped (how long it ran on after the
+//!   cancellation) once, a completed one never.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -132,6 +135,16 @@ fn check(scope: &Scope, layers: &[&Runs], handler: &Runs, marker: &Arc<()>) {
             "cancelled without cancelling the token"
         );
     }
+    // Every model ends the response (its guard finishes or is dropped) before this, and any
+    // detached handler returns: a cancelled request was reported as stopped, a completed one
+    // never.
+    let (over, detached, reported) = scope.tail();
+    assert_eq!(detached, 0, "a detached handler still counted as running");
+    assert_eq!(
+        (reported, over),
+        (cancelled == 1, cancelled == 1),
+        "stopped work: reported {reported}, response over {over}, cancelled {cancelled}"
+    );
 }
 
 #[test]
@@ -444,4 +457,32 @@ fn loom_a_registration_after_cancel_returned_is_refused() {
 
         check(&scope, &[&layer], &handler, &marker);
     });
+}
+
+#[test]
+fn loom_a_detached_handler_returning_races_the_drop_and_the_shutdown() {
+    model(
+        "a_detached_handler_returning_races_the_drop_and_the_shutdown",
+        || {
+            let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+            let scope = scope(&config(&layer, None));
+            register(&scope, &handler, &marker);
+            scope.detach();
+
+            let owner = on_thread(&scope, move |scope| scope.abandon());
+            let shutdown = on_thread(&scope, move |scope| {
+                scope.cancel(CancelReason::Shutdown);
+            });
+            scope.detached_stopped(crate::scope::Stopped::Ended);
+            owner.join().unwrap();
+            shutdown.join().unwrap();
+
+            check(&scope, &[&layer], &handler, &marker);
+            assert_eq!(
+                scope.tail(),
+                (true, 0, true),
+                "reported once everything stopped"
+            );
+        },
+    );
 }

@@ -15,6 +15,11 @@
 //! * The deadline is an offset from the start, in an atomic, so that a deeper layer can
 //!   shorten it; the guard's timer follows it. With a shutdown token, the scope is registered
 //!   in the layer's shutdown registry until it leaves the armed state.
+//! * After a cancellation, the request's work may run on (a shutdown, a deadline, an explicit
+//!   cancel, a detached handler: nothing dropped it). When its last part stops (see [`tail`]),
+//!   the scope reports how long it ran on after the cancellation: a `debug` event and a
+//!   histogram. A drop that is itself the cancellation ran on for nothing, and the cancellation's
+//!   own event says so. A request that completes never takes this path.
 
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -32,9 +37,10 @@ use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::{CancelReason, Cancelled, Phase};
 use crate::runtime::callback::contain;
 use crate::runtime::deadline::TimeLimit;
+use crate::runtime::metrics;
 use crate::runtime::shutdown::{InFlight, Registration};
 
-use self::callbacks::{Callbacks, HandlerCallback, Joined, Late, Lists};
+use self::callbacks::{Callbacks, Lists};
 use self::config::Bound;
 use self::state::{
     ARMED_BODY, ARMED_HANDLER, COMPLETED, NO_DEADLINE, REGISTERED, decode, encode, is_armed,
@@ -45,7 +51,11 @@ mod callbacks;
 pub(crate) mod config;
 #[cfg(all(test, tower_cancel_loom))]
 mod loom;
+mod register;
 mod state;
+mod tail;
+
+pub(crate) use self::tail::Stopped;
 
 pub(crate) struct Scope {
     state: AtomicU8,
@@ -225,6 +235,8 @@ impl Scope {
     /// and that side drops the registrations (both doing it is harmless).
     pub(crate) fn finish(&self) {
         if self.token.is_cancelled() {
+            // Stopped first: if this records the cancellation, nothing ran on after it.
+            self.response_stopped(Stopped::Ended);
             self.cancel(CancelReason::Explicit);
             return;
         }
@@ -246,24 +258,8 @@ impl Scope {
                 Err(actual) => current = actual,
             }
         }
-    }
-
-    /// After completion: drops the registrations (outside the lock); joined layers leave their
-    /// shutdown registries. They will never run, and a closure holding a handle to this scope would
-    /// otherwise keep it alive.
-    fn drop_registrations(&self) {
-        let Lists { handler, joined } = self.callbacks().close();
-        for layer in &joined {
-            layer.bound.config().deregister(layer.registration);
-        }
-        drop((handler, joined));
-    }
-
-    /// Called after adding to the callbacks: flags the state, and returns whether the request
-    /// had completed meanwhile, in which case its `finish` may not have seen the addition and
-    /// the caller must drop the registrations (see [`Scope::finish`]).
-    fn flag_registered(&self) -> bool {
-        is_completed(self.state.fetch_or(REGISTERED, Ordering::AcqRel))
+        // Cancelled earlier (a scope completes once, here): the response ran on until now.
+        self.response_stopped(Stopped::Ended);
     }
 
     /// The guard was dropped before the request completed.
@@ -279,6 +275,9 @@ impl Scope {
         } else {
             CancelReason::Disconnected
         };
+        // The handler future or body is gone: it stopped before (or as) the cancellation is
+        // recorded, so a drop that cancels reports that nothing ran on.
+        self.response_stopped(Stopped::Dropped);
         self.cancel(reason);
     }
 
@@ -292,94 +291,6 @@ impl Scope {
     pub(crate) fn notice_token(&self) {
         if is_armed(self.state.load(Ordering::Acquire)) && self.token.is_cancelled() {
             self.cancel(CancelReason::Explicit);
-        }
-    }
-
-    /// Registers a handler callback: runs on cancellation, at once if already cancelled, never
-    /// if the request completes.
-    pub(crate) fn on_cancel(&self, callback: HandlerCallback) {
-        // A token cancelled by application code must be recorded before deciding.
-        self.notice_token();
-        let late = {
-            let mut callbacks = self.callbacks();
-            if !callbacks.closed {
-                callbacks.lists().handler.push(callback);
-                let completed = self.flag_registered();
-                drop(callbacks);
-                if completed {
-                    self.drop_registrations();
-                }
-                return;
-            }
-            self.late(&callbacks)
-        };
-        if let Late::Cancelled(cancelled) = late {
-            self.span().in_scope(|| {
-                contain("on_cancel callback", &cancelled, || callback(&cancelled));
-            });
-        }
-    }
-
-    /// A layer deeper in the stack joins this scope: its time limit can only shorten the
-    /// deadline, its shutdown token cancels the request too, and its callbacks run with the
-    /// others. If the scope was already cancelled, its callbacks run at once.
-    pub(crate) fn join(self: &Arc<Self>, bound: Bound, time_limit: Option<TimeLimit>) {
-        if let Some(limit) = time_limit {
-            self.deadline
-                .fetch_min(nanos(limit.after), Ordering::AcqRel);
-            self.timed_out_from
-                .fetch_min(nanos(limit.timed_out_from), Ordering::AcqRel);
-        }
-        let mut shutting_down = false;
-        let mut completed = false;
-        let late = {
-            let mut callbacks = self.callbacks();
-            if !callbacks.closed {
-                let registration = bound
-                    .config()
-                    .register(Arc::downgrade(self) as Weak<dyn InFlight>)
-                    .unwrap_or_else(|_| {
-                        shutting_down = true;
-                        None
-                    });
-                callbacks.lists().joined.push(Joined {
-                    bound,
-                    registration,
-                });
-                completed = self.flag_registered();
-                None
-            } else {
-                Some((self.late(&callbacks), bound))
-            }
-        };
-        match late {
-            // Completed first: a completed request is not cancelled by a shutdown.
-            None if completed => self.drop_registrations(),
-            None if shutting_down => {
-                self.cancel(CancelReason::Shutdown);
-            }
-            None => {}
-            Some((Late::Cancelled(cancelled), bound)) => {
-                self.span().in_scope(|| bound.run(&cancelled, self.span()));
-            }
-            Some((Late::Completed, _)) => {}
-        }
-    }
-
-    /// Leaves the shutdown registries: the scope is no longer armed.
-    fn deregister(&self, joined: &[Joined]) {
-        self.creator.config().deregister(self.registration);
-        for layer in joined {
-            layer.bound.config().deregister(layer.registration);
-        }
-    }
-
-    fn late(&self, callbacks: &Callbacks) -> Late {
-        match (callbacks.elapsed, self.cancellation()) {
-            (Some(elapsed), Some((reason, phase))) => {
-                Late::Cancelled(self.cancelled(reason, phase, elapsed))
-            }
-            _ => Late::Completed,
         }
     }
 
@@ -411,23 +322,42 @@ impl Scope {
     fn fire(&self, reason: CancelReason, phase: Phase) {
         let elapsed = self.started.elapsed();
         let cancelled = self.cancelled(reason, phase, elapsed);
-        let Lists { handler, joined } = {
+        let (Lists { handler, joined }, stopped) = {
             let mut callbacks = self.callbacks();
             callbacks.elapsed = Some(elapsed);
-            callbacks.close()
+            // Whatever stopped before this (the drop that cancels) did not run on.
+            let stopped = callbacks.tail.cancelling();
+            (callbacks.close(), stopped)
         };
         // After the elapsed time is recorded: whoever wakes on the token finds the whole
         // record (see `record`).
         self.token.cancel();
         self.deregister(&joined);
+        metrics::cancelled(reason, phase);
+        if stopped.is_some() {
+            metrics::ran_after_cancel(reason, phase, Duration::ZERO);
+        }
         self.span().in_scope(|| {
-            request_event!(
-                debug,
-                cancelled,
-                phase = %phase,
-                elapsed = ?elapsed,
-                "request cancelled",
-            );
+            match stopped {
+                None => request_event!(
+                    debug,
+                    cancelled,
+                    phase = %phase,
+                    elapsed = ?elapsed,
+                    "request cancelled",
+                ),
+                // The request's work had stopped already: this is also the report of how long
+                // it ran on after the cancellation.
+                Some(how) => request_event!(
+                    debug,
+                    cancelled,
+                    phase = %phase,
+                    elapsed = ?elapsed,
+                    ran_after_cancel = ?Duration::ZERO,
+                    stopped = how.as_str(),
+                    "request cancelled",
+                ),
+            }
             // The handler's registrations first, in registration order; then each layer's
             // callbacks, from the innermost layer to the outermost.
             for callback in handler {
@@ -451,6 +381,15 @@ impl Scope {
             Bound::capture(config),
             limit,
         )
+    }
+}
+
+/// What the tests read of the tail: whether the response is over, how many detached handler
+/// tasks still run, and whether the report of how long the work ran on was made.
+#[cfg(test)]
+impl Scope {
+    pub(crate) fn tail(&self) -> (bool, u16, bool) {
+        self.callbacks().tail.state()
     }
 }
 

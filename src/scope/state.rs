@@ -7,7 +7,8 @@ pub(super) const ARMED_HANDLER: u8 = 0;
 pub(super) const ARMED_BODY: u8 = 1;
 pub(super) const COMPLETED: u8 = 2;
 /// Set on top of any state once something was added to the callbacks, so that completion
-/// knows whether it must take the callbacks' lock (see [`Scope::finish`]).
+/// knows whether it must take the callbacks' lock (see
+/// [`Scope::finish`](super::Scope::finish)).
 pub(super) const REGISTERED: u8 = 0x40;
 /// Set in every cancelled state; the low bits carry the phase (bit 0) and the reason.
 pub(super) const CANCELLED: u8 = 0x80;

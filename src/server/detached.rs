@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
@@ -12,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::event::TARGET;
+use crate::scope::{Scope, Stopped};
 
 pin_project! {
     /// The handler future of a [`detached`](crate::CancellationLayer::detached) service.
@@ -39,11 +41,22 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    pub(crate) fn spawn(future: F, tracker: &TaskTracker) -> Self {
+    /// Spawns `future`, the handler of the request whose scope is `scope`: the scope counts
+    /// the task among the work that runs on after a cancellation, until the handler returns.
+    pub(crate) fn spawn(future: F, tracker: &TaskTracker, scope: Option<Arc<Scope>>) -> Self {
         let kind = match Handle::try_current() {
-            Ok(runtime) => Kind::Spawned {
-                handle: tracker.spawn_on(future, &runtime),
-            },
+            Ok(runtime) => {
+                if let Some(scope) = &scope {
+                    scope.detach();
+                }
+                let watched = Watched {
+                    future,
+                    stop: TaskStop(scope),
+                };
+                Kind::Spawned {
+                    handle: tracker.spawn_on(watched, &runtime),
+                }
+            }
             Err(_) => {
                 tracing::warn!(
                     target: TARGET,
@@ -54,6 +67,41 @@ where
             }
         };
         Self { kind }
+    }
+}
+
+pin_project! {
+    /// The spawned handler: tells its scope when it returned or was dropped.
+    struct Watched<F> {
+        // Declared first, so that the handler's destructors run before a drop is reported.
+        #[pin]
+        future: F,
+        stop: TaskStop,
+    }
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.future.poll(cx));
+        // Before the output reaches the response future: the handler has returned.
+        if let Some(scope) = this.stop.0.take() {
+            scope.detached_stopped(Stopped::Ended);
+        }
+        Poll::Ready(output)
+    }
+}
+
+/// Reports a handler task dropped before it returned (its runtime shut down, or it panicked).
+struct TaskStop(Option<Arc<Scope>>);
+
+impl Drop for TaskStop {
+    fn drop(&mut self) {
+        if let Some(scope) = self.0.take() {
+            scope.detached_stopped(Stopped::Dropped);
+        }
     }
 }
 

@@ -33,6 +33,46 @@ use crate::timeout_header::Conventions;
 /// The type parameter says what happens to the handler when its client leaves: by default
 /// ([`Attached`]) hyper drops it; [`detached()`](Self::detached) keeps it running.
 ///
+/// # Work that runs on after a cancellation
+///
+/// A handler that is cancelled without being dropped (by a shutdown, a deadline, an explicit
+/// cancel, or on a [`detached`](Self::detached) route) runs until it notices its token. When
+/// the request's work finally stops, one `debug` event (target `tower_cancel`, in the
+/// request's span) says how long it ran on: message `"cancelled request stopped"`, fields
+/// `reason`, `method`, `path`, `phase`, `ran_after_cancel` (a `Duration`) and `stopped`:
+///
+/// * `"ended"`: the handler returned and its response body, if it was streaming or still to
+///   come, reached its end (or failed);
+/// * `"dropped"`: the server dropped the handler future or the body first (the client left
+///   later on, a graceful shutdown gave up), or a detached handler's runtime shut down.
+///
+/// The time runs from the moment the layer recorded the cancellation (for an explicit cancel,
+/// the moment it noticed the token) to the moment the response is over: the handler future
+/// returned or was dropped and, once it had answered, the body ended or was dropped; on a
+/// detached route, also the handler's own task returned. A request that the server drops (its
+/// client left) stopped at once: its `"request cancelled"` event carries `stopped = "dropped"`
+/// and `ran_after_cancel = 0ns`, and no second event follows. One report per cancelled
+/// request, none for a completed one.
+///
+/// # Metrics
+///
+/// With feature `metrics`, the layer records through the [`metrics`](https://docs.rs/metrics)
+/// facade into the recorder the application installed (a Prometheus, StatsD or OpenTelemetry
+/// exporter):
+///
+/// | name | kind | labels | counts |
+/// |---|---|---|---|
+/// | `tower_cancel_cancellations_total` | counter | `reason`, `phase` | requests cancelled |
+/// | `tower_cancel_cleanups_total` | counter | `outcome`: `run`, `refused`, `overrun` | async cleanups that ran to their end (or panicked), were refused (queue full, runtime shut down), or were unfinished when [`drain_cleanups`](Self::drain_cleanups) ran out of time |
+/// | `tower_cancel_ran_after_cancel_seconds` | histogram | `reason`, `phase` | the time a cancelled request's work ran on, as above (0 when it was dropped at once) |
+///
+/// Label values are the names of [`CancelReason`](crate::CancelReason) and
+/// [`Phase`](crate::Phase) as `as_str` gives them (`disconnected`, `handler`, ...); no label
+/// carries a path or a method, so none grows without bound. Nothing is recorded for a
+/// request that completes, and its path does no more work than without the feature. A layer
+/// describes its metrics (unit, help text) to the recorder installed when it is built; every
+/// layer of the process records under the same names.
+///
 /// # Example
 ///
 /// ```

@@ -171,7 +171,12 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
         let version = req.version();
-        let handler = DetachedFuture::spawn(self.inner.call(req), &self.config.tracker);
+        // The scope this request created or joined: it waits for the handler's task too.
+        let scope = req
+            .extensions()
+            .get::<RequestCancellation>()
+            .map(|rc| Arc::clone(rc.scope_arc()));
+        let handler = DetachedFuture::spawn(self.inner.call(req), &self.config.tracker, scope);
         CancellationFuture::new(handler, guard, version)
     }
 }
