@@ -167,6 +167,7 @@ pub mod server;
 #[cfg(feature = "socket2")]
 pub mod tcp;
 mod timeout_header;
+mod upgrade;
 
 pub use handle::{MissingCancellationLayer, RequestCancellation};
 pub use propagate::{InboundCancelled, PropagateLayer};
@@ -174,6 +175,7 @@ pub use record::{CancelReason, Cancelled, Phase};
 pub use request_body::{RequestBody, RequestBodyLayer};
 pub use runtime::cleanup::{CleanupCounts, CleanupsOverran};
 pub use server::{CancellationLayer, Detached};
+pub use upgrade::UpgradeGuard;
 
 /// The number of request scopes alive in this process, in debug builds only: a leak check for
 /// tests (every request's scope is freed once its future, body and handles are gone). Not part

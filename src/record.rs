@@ -80,14 +80,19 @@ pub enum Phase {
     Handler,
     /// The response head was produced and the body was streaming (a download, an SSE stream).
     Body,
+    /// The response was over and the connection upgraded (a WebSocket after its `101`), and
+    /// the handler held the request for it with
+    /// [`hold_for_upgrade`](crate::RequestCancellation::hold_for_upgrade).
+    Upgraded,
 }
 
 impl Phase {
-    /// `"handler"` or `"body"`.
+    /// `"handler"`, `"body"` or `"upgraded"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Handler => "handler",
             Self::Body => "body",
+            Self::Upgraded => "upgraded",
         }
     }
 }

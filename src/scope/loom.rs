@@ -486,3 +486,100 @@ fn loom_a_detached_handler_returning_races_the_drop_and_the_shutdown() {
         },
     );
 }
+
+/// The end of an upgrade model: every part stopped (the response, the hold), one outcome, the
+/// callbacks ran once if cancelled and never if completed, and a cancelled request was
+/// reported as stopped.
+fn check_upgrade(scope: &Scope, layer: &Runs, handler: &Runs, marker: &Arc<()>) {
+    assert!(!scope.is_armed(), "an upgraded request outlived its hold");
+    let cancelled = usize::from(scope.cancellation().is_some());
+    assert_eq!(
+        layer.count(),
+        cancelled,
+        "layer callbacks: {}",
+        layer.count()
+    );
+    assert_eq!(
+        handler.count(),
+        cancelled,
+        "handler callback: {}",
+        handler.count()
+    );
+    assert_eq!(
+        Arc::strong_count(marker),
+        1,
+        "a registration was left behind"
+    );
+    assert_eq!(scope.token().is_cancelled(), cancelled == 1);
+    let (_, detached, reported) = scope.tail();
+    assert_eq!(detached, 0, "the hold is still counted as running");
+    assert_eq!(
+        reported,
+        cancelled == 1,
+        "reported {reported}, cancelled {cancelled}"
+    );
+}
+
+#[test]
+fn loom_a_held_request_outlives_its_response_until_released_or_shut_down() {
+    model(
+        "a_held_request_outlives_its_response_until_released_or_shut_down",
+        || {
+            let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+            let shutdown = Shutdown::new(CancellationToken::new());
+            let scope = scope(&config(&layer, Some(&shutdown)));
+            register(&scope, &handler, &marker);
+            assert!(scope.hold());
+            assert!(!scope.hold(), "held twice");
+
+            // The response ends first: the request is still running, in phase Upgraded.
+            on_thread(&scope, |scope| scope.finish()).join().unwrap();
+            assert!(scope.is_armed(), "completed at the end of a held response");
+
+            let releaser = on_thread(&scope, |scope| scope.release());
+            let closer = {
+                let shutdown = shutdown.clone();
+                thread::spawn(move || shutdown.close())
+            };
+            releaser.join().unwrap();
+            closer.join().unwrap();
+
+            check_upgrade(&scope, &layer, &handler, &marker);
+            if let Some(cancellation) = scope.cancellation() {
+                assert_eq!(
+                    cancellation,
+                    (CancelReason::Shutdown, crate::record::Phase::Upgraded)
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn loom_the_end_of_a_held_response_races_the_release_and_the_shutdown() {
+    model(
+        "the_end_of_a_held_response_races_the_release_and_the_shutdown",
+        || {
+            let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
+            let shutdown = Shutdown::new(CancellationToken::new());
+            let scope = scope(&config(&layer, Some(&shutdown)));
+            register(&scope, &handler, &marker);
+            assert!(scope.hold());
+
+            let owner = on_thread(&scope, |scope| scope.finish());
+            let releaser = on_thread(&scope, |scope| scope.release());
+            let closer = {
+                let shutdown = shutdown.clone();
+                thread::spawn(move || shutdown.close())
+            };
+            owner.join().unwrap();
+            releaser.join().unwrap();
+            closer.join().unwrap();
+
+            check_upgrade(&scope, &layer, &handler, &marker);
+            if let Some((reason, _)) = scope.cancellation() {
+                assert_eq!(reason, CancelReason::Shutdown);
+            }
+        },
+    );
+}

@@ -43,8 +43,8 @@ use crate::runtime::shutdown::{InFlight, Registration};
 use self::callbacks::{Callbacks, Lists};
 use self::config::Bound;
 use self::state::{
-    ARMED_BODY, ARMED_HANDLER, COMPLETED, NO_DEADLINE, REGISTERED, decode, encode, is_armed,
-    is_completed,
+    ARMED_BODY, ARMED_HANDLER, ARMED_UPGRADED, COMPLETED, HELD, NO_DEADLINE, REGISTERED, base,
+    decode, encode, is_armed, is_completed,
 };
 
 mod callbacks;
@@ -54,6 +54,7 @@ mod loom;
 mod register;
 mod state;
 mod tail;
+mod upgrade;
 
 pub(crate) use self::tail::Stopped;
 
@@ -193,7 +194,7 @@ impl Scope {
         let _ = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                (state & !REGISTERED == ARMED_HANDLER).then_some(ARMED_BODY | state & REGISTERED)
+                (base(state) == ARMED_HANDLER).then_some(ARMED_BODY | state & (REGISTERED | HELD))
             });
     }
 
@@ -203,9 +204,10 @@ impl Scope {
     pub(crate) fn cancel(&self, reason: CancelReason) -> Option<(CancelReason, Phase)> {
         let mut current = self.state.load(Ordering::Acquire);
         loop {
-            let phase = match current & !REGISTERED {
+            let phase = match base(current) {
                 ARMED_HANDLER => Phase::Handler,
                 ARMED_BODY => Phase::Body,
+                ARMED_UPGRADED => Phase::Upgraded,
                 COMPLETED => return None,
                 done => return decode(done),
             };
@@ -241,25 +243,42 @@ impl Scope {
             return;
         }
         let mut current = self.state.load(Ordering::Acquire);
-        while is_armed(current) {
+        while is_armed(current) && base(current) != ARMED_UPGRADED {
+            // Held for an upgrade: the response is over, the request is not (see `upgrade.rs`).
+            let next = if current & HELD != 0 {
+                ARMED_UPGRADED | current & (REGISTERED | HELD)
+            } else {
+                COMPLETED
+            };
             match self.state.compare_exchange_weak(
                 current,
-                COMPLETED,
+                next,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
+                Ok(_) if next != COMPLETED => {
+                    self.response_stopped(Stopped::Ended);
+                    return;
+                }
                 Ok(_) => {
-                    self.creator.config().deregister(self.registration);
-                    if current & REGISTERED != 0 {
-                        self.drop_registrations();
-                    }
+                    self.complete(current);
                     return;
                 }
                 Err(actual) => current = actual,
             }
         }
-        // Cancelled earlier (a scope completes once, here): the response ran on until now.
+        // Cancelled earlier (a scope completes once, here or when its upgrade guard goes):
+        // the response ran on until now.
         self.response_stopped(Stopped::Ended);
+    }
+
+    /// After the transition out of `previous` (an armed state) to `COMPLETED`: leaves the
+    /// shutdown registries and drops what was registered.
+    fn complete(&self, previous: u8) {
+        self.creator.config().deregister(self.registration);
+        if previous & REGISTERED != 0 {
+            self.drop_registrations();
+        }
     }
 
     /// The guard was dropped before the request completed.

@@ -141,7 +141,22 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        Self::serve(svc, None).await
+        Self::serve(svc, None, false).await
+    }
+
+    /// [`Server::start`] with HTTP/1.1 upgrades enabled (`serve_connection_with_upgrades`).
+    pub async fn start_with_upgrades<S, B>(svc: S) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        Self::serve(svc, None, true).await
     }
 
     /// [`Server::start`] over TLS (rustls): HTTP/1.x or HTTP/2, told apart by the first bytes
@@ -158,10 +173,10 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        Self::serve(svc, Some(tokio_rustls::TlsAcceptor::from(config))).await
+        Self::serve(svc, Some(tokio_rustls::TlsAcceptor::from(config)), false).await
     }
 
-    async fn serve<S, B>(svc: S, tls: Option<tokio_rustls::TlsAcceptor>) -> Self
+    async fn serve<S, B>(svc: S, tls: Option<tokio_rustls::TlsAcceptor>, upgrades: bool) -> Self
     where
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Clone
@@ -189,6 +204,10 @@ impl Server {
                     // Room for the tests that keep thousands of streams in flight.
                     builder.http2().max_concurrent_streams(20_000);
                     match tls {
+                        None if upgrades => {
+                            let io = TokioIo::new(stream);
+                            let _ = builder.serve_connection_with_upgrades(io, svc).await;
+                        }
                         None => {
                             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                         }
