@@ -125,10 +125,15 @@ async fn serve_upgraded(
 }
 
 async fn serve(log: &Log, layer: CancellationLayer) -> Server {
-    Server::start_with_upgrades(
+    let listen = Listen {
+        upgrades: true,
+        ..Listen::default()
+    };
+    Server::start_with(
         ServiceBuilder::new()
             .layer(layer)
             .service(upgrade_app(log.clone())),
+        listen,
     )
     .await
 }

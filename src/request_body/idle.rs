@@ -3,15 +3,12 @@
 
 use std::error::Error;
 use std::fmt;
-use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
-use crate::event::TARGET;
+use crate::runtime::deadline::Timer;
 
 /// The error type of [`RequestBody`](super::RequestBody) (the same as `tower::BoxError`): the
 /// original body's error, or [`IdleTimeout`].
@@ -109,17 +106,9 @@ pub(crate) struct IdleClock {
     idle: Duration,
     /// When the wait that is running times out; `None` while the handler is not waiting.
     deadline: Option<Instant>,
-    sleep: Option<Pin<Box<Sleep>>>,
-    state: ClockState,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClockState {
-    Running,
-    /// No Tokio timer here: the timeout is not enforced.
-    Unavailable,
+    timer: Timer,
     /// The timeout passed: the body is over.
-    Expired,
+    expired: bool,
 }
 
 impl IdleClock {
@@ -127,14 +116,14 @@ impl IdleClock {
         Self {
             idle,
             deadline: None,
-            sleep: None,
-            state: ClockState::Running,
+            timer: Timer::default(),
+            expired: false,
         }
     }
 
     /// The timeout passed: the body yields nothing more.
     pub(crate) fn expired(&self) -> bool {
-        self.state == ClockState::Expired
+        self.expired
     }
 
     /// A frame, the end or an error reached the handler: the wait is over, and the next one
@@ -146,7 +135,7 @@ impl IdleClock {
     /// The handler's read found no frame ready: starts the clock if it is not running, and
     /// returns the error once it has run for `idle` (from then on, [`expired`](Self::expired)).
     pub(crate) fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<IdleTimeout> {
-        if self.state != ClockState::Running {
+        if self.expired {
             return Poll::Pending;
         }
         let idle = self.idle;
@@ -158,36 +147,15 @@ impl IdleClock {
                 None => return Poll::Pending,
             },
         };
-        let sleep = match &mut self.sleep {
-            Some(sleep) => {
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                sleep
-            }
-            None => {
-                // `sleep_until` panics outside a runtime with the time driver enabled. Report
-                // that once for this request and leave the timeout unenforced.
-                match catch_unwind(AssertUnwindSafe(|| tokio::time::sleep_until(deadline))) {
-                    Ok(sleep) => self.sleep.insert(Box::pin(sleep)),
-                    Err(_) => {
-                        self.state = ClockState::Unavailable;
-                        tracing::error!(
-                            target: TARGET,
-                            "no Tokio timer is available (no runtime, or its time driver is \
-                             disabled): the request body's idle timeout is not enforced",
-                        );
-                        return Poll::Pending;
-                    }
-                }
-            }
-        };
-        match sleep.as_mut().poll(cx) {
+        match self
+            .timer
+            .poll_until(deadline, cx, "the request body's idle timeout")
+        {
             Poll::Ready(()) => {
-                self.state = ClockState::Expired;
+                self.expired = true;
                 self.deadline = None;
                 // The timer's registration goes with it.
-                self.sleep = None;
+                self.timer = Timer::default();
                 Poll::Ready(IdleTimeout::new(idle))
             }
             Poll::Pending => Poll::Pending,
@@ -200,7 +168,7 @@ impl fmt::Debug for IdleClock {
         f.debug_struct("IdleClock")
             .field("idle", &self.idle)
             .field("deadline", &self.deadline)
-            .field("state", &self.state)
+            .field("expired", &self.expired)
             .finish()
     }
 }

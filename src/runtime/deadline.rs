@@ -66,17 +66,24 @@ impl TimeLimit {
     }
 }
 
-/// The timer of a request's deadline, created on first use and reset when the deadline moves.
+/// A timer for a request (its deadline, its body's idle timeout), created on first use and
+/// reset when the instant moves.
 #[derive(Default)]
 pub(crate) struct Timer {
     sleep: Option<Pin<Box<Sleep>>>,
-    /// Set when no timer could be created (no Tokio timer here): the deadline is not enforced.
+    /// Set when no timer could be created (no Tokio timer here): nothing is enforced.
     unavailable: bool,
 }
 
 impl Timer {
-    /// Polls the timer for `deadline`; `Ready` once it has passed.
-    pub(crate) fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polls the timer for `deadline`; `Ready` once it has passed. `what` names what the timer
+    /// enforces, for the one error event if no Tokio timer is available.
+    pub(crate) fn poll_until(
+        &mut self,
+        deadline: Instant,
+        cx: &mut Context<'_>,
+        what: &'static str,
+    ) -> Poll<()> {
         if self.unavailable {
             return Poll::Pending;
         }
@@ -89,7 +96,7 @@ impl Timer {
             }
             None => {
                 // `sleep_until` panics outside a runtime with the time driver enabled. Report
-                // that once for this request and leave the deadline unenforced.
+                // that once for this request and leave `what` unenforced.
                 match catch_unwind(AssertUnwindSafe(|| tokio::time::sleep_until(deadline))) {
                     Ok(sleep) => self.sleep.insert(Box::pin(sleep)),
                     Err(_) => {
@@ -97,7 +104,7 @@ impl Timer {
                         tracing::error!(
                             target: TARGET,
                             "no Tokio timer is available (no runtime, or its time driver is \
-                             disabled): the request's deadline is not enforced",
+                             disabled): {what} is not enforced",
                         );
                         return Poll::Pending;
                     }

@@ -10,6 +10,9 @@ use tokio::time::Instant;
 
 use crate::record::CancelReason;
 use crate::runtime::deadline::Timer;
+
+/// What the guard's timer enforces, as its error event names it.
+const DEADLINE: &str = "the request's deadline";
 use crate::scope::Scope;
 
 /// Owned by the response future, then by the response body: dropping it while armed cancels
@@ -48,7 +51,7 @@ impl Guard {
         let Some(deadline) = scope.deadline() else {
             return;
         };
-        if scope.is_armed() && self.timer.poll_until(deadline, cx).is_ready() {
+        if scope.is_armed() && self.timer.poll_until(deadline, cx, DEADLINE).is_ready() {
             scope.cancel(CancelReason::DeadlineExceeded);
         }
     }

@@ -120,6 +120,17 @@ pub async fn eventually(what: &str, done: impl Fn() -> bool) {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
+/// How a [`Server`] listens, beyond plain HTTP/1.1 and HTTP/2.
+#[derive(Default)]
+pub struct Listen {
+    /// TLS (rustls): HTTP/1.x or HTTP/2 are told apart by the first bytes after the handshake
+    /// as over plain text, so that a client without ALPN (nginx's `proxy_pass https://`) is
+    /// served too.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// HTTP/1.1 upgrades (`serve_connection_with_upgrades`).
+    pub upgrades: bool,
+}
+
 /// A server on 127.0.0.1:0 that serves HTTP/1.1 and HTTP/2 (prior knowledge) and counts its
 /// open connections.
 pub struct Server {
@@ -141,11 +152,11 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        Self::serve(svc, None, false).await
+        Self::start_with(svc, Listen::default()).await
     }
 
-    /// [`Server::start`] with HTTP/1.1 upgrades enabled (`serve_connection_with_upgrades`).
-    pub async fn start_with_upgrades<S, B>(svc: S) -> Self
+    /// [`Server::start`] with options: TLS, HTTP/1.1 upgrades.
+    pub async fn start_with<S, B>(svc: S, listen: Listen) -> Self
     where
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Clone
@@ -156,37 +167,8 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        Self::serve(svc, None, true).await
-    }
-
-    /// [`Server::start`] over TLS (rustls): HTTP/1.x or HTTP/2, told apart by the first bytes
-    /// after the handshake as over plain text, so that a client without ALPN (nginx's
-    /// `proxy_pass https://`) is served too.
-    pub async fn start_tls<S, B>(svc: S, config: Arc<rustls::ServerConfig>) -> Self
-    where
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        Self::serve(svc, Some(tokio_rustls::TlsAcceptor::from(config)), false).await
-    }
-
-    async fn serve<S, B>(svc: S, tls: Option<tokio_rustls::TlsAcceptor>, upgrades: bool) -> Self
-    where
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+        let Listen { tls, upgrades } = listen;
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
@@ -243,11 +225,15 @@ impl Server {
 
     /// [`Server::app`] over TLS.
     pub async fn app_tls(log: &Log, config: Arc<rustls::ServerConfig>) -> Self {
-        Self::start_tls(
+        let listen = Listen {
+            tls: Some(config),
+            ..Listen::default()
+        };
+        Self::start_with(
             tower::ServiceBuilder::new()
                 .layer(log.layer("layer"))
                 .service(app(log.clone())),
-            config,
+            listen,
         )
         .await
     }
