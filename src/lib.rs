@@ -134,8 +134,10 @@
 //!   current when the request entered the layer (for example tower-http's `TraceLayer` span).
 //!   Work that runs on after its cancellation (shutdown, deadline, explicit, detached) emits a
 //!   second `DEBUG` event, "cancelled request stopped", when it stops, with
-//!   `ran_after_cancel` and `stopped`; a dropped request's single event carries
-//!   `stopped = "dropped"` and `ran_after_cancel = 0ns`.
+//!   `ran_after_cancel` and `stopped`; a request whose work stopped as it was cancelled (hyper
+//!   dropped it) has only the one event, carrying `stopped = "dropped"` and
+//!   `ran_after_cancel = 0ns`, unless something else of it still runs then (a detached
+//!   handler, or an upgraded connection's task, whose end makes the second event).
 //!
 //! # What the transport can and cannot see
 //!

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
@@ -13,6 +14,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::event::TARGET;
 use crate::handle::RequestCancellation;
 use crate::record::CancelReason;
+use crate::scope::Scope;
 
 /// Holds a request in its cancellation scope after its response, for the connection it
 /// upgraded to: a WebSocket, or any protocol after `101 Switching Protocols`. Get one from
@@ -24,18 +26,24 @@ use crate::record::CancelReason;
 /// [`Upgraded`](crate::Phase::Upgraded)), its callbacks run then, and its token is cancelled,
 /// so the task learns of it through [`cancelled`](Self::cancelled) and can close the
 /// connection properly (a WebSocket close frame `1001 going away`). The guard is counted by
-/// the layer's [`TaskTracker`](tokio_util::task::TaskTracker) (see
+/// the [`TaskTracker`](tokio_util::task::TaskTracker) of the outermost
+/// [`CancellationLayer`](crate::CancellationLayer) (see
 /// [`CancellationLayer::tracker`](crate::CancellationLayer::tracker)), so a graceful shutdown
-/// that waits on the tracker waits for upgraded connections too.
+/// that waits on that tracker waits for upgraded connections too.
 ///
-/// Dropping the guard completes the request: nothing is cancelled, no callback runs. A task
+/// Dropping the guard once the response is over completes the request: nothing is cancelled,
+/// no callback runs (unless application code cancelled the token: then the request is
+/// cancelled with `Explicit`, as at the end of any response). Dropped before the response is
+/// over, it only ends the hold, and the response's end completes the request as usual. A task
 /// that saw its peer vanish (the connection failed under it) calls
-/// [`peer_left`](Self::peer_left) instead, which cancels the request with `Disconnected`.
-/// If the client leaves before the response is over, the request is cancelled with
+/// [`peer_left`](Self::peer_left) instead, which cancels the request with `Disconnected`. If
+/// the client leaves before the response is over, the request is cancelled with
 /// `Disconnected` as without a guard.
 ///
-/// With a deadline (the layer's `timeout` or a deadline header), the guard runs a timer task
-/// for it on the runtime it was created on, stopped when the guard is dropped.
+/// The guard runs a small task on the runtime it was created on, stopped when the guard is
+/// dropped: it enforces the request's deadline (the layer's `timeout` or a deadline header)
+/// and records a token that application code cancelled at once, since nothing else polls an
+/// upgraded request.
 ///
 /// ```
 /// use tower_cancel::{CancelReason, RequestCancellation, UpgradeGuard};
@@ -59,7 +67,11 @@ use crate::record::CancelReason;
 /// ```
 pub struct UpgradeGuard {
     request: RequestCancellation,
-    timer: Option<AbortHandle>,
+    /// The task that enforces the deadline and notices an application cancel while nothing
+    /// else polls the request; stopped with the guard.
+    watcher: Option<AbortHandle>,
+    /// `peer_left` ended the hold already.
+    released: bool,
     _tracked: TaskTrackerToken,
 }
 
@@ -71,27 +83,11 @@ impl UpgradeGuard {
             return None;
         }
         let tracked = scope.tracker().token();
-        let timer = scope.deadline().and_then(|deadline| {
-            let Ok(runtime) = Handle::try_current() else {
-                tracing::error!(
-                    target: TARGET,
-                    "no Tokio runtime: the deadline of a request held for an upgrade is not \
-                     enforced once its response is over",
-                );
-                return None;
-            };
-            let scope = Arc::downgrade(scope);
-            let timer = runtime.spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                if let Some(scope) = scope.upgrade() {
-                    scope.cancel(CancelReason::DeadlineExceeded);
-                }
-            });
-            Some(timer.abort_handle())
-        });
+        let watcher = watch(scope);
         Some(Self {
             request: request.clone(),
-            timer,
+            watcher,
+            released: false,
             _tracked: tracked,
         })
     }
@@ -113,19 +109,77 @@ impl UpgradeGuard {
     }
 
     /// The peer vanished (the upgraded connection failed under the task): cancels the
-    /// request with `Disconnected`, phase `Upgraded`, and ends the hold.
-    pub fn peer_left(self) {
-        self.request.client_left();
+    /// request with `Disconnected` (phase `Upgraded` once the response is over) and ends the
+    /// hold.
+    pub fn peer_left(mut self) {
+        self.released = true;
+        self.request.scope_arc().peer_left();
     }
 }
 
 impl Drop for UpgradeGuard {
     fn drop(&mut self) {
-        if let Some(timer) = self.timer.take() {
-            timer.abort();
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
         }
-        self.request.scope_arc().release();
+        if !self.released {
+            self.request.scope_arc().release();
+        }
     }
+}
+
+/// Spawns the task that watches a held request once nothing else polls it: at its deadline it
+/// cancels the request with `DeadlineExceeded`, and it records a token that application code
+/// cancelled (`Explicit`) at once. It holds the scope weakly. `None`, with an `error` event, if
+/// there is no Tokio runtime, or a deadline but no timer.
+fn watch(scope: &Arc<Scope>) -> Option<AbortHandle> {
+    let Ok(runtime) = Handle::try_current() else {
+        tracing::error!(
+            target: TARGET,
+            "no Tokio runtime: once its response is over, a request held for an upgrade is \
+             cancelled only by a shutdown or when its guard is dropped",
+        );
+        return None;
+    };
+    let deadline = match scope.deadline() {
+        // `sleep_until` panics on a runtime without the time driver.
+        Some(at) => match catch_unwind(AssertUnwindSafe(|| {
+            let _entered = runtime.enter();
+            tokio::time::sleep_until(at)
+        })) {
+            Ok(sleep) => Some(sleep),
+            Err(_) => {
+                tracing::error!(
+                    target: TARGET,
+                    "no Tokio timer is available (no runtime, or its time driver is disabled): \
+                     the deadline of a request held for an upgrade is not enforced once its \
+                     response is over",
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let token = scope.token().clone();
+    let scope = Arc::downgrade(scope);
+    let task = runtime.spawn(async move {
+        let deadline = async {
+            match deadline {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
+            }
+        };
+        let deadline_passed = token.run_until_cancelled(deadline).await.is_some();
+        let Some(scope) = scope.upgrade() else {
+            return;
+        };
+        if deadline_passed {
+            scope.cancel(CancelReason::DeadlineExceeded);
+        } else {
+            scope.notice_token();
+        }
+    });
+    Some(task.abort_handle())
 }
 
 impl RequestCancellation {

@@ -60,8 +60,17 @@ fn upgrade_app(
             }
             let on_upgrade = hyper::upgrade::on(&mut req);
             let cancel_token = query.contains("cancel");
+            let quiet = query.contains("quiet");
             tokio::spawn(async move {
                 let upgraded = on_upgrade.await.expect("the connection upgrades");
+                if quiet {
+                    // Cancels the token and never asks the request about it.
+                    rc.token().cancel();
+                    let _guard = guard;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    drop(upgraded);
+                    return;
+                }
                 serve_upgraded(TokioIo::new(upgraded), guard, rc, cancel_token, log).await;
             });
             let mut res = Response::new(
@@ -292,6 +301,28 @@ async fn the_application_cancelling_the_token_is_explicit_in_phase_upgraded() {
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn an_application_cancel_is_recorded_at_once_even_if_nothing_asks() {
+    let log = Log::default();
+    let server = serve(&log, log.layer("layer")).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /upgrade?quiet HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: lines\r\n\r\n")
+        .await
+        .unwrap();
+    // The task holds the guard for 30 s without looking at the request: the guard's watcher
+    // records the cancel.
+    log.wait_for("layer /upgrade explicit upgraded").await;
+    assert_eq!(
+        log.entries(),
+        [
+            "held",
+            "handler /upgrade explicit upgraded",
+            "layer /upgrade explicit upgraded",
+        ]
+    );
 }
 
 #[tokio::test]

@@ -61,9 +61,10 @@ pub use self::future::PropagateFuture;
 ///   `content-type` of `application/grpc…`), `connect-timeout-ms` for Connect (a
 ///   `connect-protocol-version` header, a `content-type` of `application/connect+…`, or
 ///   `connect=v1` in the query), and for anything else `grpc-timeout`, or the header set
-///   with [`deadline_header`](Self::deadline_header) in milliseconds. The value is never
-///   longer than what remains (rounded down), never below one unit (`1n`, or `1` ms, once
-///   it has passed), and never longer than a value the request already had in that header.
+///   with [`deadline_header`](Self::deadline_header) in milliseconds. The value is what
+///   remains, rounded down, but never below one unit: `1n` once the deadline has passed, and
+///   `1` ms for anything under a millisecond (0 means "no deadline" in these conventions); and
+///   never longer than a value the request already had in that header.
 ///   No deadline, no header. A server behind a [`CancellationLayer`](crate::CancellationLayer)
 ///   with [`grpc_timeout(true)`](crate::CancellationLayer::grpc_timeout) or
 ///   [`connect_timeout(true)`](crate::CancellationLayer::connect_timeout) enforces it, and

@@ -6,7 +6,8 @@
 //! response part ends when the guard finishes or is dropped; a detached task's part ends when
 //! its handler returns or the task is dropped. Kept under the scope's lock beside the
 //! callbacks; nothing here is touched by a request that is never cancelled, except that a
-//! detached handler counts its task in and out.
+//! detached handler counts its task in and out, and a request held for an upgrade counts its
+//! hold in and out (and marks its response over, in `finish`).
 
 use std::time::Duration;
 

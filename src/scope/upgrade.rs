@@ -17,6 +17,10 @@ use crate::scope::tail::Stopped;
 impl Scope {
     /// Holds the request for an upgrade. `false` if it is no longer armed or already held.
     pub(crate) fn hold(&self) -> bool {
+        // The hold is a part of the request that must stop before it is over, like a detached
+        // handler task; counted in first, so that a cancellation racing the hold cannot find
+        // every part stopped while the hold runs on.
+        self.detach();
         let held = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
@@ -24,12 +28,18 @@ impl Scope {
                 free.then_some(state | HELD)
             })
             .is_ok();
-        if held {
-            // The hold is a part of the request that must stop before it is over, like a
-            // detached handler task.
-            self.detach();
+        if !held {
+            self.detached_stopped(Stopped::Ended);
         }
         held
+    }
+
+    /// The peer of the upgraded connection vanished: the hold stopped (dropped), then the
+    /// request is cancelled with `Disconnected`, so that the one report says nothing ran on.
+    /// Ends the hold: [`release`](Self::release) must not follow.
+    pub(crate) fn peer_left(&self) {
+        self.detached_stopped(Stopped::Dropped);
+        self.cancel(CancelReason::Disconnected);
     }
 
     /// The hold ends (its guard was dropped). Completes an upgraded request, unless application

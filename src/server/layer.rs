@@ -51,7 +51,8 @@ use crate::timeout_header::Conventions;
 /// returned or was dropped and, once it had answered, the body ended or was dropped; on a
 /// detached route, also the handler's own task returned. A request that the server drops (its
 /// client left) stopped at once: its `"request cancelled"` event carries `stopped = "dropped"`
-/// and `ran_after_cancel = 0ns`, and no second event follows. One report per cancelled
+/// and `ran_after_cancel = 0ns`, and no second event follows (unless a detached handler or a
+/// held upgraded connection still runs: its end makes the report). One report per cancelled
 /// request, none for a completed one.
 ///
 /// # Metrics

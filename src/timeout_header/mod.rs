@@ -90,10 +90,16 @@ pub(crate) fn propagate(
     let content_type = headers
         .get(CONTENT_TYPE)
         .map_or(&b""[..], |value| value.as_bytes());
-    if content_type.starts_with(b"application/grpc") {
+    // Media types are case-insensitive.
+    let starts_with = |prefix: &[u8]| {
+        content_type
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    };
+    if starts_with(b"application/grpc") {
         grpc::set(headers, deadline);
     } else if headers.contains_key(CONNECT_PROTOCOL_VERSION)
-        || content_type.starts_with(b"application/connect+")
+        || starts_with(b"application/connect+")
         || uri
             .query()
             .is_some_and(|query| query.split('&').any(|pair| pair == "connect=v1"))
@@ -252,7 +258,7 @@ mod tests {
             bool,
             &'static str,
         );
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             ("application/grpc", None, "/svc/M", false, "grpc-timeout"),
             (
                 "application/grpc+proto",
@@ -268,6 +274,7 @@ mod tests {
                 true,
                 "grpc-timeout",
             ),
+            ("Application/gRPC", None, "/svc/M", true, "grpc-timeout"),
             (
                 "application/json",
                 Some(("connect-protocol-version", "1")),
