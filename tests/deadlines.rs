@@ -315,6 +315,25 @@ async fn each_deadline_header_cancels_when_honoured_and_is_ignored_otherwise() {
         );
         assert_deadline_is(rc.deadline(), before, Duration::from_millis(80));
 
+        // The same over HTTP/1.1.
+        let log = Log::default();
+        let server = serve(&log, honour(log.layer("layer"))).await;
+        let before = Instant::now();
+        let request = format!("GET /honour HTTP/1.1\r\nhost: t\r\n{header}: 80{unit}\r\n\r\n");
+        let mut stream = raw_request(&server, &request).await;
+        let response = read_until(&mut stream, "stopped").await;
+        assert!(response.starts_with("HTTP/1.1 503"), "{header}: {response}");
+        assert_eq!(
+            log.with_prefix("layer"),
+            ["layer /honour deadline_exceeded handler"],
+            "{header} over HTTP/1.1"
+        );
+        assert_deadline_is(
+            log.handles()[0].deadline(),
+            before,
+            Duration::from_millis(80),
+        );
+
         // Not honoured by a layer without the option (the others on): no deadline at all.
         let log = Log::default();
         let others = CONVENTIONS
