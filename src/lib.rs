@@ -157,6 +157,8 @@
 
 mod event;
 mod handle;
+#[cfg(feature = "http3")]
+pub mod http3;
 mod integrations;
 mod loom;
 mod macros;

@@ -46,6 +46,11 @@ impl Log {
         self.changed.notify_waiters();
     }
 
+    /// Forgets the entries so far (the kept handles stay).
+    pub fn clear(&self) {
+        self.entries.lock().unwrap().clear();
+    }
+
     pub fn entries(&self) -> Vec<String> {
         self.entries.lock().unwrap().clone()
     }
@@ -295,13 +300,27 @@ pub fn app(
     })
 }
 
+/// [`app`] for any request body (the app never reads it): the same routes behind another
+/// server, such as `tower_cancel::http3::serve`.
+pub fn app_any<B: Send + 'static>(
+    log: Log,
+) -> impl Service<Request<B>, Response = Response<AppBody>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<B>| {
+        let log = log.clone();
+        async move { Ok(route(req, log).await) }
+    })
+}
+
 fn full(text: &'static str) -> AppBody {
     http_body_util::Full::new(Bytes::from_static(text.as_bytes()))
         .map_err(|never| match never {})
         .boxed()
 }
 
-async fn route(req: Request<Incoming>, log: Log) -> Response<AppBody> {
+async fn route<B>(req: Request<B>, log: Log) -> Response<AppBody> {
     let rc = req
         .extensions()
         .get::<RequestCancellation>()

@@ -1,0 +1,72 @@
+//! HTTP/3: any tower `Service` on a [`quinn::Endpoint`], with the client's cancellations
+//! reaching [`CancellationLayer`](crate::CancellationLayer) as hyper's do (feature `http3`).
+//!
+//! An HTTP/3 client that gives up on one request says so on that request's stream: it sends
+//! `STOP_SENDING` (it will not read the response) and `RESET_STREAM` (it will not finish the
+//! request body), usually with `H3_REQUEST_CANCELLED`. [`serve`] polls each request's service
+//! future and response body on a task of its own and races them against those frames and
+//! against the loss of the connection; the moment one arrives, the future (or the body) is
+//! dropped, and the layer records [`Disconnected`](crate::CancelReason::Disconnected) in the
+//! right [`Phase`](crate::Phase) and runs its callbacks.
+//!
+//! What this adds to `h3` and `h3-quinn`, and why:
+//!
+//! * **`STOP_SENDING` while nothing is written.** `h3`'s request stream only reports it as the
+//!   error of the next write, so a handler that is still thinking, or a body waiting on its
+//!   source, would never learn of it. The request streams here are accepted by a small backend
+//!   of `h3`'s QUIC traits that keeps quinn's `SendStream::stopped()` for each one.
+//! * **`RESET_STREAM` on the request body** (any code but `H3_NO_ERROR`) counts as the client
+//!   leaving when it is read. A reset that comes after the client finished its body carries no
+//!   information in QUIC (the receiver ignores it); clients that cancel send `STOP_SENDING`
+//!   with it.
+//! * **No silent truncation.** quinn *finishes* a send stream that is dropped, so a response
+//!   cut short would look complete (h3#262). Here a response whose body fails is reset with
+//!   `H3_INTERNAL_ERROR`, and one dropped for any other reason with `H3_REQUEST_CANCELLED`.
+//!   Only a body that reached its end is finished.
+//! * **Graceful shutdown.** [`Serve::with_graceful_shutdown`]: `GOAWAY` on every connection,
+//!   a bounded drain ([`Serve::drain`]), then the connections and the endpoint are closed.
+//!   Give the same token to the layer's
+//!   [`shutdown_token`](crate::CancellationLayer::shutdown_token) and the requests in flight
+//!   are cancelled with `Shutdown`.
+//!
+//! The request body is an [`IncomingBody`] (`Data = Bytes`), which an axum `Router` takes as
+//! it is. Request extensions carry nothing from the transport apart from what the layer adds.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use axum::{Router, routing::get};
+//! use tokio_util::sync::CancellationToken;
+//! use tower_cancel::{CancellationLayer, RequestCancellation};
+//!
+//! # async fn run(tls: rustls::ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let shutdown = CancellationToken::new();
+//! let app = Router::new()
+//!     .route("/", get(|cancel: RequestCancellation| async move {
+//!         // Resolves early if the client sends STOP_SENDING.
+//!         cancel.run(tokio::time::sleep(std::time::Duration::from_secs(5))).await.ok();
+//!         "done"
+//!     }))
+//!     .layer(CancellationLayer::new().shutdown_token(shutdown.clone()));
+//!
+//! // `tls` offers ALPN "h3" (`tls.alpn_protocols = vec![b"h3".to_vec()]`).
+//! let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+//! let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+//! let endpoint = quinn::Endpoint::server(config, "127.0.0.1:4433".parse()?)?;
+//!
+//! tower_cancel::http3::serve(endpoint, app)
+//!     .with_graceful_shutdown(shutdown)
+//!     .await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod quic;
+mod request;
+mod serve;
+
+pub use self::body::IncomingBody;
+pub use self::serve::{Serve, serve};

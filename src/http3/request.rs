@@ -1,0 +1,154 @@
+//! One request: the handler and then the response body, each raced against the client leaving.
+
+use std::future::poll_fn;
+use std::pin::pin;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use http::{Request, Response};
+use http_body::Body;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+
+use crate::event::TARGET;
+use crate::http3::body::IncomingBody;
+use crate::http3::quic::{Connection, Gone, RecvHalf, SendHalf, Watches};
+use crate::propagate::BoxError;
+
+type Resolver = h3::server::RequestResolver<Connection, Bytes>;
+type Send = h3::server::RequestStream<SendHalf, Bytes>;
+
+/// Serves one request stream to its end, or until the client leaves it.
+///
+/// The service's future is polled here, not spawned: when the client sends `STOP_SENDING` or
+/// resets the request, or the connection is lost, the future (or the response body) is dropped
+/// at once, which is what `CancellationLayer` turns into `Disconnected`.
+pub(crate) async fn serve_request<S, B>(
+    resolver: Resolver,
+    mut service: S,
+    watches: Watches,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request<IncomingBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (head, stream) = match resolver.resolve_request().await {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            tracing::debug!(target: TARGET, %error, "HTTP/3 request refused before its headers were read");
+            return;
+        }
+    };
+    let gone = watches.take(stream.id());
+    let mut gone = pin!(async move {
+        match gone {
+            Some(watch) => watch.gone().await,
+            None => std::future::pending().await,
+        }
+    });
+    let (mut send, recv): (Send, h3::server::RequestStream<RecvHalf, Bytes>) = stream.split();
+    let (parts, ()) = head.into_parts();
+    let head_request = parts.method == http::Method::HEAD;
+    let body = IncomingBody::new(recv, &parts.headers);
+    let request = Request::from_parts(parts, body);
+
+    let response = async {
+        poll_fn(|cx| service.poll_ready(cx)).await?;
+        service.call(request).await
+    };
+    // The client's leaving is looked at first, so that a handler which sees it too (as its
+    // body's error) is dropped rather than allowed to answer.
+    let response = tokio::select! {
+        biased;
+        gone = &mut gone => return left(gone, "handler"),
+        response = response => response.map_err(Into::<BoxError>::into),
+    };
+    let response = match response {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(target: TARGET, %error, "HTTP/3 service failed: stream reset");
+            send.stop_stream(Code::H3_INTERNAL_ERROR);
+            return;
+        }
+    };
+
+    let (parts, body) = response.into_parts();
+    // As over HTTP/1.1 and HTTP/2, these responses have no content whatever the body says.
+    let bodiless = head_request
+        || parts.status.is_informational()
+        || parts.status == http::StatusCode::NO_CONTENT
+        || parts.status == http::StatusCode::NOT_MODIFIED;
+    let head = Response::from_parts(parts, ());
+    tokio::select! {
+        biased;
+        sent = send.send_response(head) => if let Err(error) = sent {
+            tracing::debug!(target: TARGET, %error, "HTTP/3 response head not sent");
+            return;
+        },
+        gone = &mut gone => return left(gone, "body"),
+    }
+
+    let mut body = pin!(body);
+    loop {
+        if bodiless {
+            break;
+        }
+        let frame = tokio::select! {
+            biased;
+            gone = &mut gone => return left(gone, "body"),
+            frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => {
+                frame.map(|frame| frame.map_err(Into::<BoxError>::into))
+            }
+        };
+        let sent = match frame {
+            None => break,
+            Some(Err(error)) => {
+                tracing::debug!(target: TARGET, %error, "HTTP/3 response body failed: stream reset");
+                send.stop_stream(Code::H3_INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    let data = data.copy_to_bytes(data.remaining());
+                    if data.is_empty() {
+                        continue;
+                    }
+                    tokio::select! {
+                        biased;
+                        gone = &mut gone => return left(gone, "body"),
+                        sent = send.send_data(data) => sent,
+                    }
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => send.send_trailers(trailers).await,
+                    Err(_) => continue,
+                },
+            },
+        };
+        if let Err(error) = sent {
+            // The client stopped reading (its STOP_SENDING came in with the write) or the
+            // connection is gone: the body is dropped here, unfinished.
+            tracing::debug!(target: TARGET, %error, "HTTP/3 response body not sent");
+            return;
+        }
+    }
+    if let Err(error) = send.finish().await {
+        tracing::debug!(target: TARGET, %error, "HTTP/3 response not finished");
+        return;
+    }
+    if shutdown.is_cancelled() {
+        // The connection closes once the drain is over, and a close discards what was not
+        // sent yet: wait (briefly) for the client to acknowledge the whole response.
+        let _ = tokio::time::timeout(ACKNOWLEDGE, gone).await;
+    }
+}
+
+/// How long a response finished during a shutdown waits for the client's acknowledgement.
+const ACKNOWLEDGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The client left: what is dropped on return is the handler's future or the body.
+fn left(gone: Gone, during: &'static str) {
+    tracing::debug!(target: TARGET, ?gone, during, "HTTP/3 client left the request");
+}

@@ -1,0 +1,422 @@
+//! HTTP/3 (`tower_cancel::http3::serve`) with the `h3` crate's own client over quinn: a client
+//! that stops or resets a request is seen at once, in the handler and mid-body; a completed
+//! request cancels nothing; a response cut short is reset, never finished; a graceful shutdown
+//! sends GOAWAY, cancels with `Shutdown` and drains within its bound.
+
+mod common;
+#[path = "common/http3.rs"]
+mod http3;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use h3::error::Code;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use http3::*;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceBuilder};
+use tower_cancel::http3::IncomingBody;
+
+type H3Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// The test app behind a layer logging as `layer` (with `shutdown` as its shutdown token), plus
+/// `/broken` (two chunks, then an error) and `/read` (reads the request body, answers its size,
+/// or 400 and `read-error /read` if reading failed).
+fn stack(
+    log: &Log,
+    shutdown: &CancellationToken,
+    in_flight: &InFlight,
+) -> impl Service<
+    Request<IncomingBody>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let app = app_any::<IncomingBody>(log.clone());
+    let routes_log = log.clone();
+    let routes = tower::service_fn(move |req: Request<IncomingBody>| {
+        let mut app = app.clone();
+        let log = routes_log.clone();
+        async move {
+            match req.uri().path() {
+                "/broken" => {
+                    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                        Ok(Frame::data(Bytes::from_static(CHUNK))),
+                        Ok(Frame::data(Bytes::from_static(CHUNK))),
+                        Err("the source failed".into()),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                    Ok(Response::new(body.boxed()))
+                }
+                "/read" => {
+                    log.push("start /read");
+                    let response = match req.into_body().collect().await {
+                        Ok(body) => {
+                            let text = format!("read {}", body.to_bytes().len());
+                            Response::new(full_body(text))
+                        }
+                        Err(error) => {
+                            log.push(format!("read-error /read {error}"));
+                            let mut response = Response::new(full_body("bad body".into()));
+                            *response.status_mut() = StatusCode::BAD_REQUEST;
+                            response
+                        }
+                    };
+                    Ok(response)
+                }
+                _ => {
+                    let response = app.call(req).await?;
+                    Ok(response.map(|body| body.map_err(|never| match never {}).boxed()))
+                }
+            }
+        }
+    });
+    let layered = ServiceBuilder::new()
+        .layer(log.layer("layer").shutdown_token(shutdown.clone()))
+        .service(routes);
+    in_flight.track(layered)
+}
+
+fn full_body(text: String) -> H3Body {
+    http_body_util::Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn start(drain: Duration) -> (Log, H3Server, InFlight) {
+    let log = Log::default();
+    let shutdown = CancellationToken::new();
+    let in_flight = InFlight::default();
+    let server = H3Server::start(stack(&log, &shutdown, &in_flight), shutdown, drain).await;
+    (log, server, in_flight)
+}
+
+/// The layer's and the handler's records (everything a cancellation logs).
+fn cancellations(log: &Log) -> Vec<String> {
+    log.entries()
+        .into_iter()
+        .filter(|e| e.starts_with("layer ") || e.starts_with("handler "))
+        .collect()
+}
+
+#[tokio::test]
+async fn completed_requests_cancel_nothing() {
+    let (log, server, in_flight) = start(Duration::from_secs(5)).await;
+    let mut client = H3Client::connect(&server).await;
+    let three = CHUNK.repeat(3);
+    // method, path, request body, status, response body
+    type Case<'a> = (&'a str, &'a str, &'a [u8], u16, &'a [u8]);
+    let cases: [Case<'_>; 7] = [
+        ("GET", "/full", b"", 200, b"hello"),
+        ("GET", "/empty", b"", 200, b""),
+        ("GET", "/stream", b"", 200, &three),
+        ("GET", "/stream-with-length", b"", 200, &three),
+        ("GET", "/no-content", b"", 204, b""),
+        ("HEAD", "/stream", b"", 200, b""),
+        ("POST", "/read", &[b'x'; 100_000], 200, b"read 100000"),
+    ];
+    for (method, path, body, status, expected) in cases {
+        let mut stream = client.request(method, path, body).await;
+        let response = stream.recv_response().await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        assert_eq!(response.version(), http::Version::HTTP_3);
+        let (got, ending) = read_body(&mut stream).await;
+        assert_eq!(ending, Ending::Finished, "{method} {path}");
+        assert_eq!(got, expected, "{method} {path}");
+    }
+    // Many at once on the one connection.
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(client.get("/stream").await);
+    }
+    for mut stream in streams {
+        stream.recv_response().await.unwrap();
+        assert_eq!(
+            read_body(&mut stream).await,
+            (three.clone(), Ending::Finished)
+        );
+    }
+    client.conn.close(0u32.into(), b"done");
+    in_flight.wait_for_none().await;
+    assert_eq!(cancellations(&log), Vec::<String>::new());
+}
+
+/// The client's cancel in the handler, as each client can send it: STOP_SENDING alone, or with
+/// RESET_STREAM; and a request whose body is still being uploaded, reset while the handler
+/// reads it.
+#[tokio::test]
+async fn a_cancel_in_the_handler_is_disconnected_handler() {
+    let (log, server, _in_flight) = start(Duration::from_secs(5)).await;
+    let mut client = H3Client::connect(&server).await;
+    for how in ["stop", "stop and reset", "drop"] {
+        let mut stream = client.get("/honour").await;
+        log.wait_for("start /honour").await;
+        let sent = Instant::now();
+        match how {
+            "stop" => stream.stop_sending(Code::H3_REQUEST_CANCELLED),
+            "stop and reset" => {
+                stream.stop_sending(Code::H3_REQUEST_CANCELLED);
+                stream.stop_stream(Code::H3_REQUEST_CANCELLED);
+            }
+            // What a Rust client does when its request future is dropped: quinn stops the
+            // stream with code 0.
+            _ => drop(stream),
+        }
+        log.wait_for("layer /honour disconnected handler").await;
+        println!("{how} in the handler -> callback: {:?}", sent.elapsed());
+        log.wait_for("dropped /honour").await;
+        assert_eq!(
+            cancellations(&log),
+            [
+                "handler /honour disconnected handler",
+                "layer /honour disconnected handler"
+            ]
+        );
+        assert!(
+            !log.entries()
+                .iter()
+                .any(|e| e.starts_with("stopped /honour"))
+        );
+        log.clear();
+    }
+
+    // RESET_STREAM alone, mid-upload, while the handler reads: the handler is dropped, it
+    // never answers 400.
+    let mut stream = client.open("POST", "/read").await;
+    stream
+        .send_data(Bytes::from_static(&[b'x'; 1000]))
+        .await
+        .unwrap();
+    log.wait_for("start /read").await;
+    stream.stop_stream(Code::H3_REQUEST_CANCELLED);
+    log.wait_for("layer /read disconnected handler").await;
+    assert!(!log.entries().iter().any(|e| e.starts_with("read-error")));
+
+    // The connection is still good.
+    let mut stream = client.get("/full").await;
+    stream.recv_response().await.unwrap();
+    assert_eq!(
+        read_body(&mut stream).await,
+        (b"hello".to_vec(), Ending::Finished)
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_mid_body_is_disconnected_body() {
+    let (log, server, _in_flight) = start(Duration::from_secs(5)).await;
+    let mut client = H3Client::connect(&server).await;
+    for path in ["/endless", "/stream-with-length"] {
+        let mut stream = client.get(path).await;
+        stream.recv_response().await.unwrap();
+        read_at_least(&mut stream, CHUNK.len()).await;
+        // h3-quinn's client panics on `stop_sending` while h3 has a read pending, which it may
+        // have after any `recv_data`; dropping the stream makes quinn send STOP_SENDING (0).
+        let sent = Instant::now();
+        drop(stream);
+        log.wait_for(&format!("layer {path} disconnected body"))
+            .await;
+        println!("drop mid-body {path} -> callback: {:?}", sent.elapsed());
+        log.wait_for(&format!("body-dropped {path}")).await;
+        assert_eq!(
+            cancellations(&log),
+            [
+                format!("handler {path} disconnected body"),
+                format!("layer {path} disconnected body")
+            ]
+        );
+        log.clear();
+    }
+}
+
+#[tokio::test]
+async fn losing_the_connection_cancels_its_requests() {
+    let (log, server, _in_flight) = start(Duration::from_secs(5)).await;
+    let mut client = H3Client::connect(&server).await;
+    let _honour = client.get("/honour").await;
+    let mut endless = client.get("/endless").await;
+    endless.recv_response().await.unwrap();
+    read_at_least(&mut endless, CHUNK.len()).await;
+    log.wait_for("start /honour").await;
+    client.conn.close(0x10c_u32.into(), b"gone");
+    log.wait_for("layer /honour disconnected handler").await;
+    log.wait_for("layer /endless disconnected body").await;
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_reset_never_finished() {
+    let (log, server, _in_flight) = start(Duration::from_millis(300)).await;
+    let mut client = H3Client::connect(&server).await;
+
+    // The body fails after two chunks: the client sees a reset, never a finished response. A
+    // reset discards what was not yet delivered, so the head itself may be lost with it.
+    for _ in 0..10 {
+        let mut stream = client.get("/broken").await;
+        let ending = match stream.recv_response().await {
+            Ok(_) => read_body(&mut stream).await.1,
+            Err(error) => ending(&error),
+        };
+        assert_eq!(ending, Ending::Reset(H3_INTERNAL_ERROR));
+    }
+
+    // A body still streaming when the drain bound runs out is dropped: reset, not finished.
+    let mut stream = client.get("/endless").await;
+    stream.recv_response().await.unwrap();
+    read_at_least(&mut stream, CHUNK.len()).await;
+    server.shutdown.cancel();
+    let (_, ending) = read_body(&mut stream).await;
+    assert_eq!(ending, Ending::Reset(H3_REQUEST_CANCELLED));
+    // The shutdown came first: that is the reason recorded, once.
+    log.wait_for("body-dropped /endless").await;
+    assert_eq!(
+        log.with_prefix("layer /endless"),
+        ["layer /endless shutdown body"]
+    );
+    tokio::time::timeout(PATIENCE, server.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
+    let (log, server, _in_flight) = start(Duration::from_secs(5)).await;
+    let mut client = H3Client::connect(&server).await;
+    let mut honour = client.get("/honour").await;
+    log.wait_for("start /honour").await;
+    let began = Instant::now();
+    server.shutdown.cancel();
+
+    // The handler honours its token: its 503 reaches the client, finished.
+    let response = honour.recv_response().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        read_body(&mut honour).await,
+        (b"stopped".to_vec(), Ending::Finished)
+    );
+    assert_eq!(
+        cancellations(&log),
+        [
+            "handler /honour shutdown handler",
+            "layer /honour shutdown handler"
+        ]
+    );
+    // GOAWAY: the client opens no new request on this connection.
+    let refused = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let req = Request::get("https://localhost/full").body(()).unwrap();
+            match client.send.send_request(req).await {
+                Err(error) => return error,
+                Ok(mut stream) => {
+                    // Sent before the GOAWAY arrived: the server refuses it.
+                    let _ = stream.finish().await;
+                    assert!(stream.recv_response().await.is_err());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client never saw GOAWAY");
+    println!("new request after GOAWAY: {refused}");
+
+    // The server resolves once drained, long before its bound, and the endpoint is closed.
+    tokio::time::timeout(PATIENCE, server.task)
+        .await
+        .unwrap()
+        .unwrap();
+    println!("shutdown -> serve returned: {:?}", began.elapsed());
+    assert!(began.elapsed() < Duration::from_secs(4));
+    let closed = tokio::time::timeout(PATIENCE, client.conn.closed())
+        .await
+        .unwrap();
+    println!("client saw: {closed}");
+    // The endpoint's socket is gone: its port can be bound again.
+    std::net::UdpSocket::bind(server.addr).expect("the endpoint's UDP socket was closed");
+}
+
+/// Counts the requests whose response future or body is still alive, outside the layer: once it
+/// is zero, everything a request could trigger has happened.
+#[derive(Clone, Default)]
+struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+struct Counted(InFlight);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds its request's count; the count is dropped after the body.
+struct CountedBody<B> {
+    body: std::pin::Pin<Box<B>>,
+    _counted: Counted,
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl InFlight {
+    fn track<S, B>(
+        &self,
+        inner: S,
+    ) -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<CountedBody<B>>,
+        Error = S::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        B: Send,
+    {
+        let in_flight = self.clone();
+        tower::service_fn(move |req: Request<IncomingBody>| {
+            in_flight
+                .0
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let counted = Counted(in_flight.clone());
+            let call = inner.clone().call(req);
+            async move {
+                let response = call.await?;
+                Ok(response.map(|body| CountedBody {
+                    body: Box::pin(body),
+                    _counted: counted,
+                }))
+            }
+        })
+    }
+
+    async fn wait_for_none(&self) {
+        eventually("no request in flight", || {
+            self.0.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+}
