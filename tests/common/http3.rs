@@ -2,20 +2,23 @@
 //! self-signed certificate, and the `h3` crate's own client (over h3-quinn) trusting it.
 #![allow(dead_code, unreachable_pub)]
 
+use std::convert::Infallible;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{Request, Response};
-use http_body::Body;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tower::Service;
+use tower::{Service, ServiceBuilder};
 use tower_cancel::http3::IncomingBody;
 
-use crate::common::BoxError;
+use crate::common::{BoxError, CHUNK, Log, app_any, eventually};
 
 /// A running HTTP/3 server.
 pub struct H3Server {
@@ -75,8 +78,6 @@ impl H3Server {
         }
     }
 }
-
-use std::future::IntoFuture;
 
 pub type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 pub type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -200,3 +201,168 @@ pub async fn read_at_least(stream: &mut H3Stream, bytes: usize) -> usize {
 
 pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
 pub const H3_INTERNAL_ERROR: u64 = 0x102;
+
+pub type H3Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// The test app behind a layer logging as `layer` (with `shutdown` as its shutdown token), plus
+/// `/broken` (two chunks, then an error) and `/read` (reads the request body, answers its size,
+/// or 400 and `read-error /read` if reading failed).
+pub fn stack(
+    log: &Log,
+    shutdown: &CancellationToken,
+    in_flight: &InFlight,
+) -> impl Service<
+    Request<IncomingBody>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let app = app_any::<IncomingBody>(log.clone());
+    let routes_log = log.clone();
+    let routes = tower::service_fn(move |req: Request<IncomingBody>| {
+        let mut app = app.clone();
+        let log = routes_log.clone();
+        async move {
+            match req.uri().path() {
+                "/broken" => {
+                    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                        Ok(Frame::data(Bytes::from_static(CHUNK))),
+                        Ok(Frame::data(Bytes::from_static(CHUNK))),
+                        Err("the source failed".into()),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                    Ok(Response::new(body.boxed()))
+                }
+                "/read" => {
+                    log.push("start /read");
+                    let response = match req.into_body().collect().await {
+                        Ok(body) => {
+                            let text = format!("read {}", body.to_bytes().len());
+                            Response::new(full_body(text))
+                        }
+                        Err(error) => {
+                            log.push(format!("read-error /read {error}"));
+                            let mut response = Response::new(full_body("bad body".into()));
+                            *response.status_mut() = StatusCode::BAD_REQUEST;
+                            response
+                        }
+                    };
+                    Ok(response)
+                }
+                _ => {
+                    let response = app.call(req).await?;
+                    Ok(response.map(|body| body.map_err(|never| match never {}).boxed()))
+                }
+            }
+        }
+    });
+    let layered = ServiceBuilder::new()
+        .layer(log.layer("layer").shutdown_token(shutdown.clone()))
+        .service(routes);
+    in_flight.track(layered)
+}
+
+pub fn full_body(text: String) -> H3Body {
+    http_body_util::Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub async fn start(drain: Duration) -> (Log, H3Server, InFlight) {
+    let log = Log::default();
+    let shutdown = CancellationToken::new();
+    let in_flight = InFlight::default();
+    let server = H3Server::start(stack(&log, &shutdown, &in_flight), shutdown, drain).await;
+    (log, server, in_flight)
+}
+
+/// The layer's and the handler's records (everything a cancellation logs).
+pub fn cancellations(log: &Log) -> Vec<String> {
+    log.entries()
+        .into_iter()
+        .filter(|e| e.starts_with("layer ") || e.starts_with("handler "))
+        .collect()
+}
+
+/// Counts the requests whose response future or body is still alive, outside the layer: once it
+/// is zero, everything a request could trigger has happened.
+#[derive(Clone, Default)]
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+pub struct Counted(InFlight);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds its request's count; the count is dropped after the body.
+pub struct CountedBody<B> {
+    body: std::pin::Pin<Box<B>>,
+    _counted: Counted,
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl InFlight {
+    pub fn track<S, B>(
+        &self,
+        inner: S,
+    ) -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<CountedBody<B>>,
+        Error = S::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        B: Send,
+    {
+        let in_flight = self.clone();
+        tower::service_fn(move |req: Request<IncomingBody>| {
+            in_flight
+                .0
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let counted = Counted(in_flight.clone());
+            let call = inner.clone().call(req);
+            async move {
+                let response = call.await?;
+                Ok(response.map(|body| CountedBody {
+                    body: Box::pin(body),
+                    _counted: counted,
+                }))
+            }
+        })
+    }
+
+    pub async fn wait_for_none(&self) {
+        eventually("no request in flight", || {
+            self.0.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+}
