@@ -43,6 +43,9 @@ mod reports;
 #[path = "../examples/https/tls.rs"]
 mod tls;
 
+#[path = "detection/http3.rs"]
+mod http3;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
@@ -172,10 +175,12 @@ enum Scenario {
     TlsH1Fin,
     TlsH1MidBody,
     TlsH2RstStream,
+    H3StopSending,
+    H3MidBody,
 }
 
 impl Scenario {
-    const ALL: [Self; 13] = [
+    const ALL: [Self; 15] = [
         Self::H1Fin,
         Self::H1Rst,
         Self::H1HalfClose,
@@ -189,6 +194,8 @@ impl Scenario {
         Self::TlsH1Fin,
         Self::TlsH1MidBody,
         Self::TlsH2RstStream,
+        Self::H3StopSending,
+        Self::H3MidBody,
     ];
 
     fn name(self) -> &'static str {
@@ -206,12 +213,14 @@ impl Scenario {
             Self::TlsH1Fin => "tls_h1_fin",
             Self::TlsH1MidBody => "tls_h1_mid_body",
             Self::TlsH2RstStream => "tls_h2_rst_stream",
+            Self::H3StopSending => "h3_stop_sending",
+            Self::H3MidBody => "h3_mid_body",
         }
     }
 
     fn expected_phase(self) -> Phase {
         match self {
-            Self::H1MidBody | Self::TlsH1MidBody => Phase::Body,
+            Self::H1MidBody | Self::TlsH1MidBody | Self::H3MidBody => Phase::Body,
             _ => Phase::Handler,
         }
     }
@@ -253,6 +262,8 @@ struct Bench {
     /// One HTTP/2 connection over TLS (ALPN `h2`) to `tls`, reused by `tls_h2_rst_stream`.
     tls_h2: H2Sender,
     grpc: ReportsClient<tonic::transport::Channel>,
+    /// One HTTP/3 connection (the `h3` crate's client) to `tower_cancel::http3::serve`.
+    h3: http3::H3Send,
     next_id: u64,
 }
 
@@ -296,6 +307,12 @@ async fn run(iterations: usize) -> Vec<Row> {
     let tls_h1 = tls_connector(&tls_cert, ALPN_H1);
     let tls_h2 = h2_tls_client(&tls_connector(&tls_cert, ALPN_H2), tls).await;
     let grpc = grpc_client(grpc_addr).await;
+    let (_h3_addr, h3) = http3::serve_and_connect(
+        ServiceBuilder::new()
+            .layer(cancellation_layer(&recorder))
+            .service(app::<tower_cancel::http3::IncomingBody>(recorder.clone())),
+    )
+    .await;
     let mut bench = Bench {
         recorder,
         plain,
@@ -307,6 +324,7 @@ async fn run(iterations: usize) -> Vec<Row> {
         tls_h1,
         tls_h2,
         grpc,
+        h3,
         next_id: 0,
     };
 
@@ -384,6 +402,8 @@ async fn iteration(bench: &mut Bench, scenario: Scenario, id: u64) -> (Instant, 
         }
         Scenario::H2ConnClose => h2_conn_close(bench, id).await,
         Scenario::GrpcClientCancel => grpc_client_cancel(bench, id).await,
+        Scenario::H3StopSending => h3_stop_sending(bench, id).await,
+        Scenario::H3MidBody => h3_mid_body(bench, id).await,
         _ => http1(bench, scenario, id).await,
     }
 }
@@ -720,6 +740,63 @@ async fn h2_rst_stream(bench: &mut Bench, scenario: Scenario, id: u64) -> (Insta
         bench.h2.send_request(h2_get("http", bench.plain, id))
     };
     leave_once_started(&bench.recorder, id, Box::pin(request), drop).await
+}
+
+/// Sends `STOP_SENDING(H3_REQUEST_CANCELLED)` and `RESET_STREAM` on an HTTP/3 request whose
+/// handler runs (before any read, which h3-quinn's client needs for `stop_sending`).
+async fn h3_stop_sending(bench: &mut Bench, id: u64) -> (Instant, Sample) {
+    let mut stream = h3_request(bench, &format!("/slow?id={id}")).await;
+    let _ = bench
+        .recorder
+        .wait(id, "the handler to start", |s| s.started)
+        .await;
+    let left = Instant::now();
+    stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+    stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    let sample = bench
+        .recorder
+        .wait(id, "the callback", |s| s.callback.is_some())
+        .await;
+    (left, sample)
+}
+
+/// Drops an HTTP/3 request once its streamed body arrives: quinn sends `STOP_SENDING`.
+async fn h3_mid_body(bench: &mut Bench, id: u64) -> (Instant, Sample) {
+    let mut stream = h3_request(bench, &format!("/endless?id={id}")).await;
+    stream
+        .recv_response()
+        .await
+        .unwrap_or_else(|error| fail(format!("h3 response: {error}")));
+    match stream.recv_data().await {
+        Ok(Some(_)) => {}
+        other => fail(format!("h3 body: {:?}", other.map(|d| d.is_some()))),
+    }
+    let left = Instant::now();
+    drop(stream);
+    let sample = bench
+        .recorder
+        .wait(id, "the callback", |s| s.callback.is_some())
+        .await;
+    (left, sample)
+}
+
+async fn h3_request(
+    bench: &mut Bench,
+    path_and_query: &str,
+) -> h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes> {
+    let request = Request::get(format!("https://localhost{path_and_query}"))
+        .body(())
+        .expect("valid request");
+    let mut stream = bench
+        .h3
+        .send_request(request)
+        .await
+        .unwrap_or_else(|error| fail(format!("h3 request: {error}")));
+    stream
+        .finish()
+        .await
+        .unwrap_or_else(|error| fail(format!("h3 request end: {error}")));
+    stream
 }
 
 /// Closes the TCP connection of an HTTP/2 client with one request in flight.

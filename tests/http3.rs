@@ -249,4 +249,3 @@ async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
     // The endpoint's socket is gone: its port can be bound again.
     std::net::UdpSocket::bind(server.addr).expect("the endpoint's UDP socket was closed");
 }
-

@@ -102,7 +102,17 @@ async fn aioquic_completed_requests_cancel_nothing() {
         (&["--path", "/empty"], "0"),
         (&["--path", "/stream"], &three),
         (&["--path", "/stream-with-length"], &three),
-        (&["--path", "/read", "--method", "POST", "--body-bytes", "100000"], "11"),
+        (
+            &[
+                "--path",
+                "/read",
+                "--method",
+                "POST",
+                "--body-bytes",
+                "100000",
+            ],
+            "11",
+        ),
     ];
     for (args, total) in cases {
         let events = run(&python, &server, &[args, &["--mode", "complete"]].concat()).await;
@@ -114,7 +124,14 @@ async fn aioquic_completed_requests_cancel_nothing() {
     let events = run(
         &python,
         &server,
-        &["--path", "/stream", "--mode", "complete", "--requests", "10"],
+        &[
+            "--path",
+            "/stream",
+            "--mode",
+            "complete",
+            "--requests",
+            "10",
+        ],
     )
     .await;
     assert_eq!(ends(&events).len(), 10);
@@ -131,7 +148,14 @@ async fn aioquic_cancels_in_the_handler_and_mid_body() {
     // In the handler: STOP_SENDING with or without RESET_STREAM (a GET's reset is a no-op
     // once its FIN was acknowledged, so STOP_SENDING is what carries it).
     for send in ["stop", "stop,reset"] {
-        let args = ["--path", "/honour", "--mode", "cancel-after-ms", "--after-ms", "150"];
+        let args = [
+            "--path",
+            "/honour",
+            "--mode",
+            "cancel-after-ms",
+            "--after-ms",
+            "150",
+        ];
         let events = run(&python, &server, &[&args[..], &["--send", send]].concat()).await;
         assert!(events.iter().any(|e| e.event == "cancelled"), "{events:?}");
         assert_ne!(ends(&events)[0].field("how"), Some("fin"), "{events:?}");
@@ -139,24 +163,57 @@ async fn aioquic_cancels_in_the_handler_and_mid_body() {
         log.wait_for("dropped /honour").await;
         assert_eq!(
             cancellations(&log),
-            ["handler /honour disconnected handler", "layer /honour disconnected handler"]
+            [
+                "handler /honour disconnected handler",
+                "layer /honour disconnected handler"
+            ]
         );
         log.clear();
     }
 
     // Mid-body, on several requests of one connection at once: each is cancelled in the body
     // phase, and none of them is seen finished.
-    let args = ["--path", "/endless", "--mode", "cancel-after-bytes", "--after-bytes", "42"];
-    let events = run(&python, &server, &[&args[..], &["--requests", "5"]].concat()).await;
+    let args = [
+        "--path",
+        "/endless",
+        "--mode",
+        "cancel-after-bytes",
+        "--after-bytes",
+        "42",
+    ];
+    let events = run(
+        &python,
+        &server,
+        &[&args[..], &["--requests", "5"]].concat(),
+    )
+    .await;
     let ends = ends(&events);
     assert_eq!(ends.len(), 5, "{events:?}");
-    assert!(ends.iter().all(|e| e.field("how") != Some("fin")), "{events:?}");
-    log.wait_for_count("layer /endless disconnected body", 5).await;
+    assert!(
+        ends.iter().all(|e| e.field("how") != Some("fin")),
+        "{events:?}"
+    );
+    log.wait_for_count("layer /endless disconnected body", 5)
+        .await;
     log.wait_for_count("body-dropped /endless", 5).await;
 
     // A request whose upload is reset mid-way while the handler reads it.
-    let args = ["--path", "/read", "--method", "POST", "--body-bytes", "5000000"];
-    let cancel = ["--mode", "cancel-after-ms", "--after-ms", "30", "--send", "reset"];
+    let args = [
+        "--path",
+        "/read",
+        "--method",
+        "POST",
+        "--body-bytes",
+        "5000000",
+    ];
+    let cancel = [
+        "--mode",
+        "cancel-after-ms",
+        "--after-ms",
+        "30",
+        "--send",
+        "reset",
+    ];
     run(&python, &server, &[&args[..], &cancel[..]].concat()).await;
     log.wait_for("layer /read disconnected handler").await;
     assert!(!log.entries().iter().any(|e| e.starts_with("read-error")));
@@ -168,7 +225,12 @@ async fn aioquic_cancels_in_the_handler_and_mid_body() {
 async fn aioquic_sees_a_body_cut_short_as_reset() {
     let Some(python) = python() else { return };
     let (_log, server, _in_flight) = start(Duration::from_secs(5)).await;
-    let events = run(&python, &server, &["--path", "/broken", "--mode", "complete"]).await;
+    let events = run(
+        &python,
+        &server,
+        &["--path", "/broken", "--mode", "complete"],
+    )
+    .await;
     let ends = ends(&events);
     assert_eq!(ends[0].field("how"), Some("reset"), "{events:?}");
     assert_eq!(

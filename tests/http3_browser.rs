@@ -1,0 +1,588 @@
+//! A real browser over HTTP/3: headless Chromium loads a page from `tower_cancel::http3::serve`
+//! (QUIC only: there is no TCP listener) and aborts a `fetch` with an `AbortController`, once
+//! while the handler runs and once while the page reads the streamed body; the server must see
+//! each request cancelled as `Disconnected` in the right phase while the browser still runs,
+//! and every request, the page included, must have gone over HTTP/3.
+
+mod common;
+#[path = "common/http3.rs"]
+mod http3;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower_cancel::http3::IncomingBody;
+use tower_cancel::{CancellationLayer, Cancelled};
+
+use common::*;
+use http3::H3Server;
+
+/// The first browser request can wait for a cold Chromium start.
+const BROWSER_START: Duration = Duration::from_secs(30);
+
+/// The page. `?case=handler`: a `fetch('/slow')` aborted once the server says its handler
+/// runs. `?case=body`: a `fetch('/endless')` whose body the page reads, aborted after three
+/// chunks. Right before each abort it sends the beacon `/aborting`; then it reports the error
+/// the fetch (or the read) failed with, the wall-clock time of the abort (`at`, ms since the
+/// epoch), how long the rejection took (`ms`), and the `nextHopProtocol` of every navigation
+/// and resource timing entry.
+const PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8">
+<title>abort a fetch over HTTP/3</title>
+<script>
+const now = () => performance.timeOrigin + performance.now();
+const get = async path => (await fetch(path, {cache: 'no-store'})).text();
+const until = async path => {
+  while ((await get(path)) !== 'yes') {
+    await new Promise(resolve => setTimeout(resolve, 20));
+  }
+};
+const protocols = () => performance.getEntriesByType('navigation')
+  .concat(performance.getEntriesByType('resource'))
+  .map(e => new URL(e.name).pathname + ':' + e.nextHopProtocol)
+  .join(',');
+(async () => {
+  const which = new URLSearchParams(location.search).get('case');
+  const controller = new AbortController();
+  let at, outcome;
+  if (which === 'handler') {
+    const slow = fetch('/slow', {signal: controller.signal, cache: 'no-store'});
+    // Abort only once the handler runs, so that the abort cancels a request in flight.
+    await until('/started');
+    fetch('/aborting', {cache: 'no-store'});
+    at = now();
+    controller.abort();
+    try { await slow; outcome = 'none'; } catch (e) { outcome = e.name; }
+  } else {
+    const response = await fetch('/endless', {signal: controller.signal, cache: 'no-store'});
+    const reader = response.body.getReader();
+    let got = 0;
+    while (got < 3 * 14) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      got += value.length;
+    }
+    fetch('/aborting', {cache: 'no-store'});
+    at = now();
+    controller.abort();
+    try {
+      for (;;) {
+        const {done} = await reader.read();
+        if (done) { outcome = 'done'; break; }
+      }
+    } catch (e) { outcome = e.name; }
+  }
+  const ms = (now() - at).toFixed(1);
+  await fetch('/report?aborted=' + encodeURIComponent(outcome) + '&at=' + at.toFixed(3) +
+    '&ms=' + ms + '&protocols=' + encodeURIComponent(protocols()), {cache: 'no-store'});
+})().catch(e => fetch('/report?error=' + encodeURIComponent(String(e))));
+</script>
+"#;
+
+/// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
+/// present).
+fn chromium() -> Option<&'static str> {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some("chromium");
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chromium is missing on CI: .ci/run must install it"
+    );
+    eprintln!("skipping: chromium is not installed (apt-get install chromium)");
+    None
+}
+
+/// What the router saw, beside the log: every request's path and version, and when things
+/// happened (monotonic, and wall-clock for the page's own timestamps).
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, Version)>,
+    /// When `/started` first answered "yes": the page aborts `/slow` right after it reads it.
+    started_yes: Option<Instant>,
+    /// When the beacon the page sends right before its abort arrived.
+    aborting: Option<Instant>,
+    report: Option<Instant>,
+    /// When the layer's `on_cancel` first ran for a path.
+    cancelled: BTreeMap<String, (Instant, SystemTime)>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+/// A layer whose first callback stamps when it ran for a path, and whose second logs as
+/// `layer`: when the log shows the cancellation, the stamp is there.
+fn stamping_layer(log: &Log, seen: &Shared) -> CancellationLayer {
+    let (log, seen) = (log.clone(), seen.clone());
+    CancellationLayer::new()
+        .on_cancel(move |c: &Cancelled| {
+            let stamp = (Instant::now(), SystemTime::now());
+            seen.lock()
+                .unwrap()
+                .cancelled
+                .entry(c.uri().path().to_owned())
+                .or_insert(stamp);
+        })
+        .on_cancel(move |c: &Cancelled| log.push(describe("layer", c)))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<AppBody> {
+    let mut res = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+    res
+}
+
+/// Serves the page and its helper endpoints; forwards every other path (`/slow`, `/endless`)
+/// to the test app.
+fn router(
+    log: Log,
+    seen: Shared,
+) -> impl tower::Service<
+    Request<IncomingBody>,
+    Response = Response<AppBody>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let app = app_any::<IncomingBody>(log.clone());
+    tower::service_fn(move |req: Request<IncomingBody>| {
+        let (log, seen, app) = (log.clone(), seen.clone(), app.clone());
+        async move {
+            let path = req.uri().path().to_owned();
+            seen.lock()
+                .unwrap()
+                .requests
+                .push((path.clone(), req.version()));
+            Ok(match path.as_str() {
+                "/page" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+                "/started" => {
+                    if log.entries().iter().any(|e| e == "start /slow") {
+                        // The first "yes" is the one the page aborts after.
+                        seen.lock()
+                            .unwrap()
+                            .started_yes
+                            .get_or_insert_with(Instant::now);
+                        text(StatusCode::OK, "text/plain", "yes")
+                    } else {
+                        text(StatusCode::OK, "text/plain", "no")
+                    }
+                }
+                "/aborting" => {
+                    seen.lock()
+                        .unwrap()
+                        .aborting
+                        .get_or_insert_with(Instant::now);
+                    text(StatusCode::NO_CONTENT, "text/plain", "")
+                }
+                "/report" => {
+                    seen.lock().unwrap().report = Some(Instant::now());
+                    log.push(format!("report {}", req.uri().query().unwrap_or("")));
+                    text(StatusCode::NO_CONTENT, "text/plain", "")
+                }
+                // Kept out of the app so that its log holds only the aborted request.
+                "/favicon.ico" => text(StatusCode::NOT_FOUND, "text/plain", ""),
+                _ => app.oneshot(req).await?,
+            })
+        }
+    })
+}
+
+/// The running browser: killed (with every process it started) and reaped on drop, even when
+/// the test panics; then its profile is removed. Prints its stderr if the test failed.
+struct Browser {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Browser {
+    fn launch(program: &str, url: &str, extra: &[String]) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-cancel-h3-browser-{}-{nanos}",
+            std::process::id()
+        ));
+        let profile = dir.join("profile");
+        std::fs::create_dir_all(&profile).unwrap();
+        let stderr = File::create(dir.join("stderr")).unwrap();
+        let child = Command::new(program)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Its own process group, so that drop can kill the renderers and helpers too.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Self { child, dir }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until `entry` is logged; panics if the browser exits first or `timeout` passes.
+    async fn wait_for(&mut self, log: &Log, entry: &str, timeout: Duration) {
+        self.wait_until(log, entry, timeout, |e| e == entry).await;
+    }
+
+    /// Waits until an entry matching `found` is logged and returns it; panics if the browser
+    /// exits first or `timeout` passes.
+    async fn wait_until(
+        &mut self,
+        log: &Log,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(entry) = log.entries().into_iter().find(|e| found(e)) {
+                return entry;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "chromium exited ({status}) before {what:?}; log: {:#?}",
+                    log.entries()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what:?}; log: {:#?}",
+                log.entries()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // The group is still ours while its leader is unreaped: kill it, then the leader.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("chromium stderr:\n{}", self.stderr());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The TLV at the start of `der`: its header's length and its content's length.
+fn der_header(der: &[u8]) -> (usize, usize) {
+    match der[1] {
+        short @ 0..=0x7f => (2, usize::from(short)),
+        long => {
+            let n = usize::from(long & 0x7f);
+            let len = der[2..2 + n]
+                .iter()
+                .fold(0, |len, &b| len << 8 | usize::from(b));
+            (2 + n, len)
+        }
+    }
+}
+
+/// The TLV at the start of `der`, and what follows it.
+fn der_next(der: &[u8]) -> (&[u8], &[u8]) {
+    let (header, len) = der_header(der);
+    der.split_at(header + len)
+}
+
+/// The content of the TLV at the start of `der`.
+fn der_content(der: &[u8]) -> &[u8] {
+    let (header, len) = der_header(der);
+    &der[header..header + len]
+}
+
+/// What `--ignore-certificate-errors-spki-list` takes for `cert`: base64 of the SHA-256 of its
+/// DER `SubjectPublicKeyInfo` (hashed with rustls' own SHA-256).
+fn spki_pin(cert: &[u8]) -> String {
+    // Certificate ::= SEQUENCE { tbsCertificate, .. }; TBSCertificate ::= SEQUENCE {
+    // [0] version OPTIONAL, serialNumber, signature, issuer, validity, subject,
+    // subjectPublicKeyInfo, .. }
+    let mut fields = der_content(der_content(cert));
+    if fields[0] == 0xa0 {
+        fields = der_next(fields).1;
+    }
+    for _ in 0..5 {
+        fields = der_next(fields).1;
+    }
+    let (spki, _) = der_next(fields);
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    base64(suite.common.hash_provider.hash(spki).as_ref())
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `b - a` in ms, negative if `b` came first.
+fn signed(a: Instant, b: Instant) -> f64 {
+    if b >= a {
+        millis(b - a)
+    } else {
+        -millis(a - b)
+    }
+}
+
+/// The value of `name` in the page's report (`report a=1&b=2`), percent-decoded for the
+/// characters the page's values can hold.
+fn field<'a>(report: &'a str, name: &str) -> Option<String> {
+    let query = report.strip_prefix("report ")?;
+    let value = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))?;
+    Some(
+        value
+            .replace("%3A", ":")
+            .replace("%2C", ",")
+            .replace("%2F", "/")
+            .replace("%3F", "?")
+            .replace("%3D", "=")
+            .replace("%26", "&"),
+    )
+}
+
+/// What one run of the page saw.
+struct Run {
+    log: Log,
+    seen: Shared,
+    report: String,
+    browser: Browser,
+    _server: H3Server,
+}
+
+/// Serves the page over HTTP/3 only, has Chromium load `/page?case={case}` over QUIC and waits
+/// until the layer recorded `expected` and the page reported.
+async fn run(chromium: &str, case: &str, expected: &str) -> Run {
+    let log = Log::default();
+    let seen = Shared::default();
+    let shutdown = CancellationToken::new();
+    let svc = tower::ServiceBuilder::new()
+        .layer(stamping_layer(&log, &seen).shutdown_token(shutdown.clone()))
+        .service(router(log.clone(), seen.clone()));
+    let server = H3Server::start(svc, shutdown, Duration::from_secs(1)).await;
+    let origin = format!("localhost:{}", server.addr.port());
+    let flags = vec![
+        format!("--origin-to-force-quic-on={origin}"),
+        format!(
+            "--ignore-certificate-errors-spki-list={}",
+            spki_pin(&server.cert)
+        ),
+    ];
+    let mut browser = Browser::launch(
+        chromium,
+        &format!("https://{origin}/page?case={case}"),
+        &flags,
+    );
+    browser.wait_for(&log, expected, BROWSER_START).await;
+    // The abort cancelled the request, not the browser going away.
+    assert!(
+        browser.is_running(),
+        "chromium exited before the request was cancelled"
+    );
+    let report = browser
+        .wait_until(&log, "the page's report", PATIENCE, |e| {
+            e.starts_with("report ")
+        })
+        .await;
+    assert!(browser.is_running(), "chromium exited during the test");
+    Run {
+        log,
+        seen,
+        report,
+        browser,
+        _server: server,
+    }
+}
+
+impl Run {
+    /// Asserts that everything went over HTTP/3, as the server and the page saw it, and prints
+    /// the time from the abort to the layer's callback for `path`.
+    fn check_http3_and_print(&self, case: &str, path: &str) {
+        let seen = self.seen.lock().unwrap();
+        assert!(
+            seen.requests.iter().any(|(p, _)| p == path),
+            "{:?}",
+            seen.requests
+        );
+        assert!(
+            seen.requests.iter().all(|(_, v)| *v == Version::HTTP_3),
+            "every request over HTTP/3: {:?}",
+            seen.requests
+        );
+        let protocols = field(&self.report, "protocols").unwrap_or_default();
+        let entries: Vec<_> = protocols.split(',').filter(|e| !e.is_empty()).collect();
+        assert!(
+            entries.iter().any(|e| e.starts_with("/page:")),
+            "the page's timing entries: {protocols:?}"
+        );
+        assert!(
+            entries.iter().all(|e| e.ends_with(":h3")),
+            "the page's nextHopProtocol: {protocols:?}"
+        );
+
+        let (cancelled, cancelled_wall) = seen.cancelled[path];
+        let at: f64 = field(&self.report, "at").unwrap().parse().unwrap();
+        let cancelled_ms = cancelled_wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            * 1000.0;
+        let beacon = seen.aborting.expect("the page's /aborting beacon arrived");
+        let mut line = format!(
+            "http3 {case}: abort (page clock) → on_cancel: {:+.1} ms; /aborting beacon → \
+             on_cancel: {:+.1} ms; report → on_cancel: {:+.1} ms",
+            cancelled_ms - at,
+            signed(beacon, cancelled),
+            signed(seen.report.unwrap(), cancelled),
+        );
+        if let Some(yes) = seen.started_yes {
+            line += &format!(
+                "; /started said yes → on_cancel: {:.1} ms",
+                signed(yes, cancelled)
+            );
+        }
+        eprintln!(
+            "{line}\nhttp3 {case}: page: {}\nhttp3 {case}: requests: {:?}",
+            self.report, seen.requests
+        );
+    }
+}
+
+/// A `fetch` aborted while its handler runs: `Disconnected` in phase `Handler`, over HTTP/3.
+#[tokio::test]
+async fn aborted_fetch_over_http3_in_chromium_is_disconnected_handler() {
+    let Some(chromium) = chromium() else { return };
+    let run = run(chromium, "handler", "layer /slow disconnected handler").await;
+    assert_eq!(
+        field(&run.report, "aborted").as_deref(),
+        Some("AbortError"),
+        "the page reported {:?}",
+        run.report
+    );
+    let app_entries: Vec<_> = run
+        .log
+        .entries()
+        .into_iter()
+        .filter(|e| !e.starts_with("report "))
+        .collect();
+    assert_eq!(
+        app_entries,
+        [
+            "start /slow",
+            "dropped /slow",
+            "handler /slow disconnected handler",
+            "layer /slow disconnected handler",
+        ]
+    );
+    let handles = run.log.handles();
+    assert_eq!(handles.len(), 1);
+    assert_eq!(
+        handles[0].reason(),
+        Some(tower_cancel::CancelReason::Disconnected)
+    );
+    run.check_http3_and_print("handler", "/slow");
+    drop(run);
+}
+
+/// A `fetch` whose streamed body the page is reading, aborted mid-body: `Disconnected` in
+/// phase `Body`, over HTTP/3.
+#[tokio::test]
+async fn aborted_fetch_mid_body_over_http3_in_chromium_is_disconnected_body() {
+    let Some(chromium) = chromium() else { return };
+    let run = run(chromium, "body", "layer /endless disconnected body").await;
+    assert_eq!(
+        field(&run.report, "aborted").as_deref(),
+        Some("AbortError"),
+        "the page reported {:?}",
+        run.report
+    );
+    run.log.wait_for("body-dropped /endless").await;
+    let app_entries: Vec<_> = run
+        .log
+        .entries()
+        .into_iter()
+        .filter(|e| !e.starts_with("report "))
+        .collect();
+    assert_eq!(
+        app_entries,
+        [
+            "start /endless",
+            "body-dropped /endless",
+            "handler /endless disconnected body",
+            "layer /endless disconnected body",
+        ]
+    );
+    run.check_http3_and_print("body", "/endless");
+    drop(run);
+}
