@@ -14,6 +14,7 @@ use common::*;
 use h3::error::Code;
 use http::{Request, StatusCode};
 use http3::*;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn completed_requests_cancel_nothing() {
@@ -248,4 +249,64 @@ async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
     println!("client saw: {closed}");
     // The endpoint's socket is gone: its port can be bound again.
     std::net::UdpSocket::bind(server.addr).expect("the endpoint's UDP socket was closed");
+}
+
+/// A UDP relay between one client and `server` that forwards until told to stop: the client
+/// then vanishes without a word, as a phone that lost its network does.
+async fn relay(server: std::net::SocketAddr) -> (std::net::SocketAddr, CancellationToken) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let silenced = CancellationToken::new();
+    let silence = silenced.clone();
+    tokio::spawn(async move {
+        let (mut up, mut down) = ([0u8; 65536], [0u8; 65536]);
+        let mut client = None;
+        loop {
+            tokio::select! {
+                received = front.recv_from(&mut up) => {
+                    let (n, from) = received.unwrap();
+                    client = Some(from);
+                    if !silence.is_cancelled() {
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                received = back.recv(&mut down) => {
+                    let Ok(n) = received else { continue };
+                    if let (Some(client), false) = (client, silence.is_cancelled()) {
+                        let _ = front.send_to(&down[..n], client).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, silenced)
+}
+
+/// A client that vanishes (its relay stops forwarding) is seen when the connection's idle
+/// timeout passes, with the server's keep-alive PINGs keeping a healthy one open.
+#[tokio::test]
+async fn a_client_that_vanishes_is_seen_at_the_idle_timeout() {
+    let log = Log::default();
+    let shutdown = CancellationToken::new();
+    let in_flight = InFlight::default();
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(100)));
+    transport.max_idle_timeout(Some(Duration::from_millis(400).try_into().unwrap()));
+    let svc = stack(&log, &shutdown, &in_flight);
+    let server = H3Server::start_with(svc, shutdown, Duration::from_secs(1), transport).await;
+    let (relay, silenced) = relay(server.addr).await;
+    let mut client = H3Client::connect_to(&server, relay).await;
+    let _honour = client.get("/honour").await;
+    log.wait_for("start /honour").await;
+    // Healthy and idle for longer than the idle timeout: the PINGs keep it open.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(cancellations(&log), Vec::<String>::new());
+    let vanished = Instant::now();
+    silenced.cancel();
+    log.wait_for("layer /honour disconnected handler").await;
+    let seen = vanished.elapsed();
+    println!("vanished -> callback: {seen:?} (idle timeout 400 ms)");
+    assert!(seen >= Duration::from_millis(300), "{seen:?}");
 }

@@ -33,62 +33,62 @@ const BROWSER_START: Duration = Duration::from_secs(30);
 
 /// The page. `?case=handler`: a `fetch('/slow')` aborted once the server says its handler
 /// runs. `?case=body`: a `fetch('/endless')` whose body the page reads, aborted after three
-/// chunks. Right before each abort it sends the beacon `/aborting`; then it reports the error
-/// the fetch (or the read) failed with, the wall-clock time of the abort (`at`, ms since the
-/// epoch), how long the rejection took (`ms`), and the `nextHopProtocol` of every navigation
-/// and resource timing entry.
+/// chunks (42 bytes: `common::CHUNK` is 14). Right before each abort it sends the beacon
+/// `/aborting?sent=` (its own clock, ms since the epoch); then it reports the error the fetch
+/// (or the read) failed with, the wall-clock time of the abort (`at`), how long the rejection
+/// took (`ms`), and the `nextHopProtocol` of its navigation and resource timing entries (once
+/// the beacon's is there).
 const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8">
 <title>abort a fetch over HTTP/3</title>
 <script>
 const now = () => performance.timeOrigin + performance.now();
+const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
 const get = async path => (await fetch(path, {cache: 'no-store'})).text();
-const until = async path => {
-  while ((await get(path)) !== 'yes') {
-    await new Promise(resolve => setTimeout(resolve, 20));
-  }
-};
-const protocols = () => performance.getEntriesByType('navigation')
+const entries = () => performance.getEntriesByType('navigation')
   .concat(performance.getEntriesByType('resource'))
-  .map(e => new URL(e.name).pathname + ':' + e.nextHopProtocol)
-  .join(',');
+  .map(e => new URL(e.name).pathname + ':' + e.nextHopProtocol);
 (async () => {
   const which = new URLSearchParams(location.search).get('case');
   const controller = new AbortController();
-  let at, outcome;
+  let beacon, at, outcome;
+  const abort = () => {
+    beacon = get('/aborting?sent=' + now().toFixed(3));
+    at = now();
+    controller.abort();
+  };
   if (which === 'handler') {
     const slow = fetch('/slow', {signal: controller.signal, cache: 'no-store'});
     // Abort only once the handler runs, so that the abort cancels a request in flight.
-    await until('/started');
-    fetch('/aborting', {cache: 'no-store'});
-    at = now();
-    controller.abort();
+    while ((await get('/started')) !== 'yes') await sleep(20);
+    abort();
     try { await slow; outcome = 'none'; } catch (e) { outcome = e.name; }
   } else {
     const response = await fetch('/endless', {signal: controller.signal, cache: 'no-store'});
     const reader = response.body.getReader();
-    let got = 0;
-    while (got < 3 * 14) {
+    for (let got = 0; got < 3 * 14;) {
       const {value, done} = await reader.read();
-      if (done) break;
+      if (done) throw new Error('/endless ended');
       got += value.length;
     }
-    fetch('/aborting', {cache: 'no-store'});
-    at = now();
-    controller.abort();
+    abort();
     try {
       for (;;) {
-        const {done} = await reader.read();
-        if (done) { outcome = 'done'; break; }
+        if ((await reader.read()).done) { outcome = 'done'; break; }
       }
     } catch (e) { outcome = e.name; }
   }
   const ms = (now() - at).toFixed(1);
+  await beacon;
+  for (let i = 0; i < 100 && !entries().some(e => e.startsWith('/aborting:')); i++) await sleep(20);
   await fetch('/report?aborted=' + encodeURIComponent(outcome) + '&at=' + at.toFixed(3) +
-    '&ms=' + ms + '&protocols=' + encodeURIComponent(protocols()), {cache: 'no-store'});
+    '&ms=' + ms + '&protocols=' + encodeURIComponent(entries().join(',')), {cache: 'no-store'});
 })().catch(e => fetch('/report?error=' + encodeURIComponent(String(e))));
 </script>
 "#;
+
+// The page counts on it.
+const _: () = assert!(CHUNK.len() == 14);
 
 /// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
 /// present).
@@ -117,8 +117,9 @@ struct Seen {
     requests: Vec<(String, Version)>,
     /// When `/started` first answered "yes": the page aborts `/slow` right after it reads it.
     started_yes: Option<Instant>,
-    /// When the beacon the page sends right before its abort arrived.
-    aborting: Option<Instant>,
+    /// When the beacon the page sends right before its abort arrived, and the page's clock
+    /// when it sent it (ms since the epoch).
+    aborting: Option<(Instant, SystemTime, f64)>,
     report: Option<Instant>,
     /// When the layer's `on_cancel` first ran for a path.
     cancelled: BTreeMap<String, (Instant, SystemTime)>,
@@ -193,10 +194,16 @@ fn router(
                     }
                 }
                 "/aborting" => {
+                    let sent = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("sent="))
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(f64::NAN);
                     seen.lock()
                         .unwrap()
                         .aborting
-                        .get_or_insert_with(Instant::now);
+                        .get_or_insert_with(|| (Instant::now(), SystemTime::now(), sent));
                     text(StatusCode::NO_CONTENT, "text/plain", "")
                 }
                 "/report" => {
@@ -322,7 +329,7 @@ fn der_header(der: &[u8]) -> (usize, usize) {
             let n = usize::from(long & 0x7f);
             let len = der[2..2 + n]
                 .iter()
-                .fold(0, |len, &b| len << 8 | usize::from(b));
+                .fold(0, |len, &b| (len << 8) | usize::from(b));
             (2 + n, len)
         }
     }
@@ -369,10 +376,10 @@ fn base64(bytes: &[u8]) -> String {
         let n = chunk
             .iter()
             .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
         for i in 0..4 {
             if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
             } else {
                 out.push('=');
             }
@@ -396,7 +403,7 @@ fn signed(a: Instant, b: Instant) -> f64 {
 
 /// The value of `name` in the page's report (`report a=1&b=2`), percent-decoded for the
 /// characters the page's values can hold.
-fn field<'a>(report: &'a str, name: &str) -> Option<String> {
+fn field(report: &str, name: &str) -> Option<String> {
     let query = report.strip_prefix("report ")?;
     let value = query
         .split('&')
@@ -431,8 +438,10 @@ async fn run(chromium: &str, case: &str, expected: &str) -> Run {
         .layer(stamping_layer(&log, &seen).shutdown_token(shutdown.clone()))
         .service(router(log.clone(), seen.clone()));
     let server = H3Server::start(svc, shutdown, Duration::from_secs(1)).await;
-    let origin = format!("localhost:{}", server.addr.port());
-    let flags = vec![
+    // Not `localhost`: Chromium resolves it to [::1] first and QUIC does not fall back to
+    // 127.0.0.1, where the endpoint listens (the certificate names both).
+    let origin = format!("127.0.0.1:{}", server.addr.port());
+    let flags = [
         format!("--origin-to-force-quic-on={origin}"),
         format!(
             "--ignore-certificate-errors-spki-list={}",
@@ -444,7 +453,21 @@ async fn run(chromium: &str, case: &str, expected: &str) -> Run {
         &format!("https://{origin}/page?case={case}"),
         &flags,
     );
-    browser.wait_for(&log, expected, BROWSER_START).await;
+    // The page itself first: without it, Chromium could not speak QUIC to the endpoint.
+    let deadline = Instant::now() + BROWSER_START;
+    while seen.lock().unwrap().requests.is_empty() {
+        assert!(
+            browser.is_running(),
+            "chromium exited before it requested the page"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "Chromium never reached the HTTP/3 endpoint (QUIC handshake failed?); its netlog \
+             (--log-net-log=FILE --net-log-capture-mode=Everything) says why"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    browser.wait_for(&log, expected, PATIENCE).await;
     // The abort cancelled the request, not the browser going away.
     assert!(
         browser.is_running(),
@@ -468,7 +491,8 @@ async fn run(chromium: &str, case: &str, expected: &str) -> Run {
 impl Run {
     /// Asserts that everything went over HTTP/3, as the server and the page saw it, and prints
     /// the time from the abort to the layer's callback for `path`.
-    fn check_http3_and_print(&self, case: &str, path: &str) {
+    fn check_http3_and_print(&mut self, case: &str, path: &str) {
+        assert!(self.browser.is_running(), "chromium exited during the test");
         let seen = self.seen.lock().unwrap();
         assert!(
             seen.requests.iter().any(|(p, _)| p == path),
@@ -483,26 +507,30 @@ impl Run {
         let protocols = field(&self.report, "protocols").unwrap_or_default();
         let entries: Vec<_> = protocols.split(',').filter(|e| !e.is_empty()).collect();
         assert!(
-            entries.iter().any(|e| e.starts_with("/page:")),
-            "the page's timing entries: {protocols:?}"
+            entries.contains(&"/page:h3") && entries.contains(&"/aborting:h3"),
+            "the page's and the beacon's timing entries: {protocols:?}"
         );
+        // A fetch aborted before its response head arrived has an entry without a protocol.
+        let headless = format!("{path}:");
         assert!(
-            entries.iter().all(|e| e.ends_with(":h3")),
+            entries
+                .iter()
+                .all(|e| e.ends_with(":h3") || (case == "handler" && *e == headless)),
             "the page's nextHopProtocol: {protocols:?}"
         );
 
+        // The page's clock and the server's are the same machine's wall clock: the abort, as
+        // the page stamped it, to the layer's callback. The beacon's own trip (page → router)
+        // shows how well the two agree; the monotonic ones are the server's alone.
+        let epoch_ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1e3;
         let (cancelled, cancelled_wall) = seen.cancelled[path];
         let at: f64 = field(&self.report, "at").unwrap().parse().unwrap();
-        let cancelled_ms = cancelled_wall
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-            * 1000.0;
-        let beacon = seen.aborting.expect("the page's /aborting beacon arrived");
+        let (beacon, beacon_wall, beacon_sent) =
+            seen.aborting.expect("the page's /aborting beacon arrived");
         let mut line = format!(
             "http3 {case}: abort (page clock) → on_cancel: {:+.1} ms; /aborting beacon → \
              on_cancel: {:+.1} ms; report → on_cancel: {:+.1} ms",
-            cancelled_ms - at,
+            epoch_ms(cancelled_wall) - at,
             signed(beacon, cancelled),
             signed(seen.report.unwrap(), cancelled),
         );
@@ -513,8 +541,13 @@ impl Run {
             );
         }
         eprintln!(
-            "{line}\nhttp3 {case}: page: {}\nhttp3 {case}: requests: {:?}",
-            self.report, seen.requests
+            "{line}\nhttp3 {case}: the beacon's trip (page clock → server clock): {:.1} ms; \
+             the page's abort → rejection: {} ms\nhttp3 {case}: page: {}\nhttp3 {case}: \
+             requests: {:?}",
+            epoch_ms(beacon_wall) - beacon_sent,
+            field(&self.report, "ms").unwrap_or_default(),
+            self.report,
+            seen.requests
         );
     }
 }
@@ -523,7 +556,7 @@ impl Run {
 #[tokio::test]
 async fn aborted_fetch_over_http3_in_chromium_is_disconnected_handler() {
     let Some(chromium) = chromium() else { return };
-    let run = run(chromium, "handler", "layer /slow disconnected handler").await;
+    let mut run = run(chromium, "handler", "layer /slow disconnected handler").await;
     assert_eq!(
         field(&run.report, "aborted").as_deref(),
         Some("AbortError"),
@@ -560,7 +593,7 @@ async fn aborted_fetch_over_http3_in_chromium_is_disconnected_handler() {
 #[tokio::test]
 async fn aborted_fetch_mid_body_over_http3_in_chromium_is_disconnected_body() {
     let Some(chromium) = chromium() else { return };
-    let run = run(chromium, "body", "layer /endless disconnected body").await;
+    let mut run = run(chromium, "body", "layer /endless disconnected body").await;
     assert_eq!(
         field(&run.report, "aborted").as_deref(),
         Some("AbortError"),

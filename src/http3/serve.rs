@@ -237,9 +237,11 @@ async fn serve_connection<S, B>(
             },
         }
     }
-    // Let requests that were finishing write their last frames before the connection closes.
+    // Let requests that were finishing write their last frames before the connection closes
+    // (bounded: those of a lost connection end on their own, as their streams fail).
     if draining.is_none() {
-        while requests.join_next().await.is_some() {}
+        let all = async { while requests.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(drain, all).await;
     }
     requests.shutdown().await;
     drop(conn);

@@ -60,9 +60,29 @@ impl H3Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        Self::start_with(svc, shutdown, drain, quinn::TransportConfig::default()).await
+    }
+
+    /// [`H3Server::start`] with the endpoint's QUIC transport settings (idle timeout,
+    /// keep-alive).
+    pub async fn start_with<S, B>(
+        svc: S,
+        shutdown: CancellationToken,
+        drain: Duration,
+        transport: quinn::TransportConfig,
+    ) -> Self
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let (config, cert, cert_pem) = tls();
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).unwrap();
-        let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let serve = tower_cancel::http3::serve(endpoint, svc)
@@ -92,6 +112,11 @@ pub struct H3Client {
 
 impl H3Client {
     pub async fn connect(server: &H3Server) -> Self {
+        Self::connect_to(server, server.addr).await
+    }
+
+    /// Connects to `addr` (a relay in front of `server`, say), trusting `server`'s certificate.
+    pub async fn connect_to(server: &H3Server, addr: SocketAddr) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(server.cert.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -104,11 +129,7 @@ impl H3Client {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-        let conn = endpoint
-            .connect(server.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
             .await
             .unwrap();
@@ -161,8 +182,15 @@ pub enum Ending {
     Failed(String),
 }
 
-/// Reads the response body to its end: the bytes, and how it ended.
+/// Reads the response body to its end: the bytes, and how it ended. Panics after
+/// [`PATIENCE`](crate::common::PATIENCE).
 pub async fn read_body(stream: &mut H3Stream) -> (Vec<u8>, Ending) {
+    tokio::time::timeout(crate::common::PATIENCE, read_to_end(stream))
+        .await
+        .expect("the response body did not end")
+}
+
+async fn read_to_end(stream: &mut H3Stream) -> (Vec<u8>, Ending) {
     let mut body = Vec::new();
     loop {
         match stream.recv_data().await {
