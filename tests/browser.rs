@@ -2,16 +2,14 @@
 //! `fetch` and aborts it with an `AbortController`; the server must see the request cancelled
 //! as `Disconnected` while the browser is still running.
 
+#[path = "common/browser.rs"]
+mod browser;
 mod common;
 #[path = "../examples/https/tls.rs"]
 mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +20,7 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 use tower_cancel::{CancellationLayer, Cancelled};
 
+use browser::*;
 use common::*;
 
 /// The first browser request can wait for a cold Chromium start.
@@ -88,26 +87,6 @@ const started = async n => {
 </script>
 "#;
 
-/// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
-/// present).
-fn chromium() -> Option<&'static str> {
-    let found = Command::new("chromium")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return Some("chromium");
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "chromium is missing on CI: .ci/run must install it"
-    );
-    eprintln!("skipping: chromium is not installed (apt-get install chromium)");
-    None
-}
-
 /// What the router saw, beside the log: every request's version, and when things happened.
 /// The maps are keyed by the `n` of `?n=` (1 without one): which `/slow` of the page.
 #[derive(Default)]
@@ -145,15 +124,6 @@ fn stamping_layer(log: &Log, seen: &Shared, name: &'static str) -> CancellationL
                 .or_insert(now);
         })
         .on_cancel(move |c: &Cancelled| log.push(describe(name, c)))
-}
-
-/// `b - a` in ms, negative if `b` came first.
-fn signed(a: Instant, b: Instant) -> f64 {
-    if b >= a {
-        millis(b - a)
-    } else {
-        -millis(a - b)
-    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -227,117 +197,6 @@ fn router(
             })
         }
     })
-}
-
-/// The running browser: killed (with every process it started) and reaped on drop, even when
-/// the test panics; then its profile is removed. Prints its stderr if the test failed.
-struct Browser {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Browser {
-    fn launch(program: &str, url: &str) -> Self {
-        Self::launch_with(program, url, &[])
-    }
-
-    fn launch_with(program: &str, url: &str, extra: &[&str]) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "tower-cancel-browser-{}-{nanos}",
-            std::process::id()
-        ));
-        let profile = dir.join("profile");
-        std::fs::create_dir_all(&profile).unwrap();
-        let stderr = File::create(dir.join("stderr")).unwrap();
-        let child = Command::new(program)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            // Its own process group, so that drop can kill the renderers and helpers too.
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Self { child, dir }
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
-    }
-
-    /// Waits until `entry` is logged; panics if the browser exits first or `timeout` passes.
-    async fn wait_for(&mut self, log: &Log, entry: &str, timeout: Duration) {
-        self.wait_until(log, entry, timeout, |e| e == entry).await;
-    }
-
-    /// Waits until an entry matching `found` is logged and returns it; panics if the browser
-    /// exits first or `timeout` passes.
-    async fn wait_until(
-        &mut self,
-        log: &Log,
-        what: &str,
-        timeout: Duration,
-        found: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(entry) = log.entries().into_iter().find(|e| found(e)) {
-                return entry;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "chromium exited ({status}) before {what:?}; log: {:#?}",
-                    log.entries()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what:?}; log: {:#?}",
-                log.entries()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // The group is still ours while its leader is unreaped: kill it, then the leader.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("chromium stderr:\n{}", self.stderr());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::test]

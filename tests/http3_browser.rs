@@ -4,16 +4,14 @@
 //! each request cancelled as `Disconnected` in the right phase while the browser still runs,
 //! and every request, the page included, must have gone over HTTP/3.
 
+#[path = "common/browser.rs"]
+mod browser;
 mod common;
 #[path = "common/http3.rs"]
 mod http3;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +23,7 @@ use tower::ServiceExt;
 use tower_cancel::http3::IncomingBody;
 use tower_cancel::{CancellationLayer, Cancelled};
 
+use browser::*;
 use common::*;
 use http3::H3Server;
 
@@ -89,26 +88,6 @@ const entries = () => performance.getEntriesByType('navigation')
 
 // The page counts on it.
 const _: () = assert!(CHUNK.len() == 14);
-
-/// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
-/// present).
-fn chromium() -> Option<&'static str> {
-    let found = Command::new("chromium")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return Some("chromium");
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "chromium is missing on CI: .ci/run must install it"
-    );
-    eprintln!("skipping: chromium is not installed (apt-get install chromium)");
-    None
-}
 
 /// What the router saw, beside the log: every request's path and version, and when things
 /// happened (monotonic, and wall-clock for the page's own timestamps).
@@ -219,108 +198,6 @@ fn router(
     })
 }
 
-/// The running browser: killed (with every process it started) and reaped on drop, even when
-/// the test panics; then its profile is removed. Prints its stderr if the test failed.
-struct Browser {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Browser {
-    fn launch(program: &str, url: &str, extra: &[String]) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "tower-cancel-h3-browser-{}-{nanos}",
-            std::process::id()
-        ));
-        let profile = dir.join("profile");
-        std::fs::create_dir_all(&profile).unwrap();
-        let stderr = File::create(dir.join("stderr")).unwrap();
-        let child = Command::new(program)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            // Its own process group, so that drop can kill the renderers and helpers too.
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Self { child, dir }
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
-    }
-
-    /// Waits until `entry` is logged; panics if the browser exits first or `timeout` passes.
-    async fn wait_for(&mut self, log: &Log, entry: &str, timeout: Duration) {
-        self.wait_until(log, entry, timeout, |e| e == entry).await;
-    }
-
-    /// Waits until an entry matching `found` is logged and returns it; panics if the browser
-    /// exits first or `timeout` passes.
-    async fn wait_until(
-        &mut self,
-        log: &Log,
-        what: &str,
-        timeout: Duration,
-        found: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(entry) = log.entries().into_iter().find(|e| found(e)) {
-                return entry;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "chromium exited ({status}) before {what:?}; log: {:#?}",
-                    log.entries()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what:?}; log: {:#?}",
-                log.entries()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // The group is still ours while its leader is unreaped: kill it, then the leader.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("chromium stderr:\n{}", self.stderr());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The TLV at the start of `der`: its header's length and its content's length.
 fn der_header(der: &[u8]) -> (usize, usize) {
     match der[1] {
@@ -388,19 +265,6 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// `b - a` in ms, negative if `b` came first.
-fn signed(a: Instant, b: Instant) -> f64 {
-    if b >= a {
-        millis(b - a)
-    } else {
-        -millis(a - b)
-    }
-}
-
 /// The value of `name` in the page's report (`report a=1&b=2`), percent-decoded for the
 /// characters the page's values can hold.
 fn field(report: &str, name: &str) -> Option<String> {
@@ -448,11 +312,9 @@ async fn run(chromium: &str, case: &str, expected: &str) -> Run {
             spki_pin(&server.cert)
         ),
     ];
-    let mut browser = Browser::launch(
-        chromium,
-        &format!("https://{origin}/page?case={case}"),
-        &flags,
-    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let url = format!("https://{origin}/page?case={case}");
+    let mut browser = Browser::start(chromium, &url, false, &flags);
     // The page itself first: without it, Chromium could not speak QUIC to the endpoint.
     let deadline = Instant::now() + BROWSER_START;
     while seen.lock().unwrap().requests.is_empty() {
