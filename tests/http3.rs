@@ -41,6 +41,15 @@ async fn completed_requests_cancel_nothing() {
         assert_eq!(ending, Ending::Finished, "{method} {path}");
         assert_eq!(got, expected, "{method} {path}");
     }
+    // Trailers end a response whose body would go on: the stream is finished after them.
+    let mut stream = client.get("/trailers").await;
+    stream.recv_response().await.unwrap();
+    assert_eq!(
+        read_body(&mut stream).await,
+        (CHUNK.to_vec(), Ending::Finished)
+    );
+    let trailers = stream.recv_trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
     // Many at once on the one connection.
     let mut streams = Vec::new();
     for _ in 0..20 {
@@ -295,7 +304,7 @@ async fn a_client_that_vanishes_is_seen_at_the_idle_timeout() {
     transport.keep_alive_interval(Some(Duration::from_millis(100)));
     transport.max_idle_timeout(Some(Duration::from_millis(400).try_into().unwrap()));
     let svc = stack(&log, &shutdown, &in_flight);
-    let server = H3Server::start_with(svc, shutdown, Duration::from_secs(1), transport).await;
+    let server = H3Server::start_with(svc, shutdown, Duration::from_secs(1), transport, None).await;
     let (relay, silenced) = relay(server.addr).await;
     let mut client = H3Client::connect_to(&server, relay).await;
     let _honour = client.get("/honour").await;
@@ -309,4 +318,105 @@ async fn a_client_that_vanishes_is_seen_at_the_idle_timeout() {
     let seen = vanished.elapsed();
     println!("vanished -> callback: {seen:?} (idle timeout 400 ms)");
     assert!(seen >= Duration::from_millis(300), "{seen:?}");
+}
+
+/// What the h3 client will not send, by hand. A request stream that ends inside a DATA frame is
+/// a connection error (RFC 9114 §7.1: `H3_FRAME_ERROR`): the handler's read fails, it never
+/// sees a shorter body as complete. Headers over the server's limit get h3's 431, finished,
+/// not reset, and the connection serves on.
+#[tokio::test]
+async fn malformed_requests_get_clear_outcomes() {
+    let (log, server, _in_flight) = start(Duration::from_secs(5)).await;
+    let raw = RawClient::connect(&server).await;
+    let mut request = headers_frame("POST", "/read", &[]);
+    request.extend(data_frame_header(100));
+    request.extend_from_slice(&[b'x'; 10]);
+    let (_send, mut recv) = raw.send(&request, true).await;
+    let (_, ending) = read_raw(&mut recv).await;
+    assert_ne!(ending, Ending::Finished);
+    let closed = tokio::time::timeout(PATIENCE, raw.conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() == 0x106),
+        "{closed}"
+    );
+    log.wait_for_count("read-error /read", 1).await;
+    assert!(!log.entries().iter().any(|e| e.starts_with("read 10")));
+
+    let raw = RawClient::connect(&server).await;
+    let big = "x".repeat(20_000);
+    let request = headers_frame("GET", "/full", &[("x-big", &big)]);
+    let (_send, mut recv) = raw.send(&request, true).await;
+    let (bytes, ending) = read_raw(&mut recv).await;
+    assert_eq!(ending, Ending::Finished, "h3's 431 must arrive whole");
+    // `:status` by static name reference (index 24), its value "431" Huffman-coded.
+    let status_431 = [0x5f, 0x09, 0x83, 0x69, 0x90, 0xff];
+    assert!(bytes.windows(6).any(|w| w == status_431), "{bytes:?}");
+    let (_send, mut recv) = raw.send(&headers_frame("GET", "/full", &[]), true).await;
+    let (bytes, ending) = read_raw(&mut recv).await;
+    assert_eq!(ending, Ending::Finished);
+    assert!(bytes.ends_with(b"hello"), "{bytes:?}");
+    assert!(!cancellations(&log).iter().any(|e| e.contains("/full")));
+}
+
+/// After GOAWAY, a request on the stream GOAWAY named (the first the client must consider not
+/// processed) is refused with `H3_REQUEST_REJECTED`, never served.
+#[tokio::test]
+async fn a_request_on_the_goaway_stream_is_refused() {
+    let (log, server, _in_flight) = start(Duration::from_secs(1)).await;
+    let raw = RawClient::connect(&server).await;
+    // A handler that ignores its token keeps the connection draining.
+    let (_first_send, mut first) = raw.send(&headers_frame("GET", "/slow", &[]), true).await;
+    log.wait_for("start /slow").await;
+    server.shutdown.cancel();
+    // h3 sends GOAWAY(4): stream 4 and later are not processed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_second_send, mut second) = raw.send(&headers_frame("GET", "/full", &[]), true).await;
+    let (_, ending) = read_raw(&mut second).await;
+    assert_eq!(ending, Ending::Reset(H3_REQUEST_REJECTED));
+    assert!(!log.entries().iter().any(|e| e == "start /full"));
+    // The one in flight is dropped at the drain bound: reset, not finished.
+    let (_, ending) = read_raw(&mut first).await;
+    assert_eq!(ending, Ending::Reset(H3_REQUEST_CANCELLED));
+}
+
+/// A connection serves `max_requests_per_connection` requests, then sends GOAWAY; those in
+/// flight complete, and the client goes on on a new connection.
+#[tokio::test]
+async fn a_connection_ends_after_its_request_limit() {
+    let log = Log::default();
+    let shutdown = CancellationToken::new();
+    let in_flight = InFlight::default();
+    let svc = stack(&log, &shutdown, &in_flight);
+    let transport = quinn::TransportConfig::default();
+    let server =
+        H3Server::start_with(svc, shutdown, Duration::from_secs(5), transport, Some(3)).await;
+    let mut client = H3Client::connect(&server).await;
+    for _ in 0..3 {
+        let mut stream = client.get("/full").await;
+        stream.recv_response().await.unwrap();
+        assert_eq!(
+            read_body(&mut stream).await,
+            (b"hello".to_vec(), Ending::Finished)
+        );
+    }
+    let refused = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let req = Request::get("https://localhost/full").body(()).unwrap();
+            if client.send.send_request(req).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    refused.await.expect("no GOAWAY after the limit");
+    let mut again = H3Client::connect(&server).await;
+    let mut stream = again.get("/full").await;
+    stream.recv_response().await.unwrap();
+    assert_eq!(
+        read_body(&mut stream).await,
+        (b"hello".to_vec(), Ending::Finished)
+    );
+    assert_eq!(cancellations(&log), Vec::<String>::new());
 }

@@ -1,6 +1,7 @@
 //! The request body an HTTP/3 handler reads.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -9,10 +10,14 @@ use h3::error::Code;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 
+use crate::event::TARGET;
 use crate::http3::quic::RecvHalf;
 use crate::propagate::BoxError;
 
 type Recv = h3::server::RequestStream<RecvHalf, Bytes>;
+
+/// The error of a request body whose stream ended in the middle of a DATA frame.
+const TRUNCATED: &str = "the HTTP/3 request stream ended inside a DATA frame";
 
 /// The body of a request served by [`serve`](crate::http3::serve): the DATA frames of the
 /// request stream, then its trailers, streamed as the handler reads them (`Data = Bytes`).
@@ -72,6 +77,10 @@ impl http_body::Body for IncomingBody {
             match ready!(stream.poll_recv_data(cx)) {
                 Ok(Some(mut data)) => {
                     let data = data.copy_to_bytes(data.remaining());
+                    if let Some(left) = this.size_hint.exact() {
+                        this.size_hint =
+                            SizeHint::with_exact(left.saturating_sub(data.len() as u64));
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(None) => this.state = State::Trailers,
@@ -81,7 +90,19 @@ impl http_body::Body for IncomingBody {
                 }
             }
         }
-        let trailers = ready!(stream.poll_recv_trailers(cx));
+        // h3 0.0.8 asserts, in the frame decoder, that no DATA payload is left over when it
+        // looks for trailers; a client that ends its stream inside a DATA frame gets there.
+        // The panic is contained and the body fails instead.
+        let trailers = catch_unwind(AssertUnwindSafe(|| stream.poll_recv_trailers(cx)));
+        let trailers = match trailers {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(trailers)) => trailers,
+            Err(_) => {
+                this.finish();
+                tracing::debug!(target: TARGET, "HTTP/3 request body ended inside a DATA frame");
+                return Poll::Ready(Some(Err(TRUNCATED.into())));
+            }
+        };
         this.finish();
         match trailers {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),

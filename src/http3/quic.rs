@@ -4,7 +4,7 @@
 //! being written (a handler still thinking, a body waiting on its source): the error only shows
 //! on the next write. quinn has the signal, `SendStream::stopped()`, a `'static` future taken
 //! from `&self`. So this backend accepts the request streams itself, takes that future for
-//! each one and files it in [`Watches`] under the stream's id, where the request task picks it
+//! each one and files it in [`Streams`] under the stream's id, where the request task picks it
 //! up. The unidirectional streams (control, QPACK) and the opener are h3-quinn's, unchanged.
 //!
 //! Two more duties sit here because only the stream halves see them:
@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
@@ -50,19 +51,24 @@ pub(crate) enum Gone {
 /// What the request task races its handler and body against.
 pub(crate) struct Watch {
     stopped: Stopped,
-    reset: Arc<ResetSignal>,
+    signal: Arc<Signal>,
 }
 
+/// What the halves of one request stream tell the request task, and the reverse.
 #[derive(Default)]
-struct ResetSignal {
-    code: Mutex<Option<u64>>,
+struct Signal {
+    /// The code of a `RESET_STREAM` the request body was read up to.
+    reset: Mutex<Option<u64>>,
     notify: Notify,
+    /// The request task took the stream: from then on a send half dropped unfinished is reset.
+    /// Before, it is h3's (a 431 it answered on its own is finished, as h3 meant).
+    claimed: AtomicBool,
 }
 
 impl Watch {
     /// Resolves when the client has gone from this request.
     pub(crate) async fn gone(self) -> Gone {
-        let Watch { stopped, reset } = self;
+        let Watch { stopped, signal } = self;
         let stopped = async move {
             match stopped.await {
                 Ok(Some(code)) => Gone::Stopped(code.into_inner()),
@@ -72,8 +78,8 @@ impl Watch {
         };
         let reset = async move {
             loop {
-                let notified = reset.notify.notified();
-                if let Some(code) = *lock(&reset.code) {
+                let notified = signal.notify.notified();
+                if let Some(code) = *lock(&signal.reset) {
                     return Gone::Reset(code);
                 }
                 notified.await;
@@ -86,14 +92,43 @@ impl Watch {
     }
 }
 
-/// Every accepted request stream's [`Watch`], until its request task takes it or the stream is
-/// dropped (a stream h3 rejected never leaves an entry behind).
-#[derive(Clone, Default)]
-pub(crate) struct Watches(Arc<Mutex<HashMap<u64, Watch>>>);
+/// One connection's request streams as the backend accepted them, shared with the serve loop.
+#[derive(Clone)]
+pub(crate) struct Streams(Arc<Shared>);
 
-impl Watches {
+struct Shared {
+    /// Every accepted request stream's [`Watch`], until its request task takes it or the
+    /// stream is dropped (a stream h3 rejected leaves no entry behind).
+    watches: Mutex<HashMap<u64, Watch>>,
+    /// The id after the last request stream accepted (0 before the first).
+    next: AtomicU64,
+    /// Streams from this id on are refused (`u64::MAX`: none is).
+    refuse_from: AtomicU64,
+}
+
+impl Streams {
+    pub(crate) fn new() -> Self {
+        Streams(Arc::new(Shared {
+            watches: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            refuse_from: AtomicU64::new(u64::MAX),
+        }))
+    }
+
+    /// The request task's [`Watch`] of stream `id`; the stream is the task's from now on.
     pub(crate) fn take(&self, id: StreamId) -> Option<Watch> {
-        lock(&self.0).remove(&id.into_inner())
+        let watch = lock(&self.0.watches).remove(&id.into_inner())?;
+        watch.signal.claimed.store(true, Ordering::Release);
+        Some(watch)
+    }
+
+    /// Refuses, from now on, every request stream after those already accepted: called just
+    /// before h3 sends `GOAWAY`, whose id (the stream after the last one h3 accepted) the client
+    /// reads as "this one and later were not processed" (RFC 9114 §5.2). h3 itself would still
+    /// serve that one stream.
+    pub(crate) fn refuse_new(&self) {
+        let next = self.0.next.load(Ordering::Acquire);
+        self.0.refuse_from.store(next, Ordering::Release);
     }
 }
 
@@ -109,16 +144,16 @@ pub(crate) struct Connection {
     conn: quinn::Connection,
     uni: h3_quinn::Connection,
     accepting: ReusableBoxFuture<'static, Accepted>,
-    watches: Watches,
+    streams: Streams,
 }
 
 impl Connection {
-    pub(crate) fn new(conn: quinn::Connection, watches: Watches) -> Self {
+    pub(crate) fn new(conn: quinn::Connection, streams: Streams) -> Self {
         Connection {
             uni: h3_quinn::Connection::new(conn.clone()),
             accepting: ReusableBoxFuture::new(accept_bi(conn.clone())),
             conn,
-            watches,
+            streams,
         }
     }
 }
@@ -142,26 +177,36 @@ impl quic::Connection<Bytes> for Connection {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, ConnectionErrorIncoming>> {
-        let accepted = ready!(self.accepting.poll(cx));
-        self.accepting.set(accept_bi(self.conn.clone()));
-        let (send, recv) = accepted.map_err(connection_error)?;
-        let id = u64::from(send.id());
-        let reset = Arc::new(ResetSignal::default());
+        let shared = &self.streams.0;
+        let (send, recv, id) = loop {
+            let accepted = ready!(self.accepting.poll(cx));
+            self.accepting.set(accept_bi(self.conn.clone()));
+            let (mut send, mut recv) = accepted.map_err(connection_error)?;
+            let id = u64::from(send.id());
+            if id < shared.refuse_from.load(Ordering::Acquire) {
+                break (send, recv, id);
+            }
+            let rejected = code(Code::H3_REQUEST_REJECTED.value());
+            let _ = recv.stop(rejected);
+            let _ = send.reset(rejected);
+        };
+        shared.next.fetch_max(id + 4, Ordering::AcqRel);
+        let signal = Arc::new(Signal::default());
         let watch = Watch {
             stopped: Box::pin(send.stopped()),
-            reset: reset.clone(),
+            signal: signal.clone(),
         };
-        lock(&self.watches.0).insert(id, watch);
+        lock(&shared.watches).insert(id, watch);
         Poll::Ready(Ok(RequestStream {
-            send: SendHalf::new(send),
+            send: SendHalf::new(send, signal.clone()),
             recv: RecvHalf {
                 stream: recv,
                 scratch: Vec::new(),
-                reset,
-                reset_seen: false,
+                signal,
+                reset: None,
                 _entry: Entry {
                     id,
-                    watches: Arc::downgrade(&self.watches.0),
+                    streams: Arc::downgrade(shared),
                 },
             },
         }))
@@ -287,21 +332,23 @@ pub(crate) struct SendHalf {
     writing: Option<WriteBuf<Bytes>>,
     /// Finished or reset: dropping it leaves it as it is.
     closed: bool,
+    signal: Arc<Signal>,
 }
 
 impl SendHalf {
-    fn new(stream: quinn::SendStream) -> Self {
+    fn new(stream: quinn::SendStream, signal: Arc<Signal>) -> Self {
         SendHalf {
             stream,
             writing: None,
             closed: false,
+            signal,
         }
     }
 }
 
 impl Drop for SendHalf {
     fn drop(&mut self) {
-        if !self.closed {
+        if !self.closed && self.signal.claimed.load(Ordering::Acquire) {
             // quinn would finish it: a response cut short would look complete.
             let _ = self.stream.reset(code(Code::H3_REQUEST_CANCELLED.value()));
         }
@@ -356,8 +403,10 @@ impl quic::SendStream<Bytes> for SendHalf {
 pub(crate) struct RecvHalf {
     stream: quinn::RecvStream,
     scratch: Vec<u8>,
-    reset: Arc<ResetSignal>,
-    reset_seen: bool,
+    signal: Arc<Signal>,
+    /// The code of the client's `RESET_STREAM`, once read: every read after it fails with it
+    /// (quinn would report a clean end, and h3 a complete body).
+    reset: Option<u64>,
     /// Held for its `Drop`.
     _entry: Entry,
 }
@@ -365,14 +414,14 @@ pub(crate) struct RecvHalf {
 /// Removes the stream's [`Watch`] if nobody took it.
 struct Entry {
     id: u64,
-    watches: Weak<Mutex<HashMap<u64, Watch>>>,
+    streams: Weak<Shared>,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if let Some(watches) = self.watches.upgrade() {
+        if let Some(streams) = self.streams.upgrade() {
             // Dropped outside the lock: a boxed future's drop is not ours to run under it.
-            let watch = lock(&watches).remove(&self.id);
+            let watch = lock(&streams.watches).remove(&self.id);
             drop(watch);
         }
     }
@@ -385,6 +434,9 @@ impl quic::RecvStream for RecvHalf {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        if let Some(error_code) = self.reset {
+            return Poll::Ready(Err(StreamErrorIncoming::StreamTerminated { error_code }));
+        }
         if self.scratch.is_empty() {
             self.scratch = vec![0; READ_CHUNK];
         }
@@ -393,13 +445,14 @@ impl quic::RecvStream for RecvHalf {
             Ok(n) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(&self.scratch[..n])))),
             Err(quinn::ReadError::Reset(reset_code)) => {
                 let reset_code = reset_code.into_inner();
-                if reset_code != Code::H3_NO_ERROR.value() && !self.reset_seen {
+                self.reset = Some(reset_code);
+                if reset_code != Code::H3_NO_ERROR.value() {
                     // The request task drops the handler on this signal. The error is held
                     // back for one poll, so that a handler reading on that task is dropped
-                    // before it could answer the error; a reader elsewhere gets it next time.
-                    self.reset_seen = true;
-                    *lock(&self.reset.code) = Some(reset_code);
-                    self.reset.notify.notify_one();
+                    // before it could answer the error; a reader elsewhere gets it when it
+                    // polls again.
+                    *lock(&self.signal.reset) = Some(reset_code);
+                    self.signal.notify.notify_one();
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }

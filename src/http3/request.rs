@@ -2,17 +2,17 @@
 
 use std::future::poll_fn;
 use std::pin::pin;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h3::error::Code;
 use http::{Request, Response};
 use http_body::Body;
-use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::event::TARGET;
 use crate::http3::body::IncomingBody;
-use crate::http3::quic::{Connection, Gone, RecvHalf, SendHalf, Watches};
+use crate::http3::quic::{Connection, Gone, RecvHalf, SendHalf, Streams};
 use crate::propagate::BoxError;
 
 type Resolver = h3::server::RequestResolver<Connection, Bytes>;
@@ -22,12 +22,14 @@ type Send = h3::server::RequestStream<SendHalf, Bytes>;
 ///
 /// The service's future is polled here, not spawned: when the client sends `STOP_SENDING` or
 /// resets the request, or the connection is lost, the future (or the response body) is dropped
-/// at once, which is what `CancellationLayer` turns into `Disconnected`.
+/// at once, which is what `CancellationLayer` turns into `Disconnected`. A finished response
+/// waits (at most `linger`) for the client's acknowledgement, since closing the connection
+/// would discard what was not delivered yet.
 pub(crate) async fn serve_request<S, B>(
     resolver: Resolver,
     mut service: S,
-    watches: Watches,
-    shutdown: CancellationToken,
+    streams: Streams,
+    linger: Duration,
 ) where
     S: Service<Request<IncomingBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
@@ -41,7 +43,7 @@ pub(crate) async fn serve_request<S, B>(
             return;
         }
     };
-    let gone = watches.take(stream.id());
+    let gone = streams.take(stream.id());
     let mut gone = pin!(async move {
         match gone {
             Some(watch) => watch.gone().await,
@@ -84,17 +86,16 @@ pub(crate) async fn serve_request<S, B>(
     tokio::select! {
         biased;
         sent = send.send_response(head) => if let Err(error) = sent {
-            tracing::debug!(target: TARGET, %error, "HTTP/3 response head not sent");
+            tracing::debug!(target: TARGET, %error, "HTTP/3 response head not sent: stream reset");
+            send.stop_stream(Code::H3_INTERNAL_ERROR);
             return;
         },
         gone = &mut gone => return left(gone, "body"),
     }
 
     let mut body = pin!(body);
-    loop {
-        if bodiless {
-            break;
-        }
+    let mut ended = bodiless;
+    while !ended {
         let frame = tokio::select! {
             biased;
             gone = &mut gone => return left(gone, "body"),
@@ -122,7 +123,15 @@ pub(crate) async fn serve_request<S, B>(
                     }
                 }
                 Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => send.send_trailers(trailers).await,
+                    // Trailers end the response, whatever the body would yield next.
+                    Ok(trailers) => {
+                        ended = true;
+                        tokio::select! {
+                            biased;
+                            gone = &mut gone => return left(gone, "body"),
+                            sent = send.send_trailers(trailers) => sent,
+                        }
+                    }
                     Err(_) => continue,
                 },
             },
@@ -138,15 +147,10 @@ pub(crate) async fn serve_request<S, B>(
         tracing::debug!(target: TARGET, %error, "HTTP/3 response not finished");
         return;
     }
-    if shutdown.is_cancelled() {
-        // The connection closes once the drain is over, and a close discards what was not
-        // sent yet: wait (briefly) for the client to acknowledge the whole response.
-        let _ = tokio::time::timeout(ACKNOWLEDGE, gone).await;
-    }
+    // `finish` only queued the FIN: this task (which the connection waits for before closing)
+    // ends when the client has acknowledged the whole response, or stopped it, or left.
+    let _ = tokio::time::timeout(linger, gone).await;
 }
-
-/// How long a response finished during a shutdown waits for the client's acknowledgement.
-const ACKNOWLEDGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The client left: what is dropped on return is the handler's future or the body.
 fn left(gone: Gone, during: &'static str) {

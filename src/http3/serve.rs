@@ -15,12 +15,16 @@ use tower_service::Service;
 
 use crate::event::TARGET;
 use crate::http3::body::IncomingBody;
-use crate::http3::quic::{Connection, Watches};
+use crate::http3::quic::{Connection, Streams};
 use crate::http3::request::serve_request;
 use crate::propagate::BoxError;
 
 /// The default bound on a graceful shutdown's drain.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// The default number of requests a connection serves before `GOAWAY` (nginx's
+/// `keepalive_requests` is 1000).
+const MAX_REQUESTS_PER_CONNECTION: usize = 10_000;
 
 /// Serves `service` on every connection `endpoint` accepts, over HTTP/3.
 ///
@@ -43,6 +47,7 @@ where
         shutdown: None,
         drain: DRAIN,
         max_field_section_size: None,
+        max_requests_per_connection: Some(MAX_REQUESTS_PER_CONNECTION),
     }
 }
 
@@ -54,6 +59,7 @@ pub struct Serve<S> {
     shutdown: Option<CancellationToken>,
     drain: Duration,
     max_field_section_size: Option<u64>,
+    max_requests_per_connection: Option<usize>,
 }
 
 impl<S> Serve<S> {
@@ -69,9 +75,20 @@ impl<S> Serve<S> {
     }
 
     /// How long a graceful shutdown waits for requests in flight (10 s unless set). Those
-    /// still running then are dropped, and their streams reset.
+    /// still running then are dropped, and their streams reset. It also bounds how long a
+    /// finished response waits for the client to acknowledge it before its connection may
+    /// close.
     pub fn drain(mut self, bound: Duration) -> Self {
         self.drain = bound;
+        self
+    }
+
+    /// How many requests one connection serves before it sends `GOAWAY` and ends once those
+    /// are done (10 000 unless set; `None`: no limit). The client opens a new connection for
+    /// the next ones. quinn keeps a little state per stream for as long as the connection
+    /// lives, so that a connection never grows without bound.
+    pub fn max_requests_per_connection(mut self, max: Option<usize>) -> Self {
+        self.max_requests_per_connection = max;
         self
     }
 
@@ -127,13 +144,13 @@ where
                 () = shutdown.cancelled() => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let connection = serve_connection(
-                        incoming,
-                        self.max_field_section_size,
-                        self.service.clone(),
-                        shutdown.clone(),
-                        self.drain,
-                    );
+                    let limits = Limits {
+                        drain: self.drain,
+                        max_field_section_size: self.max_field_section_size,
+                        max_requests: self.max_requests_per_connection,
+                    };
+                    let connection =
+                        serve_connection(incoming, self.service.clone(), shutdown.clone(), limits);
                     connections.spawn(connection);
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -156,13 +173,20 @@ where
     }
 }
 
+/// What a connection needs from its server's configuration.
+#[derive(Clone, Copy)]
+struct Limits {
+    drain: Duration,
+    max_field_section_size: Option<u64>,
+    max_requests: Option<usize>,
+}
+
 /// One connection: its request streams, each on a task of its own.
 async fn serve_connection<S, B>(
     incoming: quinn::Incoming,
-    max_field_section_size: Option<u64>,
     service: S,
     shutdown: CancellationToken,
-    drain: Duration,
+    limits: Limits,
 ) where
     S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
@@ -178,13 +202,13 @@ async fn serve_connection<S, B>(
             return;
         }
     };
-    let watches = Watches::default();
+    let streams = Streams::new();
     let mut h3 = h3::server::builder();
-    if let Some(bytes) = max_field_section_size {
+    if let Some(bytes) = limits.max_field_section_size {
         h3.max_field_section_size(bytes);
     }
     let mut conn = match h3
-        .build::<_, Bytes>(Connection::new(quic, watches.clone()))
+        .build::<_, Bytes>(Connection::new(quic, streams.clone()))
         .await
     {
         Ok(conn) => conn,
@@ -195,37 +219,34 @@ async fn serve_connection<S, B>(
     };
     // Aborted with the connection: a request outliving it is dropped, which is a cancellation.
     let mut requests = JoinSet::new();
-    let mut draining: Option<Instant> = None;
+    let mut accepted = 0usize;
+    // Set once GOAWAY went out (at shutdown, or after `max_requests`): the connection ends when
+    // its last request does.
+    let mut going_away = false;
+    // Set at shutdown: the connection ends then at the latest.
+    let mut deadline: Option<Instant> = None;
     loop {
         let drained = async {
-            match draining {
+            match deadline {
                 Some(deadline) => sleep_until(deadline).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let goaway = tokio::select! {
             biased;
-            () = shutdown.cancelled(), if draining.is_none() => {
-                draining = Some(Instant::now() + drain);
-                if let Err(error) = conn.shutdown(1).await {
-                    tracing::debug!(target: TARGET, %error, "HTTP/3 GOAWAY not sent");
-                    break;
-                }
-                if requests.is_empty() {
-                    break;
-                }
+            () = shutdown.cancelled(), if deadline.is_none() => {
+                deadline = Some(Instant::now() + limits.drain);
+                !going_away
             }
             () = drained => break,
-            Some(_) = requests.join_next(), if !requests.is_empty() => {
-                if draining.is_some() && requests.is_empty() {
-                    break;
-                }
-            }
-            accepted = conn.accept() => match accepted {
+            Some(_) = requests.join_next(), if !requests.is_empty() => false,
+            incoming = conn.accept() => match incoming {
                 Ok(Some(resolver)) => {
                     let request =
-                        serve_request(resolver, service.clone(), watches.clone(), shutdown.clone());
+                        serve_request(resolver, service.clone(), streams.clone(), limits.drain);
                     requests.spawn(request);
+                    accepted += 1;
+                    !going_away && limits.max_requests.is_some_and(|max| accepted >= max)
                 }
                 Ok(None) => break,
                 Err(error) => {
@@ -235,13 +256,24 @@ async fn serve_connection<S, B>(
                     break;
                 }
             },
+        };
+        if goaway {
+            going_away = true;
+            streams.refuse_new();
+            if let Err(error) = conn.shutdown(1).await {
+                tracing::debug!(target: TARGET, %error, "HTTP/3 GOAWAY not sent");
+                break;
+            }
+        }
+        if going_away && requests.is_empty() {
+            break;
         }
     }
-    // Let requests that were finishing write their last frames before the connection closes
-    // (bounded: those of a lost connection end on their own, as their streams fail).
-    if draining.is_none() {
+    // Requests still finishing write their last frames before the connection closes (bounded:
+    // those of a lost connection end on their own, as their streams fail).
+    if deadline.is_none() {
         let all = async { while requests.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(drain, all).await;
+        let _ = tokio::time::timeout(limits.drain, all).await;
     }
     requests.shutdown().await;
     drop(conn);

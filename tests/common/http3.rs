@@ -60,16 +60,19 @@ impl H3Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        Self::start_with(svc, shutdown, drain, quinn::TransportConfig::default()).await
+        let transport = quinn::TransportConfig::default();
+        Self::start_with(svc, shutdown, drain, transport, None).await
     }
 
     /// [`H3Server::start`] with the endpoint's QUIC transport settings (idle timeout,
-    /// keep-alive).
+    /// keep-alive), and a 1000-byte header limit and `max_requests` per connection (`None`:
+    /// the default).
     pub async fn start_with<S, B>(
         svc: S,
         shutdown: CancellationToken,
         drain: Duration,
         transport: quinn::TransportConfig,
+        max_requests: Option<usize>,
     ) -> Self
     where
         S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
@@ -85,9 +88,13 @@ impl H3Server {
         config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
-        let serve = tower_cancel::http3::serve(endpoint, svc)
+        let mut serve = tower_cancel::http3::serve(endpoint, svc)
             .with_graceful_shutdown(shutdown.clone())
-            .drain(drain);
+            .drain(drain)
+            .max_field_section_size(16 * 1024);
+        if let Some(max) = max_requests {
+            serve = serve.max_requests_per_connection(Some(max));
+        }
         let task = tokio::spawn(serve.into_future());
         H3Server {
             addr,
@@ -228,6 +235,7 @@ pub async fn read_at_least(stream: &mut H3Stream, bytes: usize) -> usize {
 }
 
 pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
+pub const H3_REQUEST_REJECTED: u64 = 0x10b;
 pub const H3_INTERNAL_ERROR: u64 = 0x102;
 
 pub type H3Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -261,6 +269,21 @@ pub fn stack(
                         Err("the source failed".into()),
                     ];
                     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                    Ok(Response::new(body.boxed()))
+                }
+                "/trailers" => {
+                    // Data, trailers, then a stream that never ends: the trailers end it.
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                        Ok(Frame::data(Bytes::from_static(CHUNK))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let stream = futures_util::StreamExt::chain(
+                        futures_util::stream::iter(frames),
+                        futures_util::stream::pending(),
+                    );
+                    let body = http_body_util::StreamBody::new(stream);
                     Ok(Response::new(body.boxed()))
                 }
                 "/read" => {
@@ -393,4 +416,117 @@ impl InFlight {
         })
         .await;
     }
+}
+
+/// A QUIC connection speaking HTTP/3 by hand (ALPN `h3`, request streams only), for what the h3
+/// client will not send: a stream that ends inside a DATA frame, headers over the server's
+/// limit, a request after `GOAWAY`.
+pub struct RawClient {
+    pub conn: quinn::Connection,
+    pub endpoint: quinn::Endpoint,
+}
+
+impl RawClient {
+    pub async fn connect(server: &H3Server) -> Self {
+        let client = H3Client::connect(server).await;
+        // The h3 client's handshake gave a working quinn connection: reuse its config.
+        client.driver.abort();
+        let endpoint = client.endpoint.clone();
+        let conn = endpoint
+            .connect(server.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        RawClient { conn, endpoint }
+    }
+
+    /// Opens a request stream and writes `bytes` on it; `finish` ends it.
+    pub async fn send(&self, bytes: &[u8], finish: bool) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        if finish {
+            send.finish().unwrap();
+        }
+        (send, recv)
+    }
+}
+
+/// A QUIC variable-length integer.
+pub fn varint(value: u64, out: &mut Vec<u8>) {
+    match value {
+        0..=0x3f => out.push(value as u8),
+        0x40..=0x3fff => out.extend_from_slice(&(0x4000 | value as u16).to_be_bytes()),
+        _ => out.extend_from_slice(&(0x8000_0000 | value as u32).to_be_bytes()),
+    }
+}
+
+/// A QPACK prefixed integer: `first` holds the pattern bits, `bits` the prefix length.
+fn prefixed(value: usize, first: u8, bits: u32, out: &mut Vec<u8>) {
+    let max = (1usize << bits) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    let mut rest = value - max;
+    while rest >= 0x80 {
+        out.push((rest as u8 & 0x7f) | 0x80);
+        rest >>= 7;
+    }
+    out.push(rest as u8);
+}
+
+/// A HEADERS frame for `method path` at `localhost`, plus `extra` headers, encoded with QPACK's
+/// static table and literals only.
+pub fn headers_frame(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = vec![0, 0];
+    let method_index = match method {
+        "GET" => 17,
+        "POST" => 20,
+        other => panic!("no static entry for {other}"),
+    };
+    block.push(0xc0 | method_index); // indexed, static
+    block.push(0xc0 | 23); // :scheme https
+    block.push(0x50); // :authority, literal value
+    prefixed(9, 0, 7, &mut block);
+    block.extend_from_slice(b"localhost");
+    block.push(0x51); // :path, literal value
+    prefixed(path.len(), 0, 7, &mut block);
+    block.extend_from_slice(path.as_bytes());
+    for (name, value) in extra {
+        prefixed(name.len(), 0x20, 3, &mut block); // literal name and value
+        block.extend_from_slice(name.as_bytes());
+        prefixed(value.len(), 0, 7, &mut block);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frame = Vec::new();
+    varint(0x01, &mut frame);
+    varint(block.len() as u64, &mut frame);
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// The header of a DATA frame of `len` bytes.
+pub fn data_frame_header(len: u64) -> Vec<u8> {
+    let mut frame = Vec::new();
+    varint(0x00, &mut frame);
+    varint(len, &mut frame);
+    frame
+}
+
+/// Reads a response stream to its end: its bytes (frames undecoded), and how it ended.
+pub async fn read_raw(recv: &mut quinn::RecvStream) -> (Vec<u8>, Ending) {
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(crate::common::PATIENCE, async {
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Ending::Finished,
+                Err(quinn::ReadError::Reset(code)) => return Ending::Reset(code.into_inner()),
+                Err(other) => return Ending::Failed(other.to_string()),
+            }
+        }
+    });
+    let ending = read.await.expect("the response stream did not end");
+    (bytes, ending)
 }
