@@ -27,7 +27,17 @@
 //!   a bounded drain ([`Serve::drain`]), then the connections and the endpoint are closed.
 //!   Give the same token to the layer's
 //!   [`shutdown_token`](crate::CancellationLayer::shutdown_token) and the requests in flight
-//!   are cancelled with `Shutdown`.
+//!   are cancelled with `Shutdown`. A request on the stream `GOAWAY` names, which the client
+//!   takes as not processed, is refused with `H3_REQUEST_REJECTED` (h3 alone would serve it).
+//! * **Finished means delivered.** Closing a QUIC connection discards what was not sent yet, so
+//!   a finished response waits (at most the drain bound) for the client's acknowledgement
+//!   before its connection may close.
+//! * **Bounded per connection.** quinn keeps a little state per stream for a connection's
+//!   lifetime, so a connection ends with `GOAWAY` after
+//!   [`max_requests_per_connection`](Serve::max_requests_per_connection) requests. Stream
+//!   counts, windows, the idle timeout and keep-alive are quinn's `TransportConfig`, set in
+//!   the endpoint's `ServerConfig`; a client that vanishes is seen when the idle timeout
+//!   passes.
 //!
 //! The request body is an [`IncomingBody`] (`Data = Bytes`), which an axum `Router` takes as
 //! it is. Request extensions carry nothing from the transport apart from what the layer adds.
