@@ -13,9 +13,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 use tower_cancel::{CancellationLayer, Cancelled};
@@ -127,20 +125,6 @@ fn stamping_layer(log: &Log, seen: &Shared, name: &'static str) -> CancellationL
 }
 
 type Shared = Arc<Mutex<Seen>>;
-
-fn text(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<AppBody> {
-    let mut res = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *res.status_mut() = status;
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
-    res
-}
 
 /// Serves the page and its helper endpoints; forwards every other path to the test app.
 fn router(

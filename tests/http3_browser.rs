@@ -15,9 +15,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, Version, header};
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response, StatusCode, Version};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_cancel::http3::IncomingBody;
@@ -120,20 +118,6 @@ fn stamping_layer(log: &Log, seen: &Shared) -> CancellationLayer {
                 .or_insert(stamp);
         })
         .on_cancel(move |c: &Cancelled| log.push(describe("layer", c)))
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<AppBody> {
-    let mut res = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *res.status_mut() = status;
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
-    res
 }
 
 /// Serves the page and its helper endpoints; forwards every other path (`/slow`, `/endless`)

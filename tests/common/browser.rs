@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::Log;
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::common::{AppBody, Log};
 
 /// Chromium, or `None` with the reason printed (CI installs chromium, so there it must be
 /// present).
@@ -155,4 +159,23 @@ pub fn signed(a: Instant, b: Instant) -> f64 {
     } else {
         -millis(a - b)
     }
+}
+
+/// A page or helper answer: `body` with its content type, never cached.
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: &'static str,
+) -> Response<AppBody> {
+    let mut res = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+    res
 }
