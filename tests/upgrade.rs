@@ -6,6 +6,7 @@
 //! while it runs, `Disconnected` when the peer vanishes, and, without a hold, completed at the
 //! `101` as before.
 
+#[macro_use]
 mod common;
 
 use std::convert::Infallible;
@@ -384,25 +385,6 @@ async fn a_client_leaving_before_the_101_is_disconnected_in_the_handler() {
 #[test]
 fn phase_upgraded_is_named_upgraded() {
     assert_eq!(Phase::Upgraded.to_string(), "upgraded");
-}
-
-/// Each ending on both runtime flavours: on the multi-thread one the guard's watcher, the
-/// connection and the shutdown run on different workers.
-macro_rules! both_flavours {
-    ($($name:ident),* $(,)?) => {
-        mod current_thread {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name().await;
-            })*
-        }
-        mod multi_thread {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name().await;
-            })*
-        }
-    };
 }
 
 both_flavours!(

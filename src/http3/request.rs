@@ -14,6 +14,7 @@ use crate::event::TARGET;
 use crate::http3::body::IncomingBody;
 use crate::http3::quic::{Connection, Gone, RecvHalf, SendHalf, Streams};
 use crate::propagate::BoxError;
+use crate::server::future::has_no_content;
 
 type Resolver = h3::server::RequestResolver<Connection, Bytes>;
 type Send = h3::server::RequestStream<SendHalf, Bytes>;
@@ -52,7 +53,7 @@ pub(crate) async fn serve_request<S, B>(
     });
     let (mut send, recv): (Send, h3::server::RequestStream<RecvHalf, Bytes>) = stream.split();
     let (parts, ()) = head.into_parts();
-    let head_request = parts.method == http::Method::HEAD;
+    let method = parts.method.clone();
     let body = IncomingBody::new(recv, &parts.headers);
     let request = Request::from_parts(parts, body);
 
@@ -78,10 +79,7 @@ pub(crate) async fn serve_request<S, B>(
 
     let (parts, body) = response.into_parts();
     // As over HTTP/1.1 and HTTP/2, these responses have no content whatever the body says.
-    let bodiless = head_request
-        || parts.status.is_informational()
-        || parts.status == http::StatusCode::NO_CONTENT
-        || parts.status == http::StatusCode::NOT_MODIFIED;
+    let bodiless = has_no_content(&method, parts.status);
     let head = Response::from_parts(parts, ());
     tokio::select! {
         biased;

@@ -113,11 +113,16 @@ where
 
 /// Whether a response to `method` with `status` carries a body on the wire (RFC 9110 §6.4.1).
 fn sends_body(method: &Method, status: StatusCode) -> bool {
-    !(method == Method::HEAD
+    !(has_no_content(method, status) || (method == Method::CONNECT && status.is_success()))
+}
+
+/// Whether a response to `method` with `status` has no content, whatever its body would yield
+/// (RFC 9110 §6.4.1): what HEAD, 1xx, 204 and 304 responses have in common on every version.
+pub(crate) fn has_no_content(method: &Method, status: StatusCode) -> bool {
+    method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
-        || (method == Method::CONNECT && status.is_success()))
 }
 
 /// The body length hyper will stop at: the `content-length` header, else an exact size hint.

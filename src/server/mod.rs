@@ -40,7 +40,7 @@
 
 pub(crate) mod body;
 mod detached;
-mod future;
+pub(crate) mod future;
 mod guard;
 mod layer;
 mod service;

@@ -1,7 +1,7 @@
 //! Shared harness for the integration tests: a real hyper server on 127.0.0.1:0 (HTTP/1.1 and
 //! HTTP/2 by prior knowledge), an event log, and a small app whose handlers record what
 //! happens to them.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -540,4 +540,24 @@ pub fn payload(len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Runs each named `async fn` test as two tests, on the current-thread runtime and on a
+/// two-worker multi-thread one (where connection, request and layer tasks run on different
+/// workers). Needs `#[macro_use] mod common;`.
+macro_rules! both_flavours {
+    ($($name:ident),* $(,)?) => {
+        mod current_thread {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name().await;
+            })*
+        }
+        mod multi_thread {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name().await;
+            })*
+        }
+    };
 }
