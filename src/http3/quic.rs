@@ -19,17 +19,22 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h3::error::Code;
 use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 use quinn::VarInt;
 use tokio::sync::Notify;
 use tokio_util::sync::ReusableBoxFuture;
 
-/// How much a read takes from quinn at once.
+/// The buffer a request stream reads into: chunks are split off it without a copy, and a new
+/// one is made when less than `READ_MIN` is left.
 const READ_CHUNK: usize = 16 * 1024;
+const READ_MIN: usize = 1024;
+
+/// No `RESET_STREAM` yet: above every QUIC error code (those are varints, below 2^62).
+const NO_RESET: u64 = u64::MAX;
 
 type Stopped = Pin<Box<dyn Future<Output = Result<Option<VarInt>, quinn::StoppedError>> + Send>>;
 type Accepted = Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>;
@@ -52,23 +57,47 @@ pub(crate) enum Gone {
 pub(crate) struct Watch {
     stopped: Stopped,
     signal: Arc<Signal>,
+    observed: Observed,
 }
 
 /// What the halves of one request stream tell the request task, and the reverse.
-#[derive(Default)]
 struct Signal {
-    /// The code of a `RESET_STREAM` the request body was read up to.
-    reset: Mutex<Option<u64>>,
+    /// The code of a `RESET_STREAM` the request body was read up to (`NO_RESET`: none yet).
+    reset: AtomicU64,
     notify: Notify,
     /// The request task took the stream: from then on a send half dropped unfinished is reset.
     /// Before, it is h3's (a 431 it answered on its own is finished, as h3 meant).
     claimed: AtomicBool,
+    /// The request task is done watching (it saw the reset, or it ended): only then does the
+    /// body's reader get the reset as its error, so that a handler cannot answer it first.
+    observed: AtomicBool,
+    /// The body's reader, waiting for `observed`.
+    reader: Mutex<Option<Waker>>,
+}
+
+/// Sets [`Signal::observed`] when dropped: held by the [`Watch`], and by its `gone()` future
+/// until that returns or is dropped.
+struct Observed(Arc<Signal>);
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.0.observed.store(true, Ordering::Release);
+        let reader = lock(&self.0.reader).take();
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
 }
 
 impl Watch {
     /// Resolves when the client has gone from this request.
     pub(crate) async fn gone(self) -> Gone {
-        let Watch { stopped, signal } = self;
+        let Watch {
+            stopped,
+            signal,
+            observed,
+        } = self;
+        let _observed = observed;
         let stopped = async move {
             match stopped.await {
                 Ok(Some(code)) => Gone::Stopped(code.into_inner()),
@@ -79,7 +108,8 @@ impl Watch {
         let reset = async move {
             loop {
                 let notified = signal.notify.notified();
-                if let Some(code) = *lock(&signal.reset) {
+                let code = signal.reset.load(Ordering::Acquire);
+                if code != NO_RESET {
                     return Gone::Reset(code);
                 }
                 notified.await;
@@ -191,17 +221,24 @@ impl quic::Connection<Bytes> for Connection {
             let _ = send.reset(rejected);
         };
         shared.next.fetch_max(id + 4, Ordering::AcqRel);
-        let signal = Arc::new(Signal::default());
+        let signal = Arc::new(Signal {
+            reset: AtomicU64::new(NO_RESET),
+            notify: Notify::new(),
+            claimed: AtomicBool::new(false),
+            observed: AtomicBool::new(false),
+            reader: Mutex::new(None),
+        });
         let watch = Watch {
             stopped: Box::pin(send.stopped()),
             signal: signal.clone(),
+            observed: Observed(signal.clone()),
         };
         lock(&shared.watches).insert(id, watch);
         Poll::Ready(Ok(RequestStream {
             send: SendHalf::new(send, signal.clone()),
             recv: RecvHalf {
                 stream: recv,
-                scratch: Vec::new(),
+                buffer: BytesMut::new(),
                 signal,
                 reset: None,
                 _entry: Entry {
@@ -402,11 +439,12 @@ impl quic::SendStream<Bytes> for SendHalf {
 /// The request direction of a request stream.
 pub(crate) struct RecvHalf {
     stream: quinn::RecvStream,
-    scratch: Vec<u8>,
+    buffer: BytesMut,
     signal: Arc<Signal>,
-    /// The code of the client's `RESET_STREAM`, once read: every read after it fails with it
-    /// (quinn would report a clean end, and h3 a complete body).
-    reset: Option<u64>,
+    /// The code of the client's `RESET_STREAM`, once read, and whether it was signalled to the
+    /// request task: every read after it fails with it (quinn would report a clean end, and h3
+    /// a complete body), a signalled one once the task has seen it.
+    reset: Option<(u64, bool)>,
     /// Held for its `Drop`.
     _entry: Entry,
 }
@@ -434,31 +472,33 @@ impl quic::RecvStream for RecvHalf {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
-        if let Some(error_code) = self.reset {
-            return Poll::Ready(Err(StreamErrorIncoming::StreamTerminated { error_code }));
-        }
-        if self.scratch.is_empty() {
-            self.scratch = vec![0; READ_CHUNK];
-        }
-        match ready!(self.stream.poll_read(cx, &mut self.scratch)) {
-            Ok(0) => Poll::Ready(Ok(None)),
-            Ok(n) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(&self.scratch[..n])))),
-            Err(quinn::ReadError::Reset(reset_code)) => {
-                let reset_code = reset_code.into_inner();
-                self.reset = Some(reset_code);
-                if reset_code != Code::H3_NO_ERROR.value() {
-                    // The request task drops the handler on this signal. The error is held
-                    // back for one poll, so that a handler reading on that task is dropped
-                    // before it could answer the error; a reader elsewhere gets it when it
-                    // polls again.
-                    *lock(&self.signal.reset) = Some(reset_code);
-                    self.signal.notify.notify_one();
-                    cx.waker().wake_by_ref();
+        if let Some((error_code, signalled)) = self.reset {
+            if signalled && !self.signal.observed.load(Ordering::Acquire) {
+                *lock(&self.signal.reader) = Some(cx.waker().clone());
+                if !self.signal.observed.load(Ordering::Acquire) {
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(StreamErrorIncoming::StreamTerminated {
-                    error_code: reset_code,
-                }))
+            }
+            return Poll::Ready(Err(StreamErrorIncoming::StreamTerminated { error_code }));
+        }
+        if self.buffer.len() < READ_MIN {
+            self.buffer = BytesMut::zeroed(READ_CHUNK);
+        }
+        match ready!(self.stream.poll_read(cx, &mut self.buffer)) {
+            Ok(0) => Poll::Ready(Ok(None)),
+            Ok(n) => Poll::Ready(Ok(Some(self.buffer.split_to(n).freeze()))),
+            Err(quinn::ReadError::Reset(reset_code)) => {
+                let reset_code = reset_code.into_inner();
+                // Any code but H3_NO_ERROR: the client gave up, and the request task drops the
+                // handler on this signal. The reader waits until the task has seen it (h3 may
+                // read on over buffered frames, so one `Pending` would not hold it back).
+                let signalled = reset_code != Code::H3_NO_ERROR.value();
+                self.reset = Some((reset_code, signalled));
+                if signalled {
+                    self.signal.reset.store(reset_code, Ordering::Release);
+                    self.signal.notify.notify_one();
+                }
+                self.poll_data(cx)
             }
             Err(quinn::ReadError::ConnectionLost(error)) => {
                 Poll::Ready(Err(StreamErrorIncoming::ConnectionErrorIncoming {

@@ -286,6 +286,20 @@ pub fn stack(
                     let body = http_body_util::StreamBody::new(stream);
                     Ok(Response::new(body.boxed()))
                 }
+                "/read-elsewhere" => {
+                    // The body is read by a task of its own, which outlives a dropped handler.
+                    log.push("start /read-elsewhere");
+                    let reader_log = log.clone();
+                    let reader = tokio::spawn(async move {
+                        let outcome = match req.into_body().collect().await {
+                            Ok(body) => format!("read {}", body.to_bytes().len()),
+                            Err(error) => format!("read-error {error}"),
+                        };
+                        reader_log.push(format!("spawned reader /read-elsewhere: {outcome}"));
+                    });
+                    let _ = reader.await;
+                    Ok(Response::new(full_body("read elsewhere".into())))
+                }
                 "/read" => {
                     log.push("start /read");
                     let response = match req.into_body().collect().await {
