@@ -3,7 +3,7 @@
 //! interleaving of their atomics and locks; and [`lock`], the one way the crate takes a lock.
 //!
 //! Only what the models need to see goes through here. `Arc` stays std's (loom's has no
-//! `new_cyclic` nor `Weak`), and so does the token's own mutex inside tokio-util.
+//! `Weak`), and so does the token's own mutex inside tokio-util.
 
 #[cfg(tower_cancel_loom)]
 pub(crate) use ::loom::sync::{Mutex, MutexGuard, atomic};

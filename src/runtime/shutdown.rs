@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::event::TARGET;
 use crate::loom::atomic::AtomicBool as ModelledBool;
+use crate::loom::atomic::AtomicU64;
 use crate::loom::{Mutex, MutexGuard, lock};
 
 /// A request in flight, as the registry sees it: something to cancel when the shutdown begins.
@@ -46,6 +47,47 @@ const END: usize = usize::MAX;
 pub(crate) struct Registration {
     shard: usize,
     key: usize,
+}
+
+/// Where a request's scope keeps its [`Registration`], set once it is made: a scope registers
+/// after its `Arc` exists (so that the registry can reach it at once), then stores where.
+/// Packed into one atomic word (the shard index is below 256), `EMPTY` when unset.
+pub(crate) struct Slot(AtomicU64);
+
+impl Slot {
+    const EMPTY: u64 = u64::MAX;
+    const SHARD_BITS: u32 = 8;
+
+    pub(crate) fn empty() -> Self {
+        Self(AtomicU64::new(Self::EMPTY))
+    }
+
+    pub(crate) fn set(&self, registration: Registration) {
+        let key = registration.key as u64;
+        debug_assert!(registration.shard < 1 << Self::SHARD_BITS);
+        debug_assert!(key < (1 << (64 - Self::SHARD_BITS)) - 1, "EMPTY stays free");
+        let packed = (key << Self::SHARD_BITS) | registration.shard as u64;
+        self.0.store(packed, Ordering::Release);
+    }
+
+    /// The registration, taken: a second call finds none.
+    pub(crate) fn take(&self) -> Option<Registration> {
+        match self.0.swap(Self::EMPTY, Ordering::AcqRel) {
+            Self::EMPTY => None,
+            packed => Some(Registration {
+                shard: (packed & ((1 << Self::SHARD_BITS) - 1)) as usize,
+                key: (packed >> Self::SHARD_BITS) as usize,
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Slot")
+            .field(&(self.0.load(Ordering::Relaxed) != Self::EMPTY))
+            .finish()
+    }
 }
 
 /// The layer's shutdown token and its registry of in-flight requests. Clones share both.
@@ -197,6 +239,11 @@ impl Shutdown {
             }
         };
         Ok(Registration { shard, key })
+    }
+
+    /// Whether the shutdown has begun (`token.cancel()` was called), without a lock.
+    pub(crate) fn begun(&self) -> bool {
+        self.inner.begun.get()
     }
 
     /// Removes a request that ended. Called exactly once per successful `register`.

@@ -66,6 +66,11 @@ impl Config {
         }
     }
 
+    /// Whether this layer's shutdown has begun, without a lock.
+    pub(crate) fn shutdown_begun(&self) -> bool {
+        self.shutdown.as_ref().is_some_and(Shutdown::begun)
+    }
+
     /// Undoes a successful [`register`](Self::register).
     pub(crate) fn deregister(&self, registration: Option<Registration>) {
         if let (Some(registration), Some(shutdown)) = (registration, &self.shutdown) {

@@ -38,7 +38,7 @@ use crate::record::{CancelReason, Cancelled, Phase};
 use crate::runtime::callback::contain;
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::metrics;
-use crate::runtime::shutdown::{InFlight, Registration};
+use crate::runtime::shutdown::{InFlight, Slot};
 
 use self::callbacks::{Callbacks, Lists};
 use self::config::Bound;
@@ -74,8 +74,8 @@ pub(crate) struct Scope {
     span: Option<Box<Span>>,
     /// The configuration of the layer that created the scope (the outermost one).
     creator: Bound,
-    /// Where the creator's shutdown registry holds this scope.
-    registration: Option<Registration>,
+    /// Where the creator's shutdown registry holds this scope, once registered.
+    registration: Slot,
     callbacks: Mutex<Callbacks>,
 }
 
@@ -93,32 +93,42 @@ impl Scope {
         } else {
             None
         };
-        let mut shutting_down = false;
-        let scope = Arc::new_cyclic(|this: &Weak<Self>| {
-            let request: Weak<dyn InFlight> = Weak::<Self>::clone(this);
-            let registration = creator.config().register(request).unwrap_or_else(|_| {
-                shutting_down = true;
-                None
-            });
-            Self {
-                state: AtomicU8::new(ARMED_HANDLER),
-                token: CancellationToken::new(),
-                method,
-                uri,
-                started: Instant::now(),
-                deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, |l| nanos(l.after))),
-                timed_out_from: AtomicU64::new(
-                    time_limit.map_or(NO_DEADLINE, |l| nanos(l.timed_out_from)),
-                ),
-                span,
-                creator,
-                registration,
-                callbacks: Mutex::new(Callbacks::default()),
-            }
+        let scope = Arc::new(Self {
+            state: AtomicU8::new(ARMED_HANDLER),
+            token: CancellationToken::new(),
+            method,
+            uri,
+            started: Instant::now(),
+            deadline: AtomicU64::new(time_limit.map_or(NO_DEADLINE, |l| nanos(l.after))),
+            timed_out_from: AtomicU64::new(
+                time_limit.map_or(NO_DEADLINE, |l| nanos(l.timed_out_from)),
+            ),
+            span,
+            creator,
+            registration: Slot::empty(),
+            callbacks: Mutex::new(Callbacks::default()),
         });
         #[cfg(debug_assertions)]
         LIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if shutting_down {
+        // Registered once the `Arc` exists: from here the shutdown's watcher can reach (and
+        // cancel) the scope as soon as it sits in its shard. A watcher that takes the shard
+        // before the registration is stored cancels the scope all the same; its cancellation
+        // then finds no registration to remove, and needs none (the watcher emptied the shard).
+        let config = scope.creator.config();
+        let request: Weak<dyn InFlight> = Arc::downgrade(&scope) as Weak<dyn InFlight>;
+        let refused = match config.register(request) {
+            Ok(Some(registration)) => {
+                scope.registration.set(registration);
+                false
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        #[cfg(test)]
+        after_register();
+        // Checked again after registering: a shutdown that began meanwhile cancels the
+        // request now, not when the watcher gets to run.
+        if refused || config.shutdown_begun() {
             scope.cancel(CancelReason::Shutdown);
         }
         scope
@@ -275,7 +285,7 @@ impl Scope {
     /// After the transition out of `previous` (an armed state) to `COMPLETED`: leaves the
     /// shutdown registries and drops what was registered.
     fn complete(&self, previous: u8) {
-        self.creator.config().deregister(self.registration);
+        self.creator.config().deregister(self.registration.take());
         if previous & REGISTERED != 0 {
             self.drop_registrations();
         }
@@ -387,6 +397,21 @@ impl Scope {
             }
             self.creator.run(&cancelled, self.span());
         });
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run once, right after the next scope made on this thread registered with its creator's
+    /// shutdown registry: the tests put a shutdown in that window.
+    pub(crate) static AFTER_REGISTER: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn after_register() {
+    if let Some(hook) = AFTER_REGISTER.with(std::cell::Cell::take) {
+        hook();
     }
 }
 

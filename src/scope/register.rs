@@ -88,7 +88,7 @@ impl Scope {
 
     /// Leaves the shutdown registries: the scope is no longer armed.
     pub(super) fn deregister(&self, joined: &[Joined]) {
-        self.creator.config().deregister(self.registration);
+        self.creator.config().deregister(self.registration.take());
         for layer in joined {
             layer.bound.config().deregister(layer.registration);
         }

@@ -412,6 +412,43 @@ fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
     assert_eq!(*log.lock().unwrap(), ["late1:shutdown", "late2:shutdown"]);
 }
 
+/// The watcher may close the creator's shard right after the scope registered there, before
+/// the scope itself is complete: the scope must still be cancelled with `Shutdown`, with its
+/// callbacks run, never left armed through the shutdown.
+#[test]
+fn a_shutdown_right_after_registering_cancels_the_new_scope() {
+    let log: Log = Arc::default();
+    let (config, shutdown) = with_shutdown();
+    let mut logging = Config::clone(&config);
+    logging.callbacks = hooks_logging(&log, "cb").callbacks.clone();
+    let config = Arc::new(logging);
+    let watcher = shutdown.clone();
+    AFTER_REGISTER.with(|hook| hook.set(Some(Box::new(move || drop(watcher.close())))));
+    let scope = scope_with(&config);
+    assert_eq!(
+        scope.cancellation(),
+        Some((CancelReason::Shutdown, Phase::Handler))
+    );
+    assert!(scope.token().is_cancelled());
+    assert_eq!(*log.lock().unwrap(), ["cb1:shutdown", "cb2:shutdown"]);
+}
+
+/// A shutdown that begins right after the scope registered, with no watcher to run (none was
+/// spawned: no runtime here), still cancels the new scope before `Scope::new` returns.
+#[test]
+fn a_shutdown_beginning_right_after_registering_is_seen_without_the_watcher() {
+    let token = CancellationToken::new();
+    let mut config = Config::new();
+    config.shutdown = Some(Shutdown::new(token.clone()));
+    let config = Arc::new(config);
+    AFTER_REGISTER.with(|hook| hook.set(Some(Box::new(move || token.cancel()))));
+    let scope = scope_with(&config);
+    assert_eq!(
+        scope.cancellation(),
+        Some((CancelReason::Shutdown, Phase::Handler))
+    );
+}
+
 #[test]
 fn a_joined_layer_with_a_shutdown_token_cancels_the_outer_scope() {
     let (config, shutdown) = with_shutdown();
