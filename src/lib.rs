@@ -127,6 +127,10 @@
 //! * **Explicit cancellation.** Cancelling the token from application code cancels the request
 //!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
 //!   polled pending, when the request ends, or when the handle is queried.
+//! * **A panic is not a client leaving.** A handler future or response body whose poll panics,
+//!   the panic unwinding through the layer, is recorded as [`CancelReason::Panicked`] when it
+//!   is dropped (by Tokio's task, hyper, or a `CatchPanicLayer` outside the layer). A panic
+//!   caught inside the layer is a response like any other.
 //! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one: its
 //!   callbacks, shutdown token and deadline (which can only shorten the outer one) apply.
 //! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`

@@ -41,11 +41,18 @@ pub enum CancelReason {
     ///
     /// [`CancellationToken`]: tokio_util::sync::CancellationToken
     Explicit,
+    /// The server failed, not the client: the handler future (or the response body) panicked
+    /// while the layer polled it, and the panic unwound through the layer. Whoever caught it
+    /// (Tokio's task, hyper's connection, tower-http's `CatchPanicLayer` outside this layer)
+    /// then dropped the request. A panic caught *inside* the layer (`CatchPanicLayer` between
+    /// it and the handler) becomes a response like any other, and the request completes when
+    /// that response was sent.
+    Panicked,
 }
 
 impl CancelReason {
     /// A short lowercase name, as used in `tracing` events: `"disconnected"`, `"shutdown"`,
-    /// `"deadline_exceeded"` or `"explicit"`.
+    /// `"deadline_exceeded"`, `"explicit"` or `"panicked"`.
     ///
     /// ```
     /// assert_eq!(tower_cancel::CancelReason::DeadlineExceeded.as_str(), "deadline_exceeded");
@@ -56,6 +63,7 @@ impl CancelReason {
             Self::Shutdown => "shutdown",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Explicit => "explicit",
+            Self::Panicked => "panicked",
         }
     }
 }

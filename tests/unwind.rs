@@ -45,8 +45,8 @@ fn panicking_callbacks_during_an_unwind_do_not_abort() {
     assert_eq!(
         lines,
         [
-            "child: handler callback ran: disconnected handler",
-            "child: layer callback ran: disconnected handler",
+            "child: handler callback ran: panicked handler",
+            "child: layer callback ran: panicked handler",
             "child: the handler's panic reached the caller",
         ],
         "stderr:\n{stderr}"

@@ -44,6 +44,7 @@ impl From<CancelReason> for Status {
             CancelReason::Shutdown => (Code::Unavailable, "the server is shutting down"),
             CancelReason::DeadlineExceeded => (Code::DeadlineExceeded, "the deadline passed"),
             CancelReason::Explicit => (Code::Cancelled, "the call was cancelled"),
+            CancelReason::Panicked => (Code::Internal, "the server failed"),
         };
         Status::new(code, message)
     }
@@ -107,6 +108,7 @@ mod tests {
             (CancelReason::Shutdown, Code::Unavailable),
             (CancelReason::DeadlineExceeded, Code::DeadlineExceeded),
             (CancelReason::Explicit, Code::Cancelled),
+            (CancelReason::Panicked, Code::Internal),
         ] {
             let status = Status::from(reason);
             assert_eq!(status.code(), code, "{reason}");

@@ -308,7 +308,7 @@ fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
             let scope = scope(&config(&layer, None));
             register(&scope, &handler, &marker);
 
-            let owner = on_thread(&scope, move |scope| scope.abandon());
+            let owner = on_thread(&scope, move |scope| scope.abandon(false));
             let timer = on_thread(&scope, move |scope| {
                 scope.cancel(CancelReason::DeadlineExceeded);
             });
@@ -337,7 +337,7 @@ fn loom_a_registration_races_a_drop() {
         let (layer, handler, marker) = (Runs::default(), Runs::default(), Arc::new(()));
         let scope = scope(&config(&layer, None));
 
-        let owner = on_thread(&scope, move |scope| scope.abandon());
+        let owner = on_thread(&scope, move |scope| scope.abandon(false));
         register(&scope, &handler, &marker);
         owner.join().unwrap();
 
@@ -368,7 +368,7 @@ fn loom_a_joining_layer_races_completion_or_a_drop() {
 
             let owner = on_thread(&scope, move |scope| {
                 if drop_it {
-                    scope.abandon();
+                    scope.abandon(false);
                 } else {
                     scope.finish();
                 }
@@ -477,7 +477,7 @@ fn loom_a_detached_handler_returning_races_the_drop_and_the_shutdown() {
             register(&scope, &handler, &marker);
             scope.detach();
 
-            let owner = on_thread(&scope, move |scope| scope.abandon());
+            let owner = on_thread(&scope, move |scope| scope.abandon(false));
             let shutdown = on_thread(&scope, move |scope| {
                 scope.cancel(CancelReason::Shutdown);
             });

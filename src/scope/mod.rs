@@ -291,14 +291,17 @@ impl Scope {
         }
     }
 
-    /// The guard was dropped before the request completed.
+    /// The guard was dropped before the request completed; `panicked`: while the handler
+    /// future or body was being polled (a panic unwound out of it).
     ///
     /// A drop at the deadline is the deadline's doing, not the client's whim: a layer outside
     /// this one that enforces the same deadline (tonic's server does, for `grpc-timeout`), or
     /// the client enforcing its own deadline, dropped the request first.
-    pub(crate) fn abandon(&self) {
+    pub(crate) fn abandon(&self, panicked: bool) {
         let reason = if self.token.is_cancelled() {
             CancelReason::Explicit
+        } else if panicked {
+            CancelReason::Panicked
         } else if self.deadline_reached() {
             CancelReason::DeadlineExceeded
         } else {

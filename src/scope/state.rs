@@ -18,7 +18,7 @@ pub(super) const HELD: u8 = 0x20;
 /// [`Scope::finish`](super::Scope::finish)).
 pub(super) const REGISTERED: u8 = 0x40;
 /// Set in every cancelled state; the low bits carry the phase (bits 0–1) and the reason
-/// (bits 2–3).
+/// (bits 2–4).
 pub(super) const CANCELLED: u8 = 0x80;
 
 /// `Scope::deadline` when the request has none.
@@ -30,6 +30,7 @@ pub(super) fn encode(reason: CancelReason, phase: Phase) -> u8 {
         CancelReason::Shutdown => 1,
         CancelReason::DeadlineExceeded => 2,
         CancelReason::Explicit => 3,
+        CancelReason::Panicked => 4,
     };
     let phase = match phase {
         Phase::Handler => 0,
@@ -66,7 +67,8 @@ pub(super) fn decode(state: u8) -> Option<(CancelReason, Phase)> {
         0 => CancelReason::Disconnected,
         1 => CancelReason::Shutdown,
         2 => CancelReason::DeadlineExceeded,
-        _ => CancelReason::Explicit,
+        3 => CancelReason::Explicit,
+        _ => CancelReason::Panicked,
     };
     Some((reason, phase))
 }

@@ -49,11 +49,14 @@ fn state_encoding_round_trips() {
         CancelReason::Shutdown,
         CancelReason::DeadlineExceeded,
         CancelReason::Explicit,
+        CancelReason::Panicked,
     ] {
-        for phase in [Phase::Handler, Phase::Body] {
+        for phase in [Phase::Handler, Phase::Body, Phase::Upgraded] {
             let state = encode(reason, phase);
             assert!(!is_armed(state) && state != COMPLETED);
+            assert_eq!(state & (REGISTERED | HELD), 0, "no flag bit is taken");
             assert_eq!(decode(state), Some((reason, phase)));
+            assert_eq!(decode(state | REGISTERED | HELD), Some((reason, phase)));
         }
     }
     assert_eq!(decode(ARMED_HANDLER), None);
@@ -79,7 +82,7 @@ fn completion_never_cancels() {
     scope.enter_body();
     scope.finish();
     assert_eq!(scope.cancel(CancelReason::Disconnected), None);
-    scope.abandon();
+    scope.abandon(false);
     assert!(!scope.token().is_cancelled());
     assert_eq!(scope.notice_reason(), None);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
@@ -97,7 +100,7 @@ fn first_cause_wins_and_callbacks_run_once() {
         scope.cancel(CancelReason::Disconnected),
         Some((CancelReason::Shutdown, Phase::Handler))
     );
-    scope.abandon();
+    scope.abandon(false);
     scope.finish();
     assert!(scope.token().is_cancelled());
     assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
@@ -108,7 +111,7 @@ fn first_cause_wins_and_callbacks_run_once() {
 fn phase_follows_the_response_head() {
     let scope = scope();
     scope.enter_body();
-    scope.abandon();
+    scope.abandon(false);
     assert_eq!(
         scope.cancellation(),
         Some((CancelReason::Disconnected, Phase::Body))
@@ -165,8 +168,8 @@ fn order_is_handler_then_innermost_layer_to_outermost() {
             log.lock().unwrap().push(format!("{name}:{}", c.reason()));
         }));
     }
-    scope.abandon();
-    scope.abandon();
+    scope.abandon(false);
+    scope.abandon(false);
     assert_eq!(
         *log.lock().unwrap(),
         [
@@ -198,7 +201,7 @@ fn token_cancelled_by_application_code_is_explicit() {
     scope.token().cancel();
     scope.notice_token();
     scope.notice_token();
-    scope.abandon();
+    scope.abandon(false);
     assert_eq!(scope.notice_reason(), Some(CancelReason::Explicit));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -240,7 +243,7 @@ fn a_panicking_callback_does_not_stop_the_others() {
     scope.on_cancel(Box::new(|_| panic!("boom")));
     let l = log.clone();
     scope.on_cancel(Box::new(move |_| l.lock().unwrap().push("after".into())));
-    scope.abandon();
+    scope.abandon(false);
     assert_eq!(
         *log.lock().unwrap(),
         ["after", "layer1:disconnected", "layer2:disconnected"]
@@ -255,7 +258,7 @@ fn racing_causes_settle_on_exactly_one_outcome() {
         let late_runs = Arc::new(AtomicUsize::new(0));
         thread::scope(|s| {
             s.spawn(|| scope.finish());
-            s.spawn(|| scope.abandon());
+            s.spawn(|| scope.abandon(false));
             s.spawn(|| {
                 scope.cancel(CancelReason::Shutdown);
             });
@@ -332,16 +335,16 @@ async fn a_drop_at_the_deadline_is_a_deadline_not_a_disconnect() {
     let after = limited(&config, server(ms(100)));
     let unlimited = limited(&config, None);
     tokio::time::advance(Duration::from_micros(79_999)).await;
-    client_early.abandon();
+    client_early.abandon(false);
     tokio::time::advance(Duration::from_micros(1)).await; // 80 ms: exactly 20 ms before
-    client_at_slack.abandon();
+    client_at_slack.abandon(false);
     tokio::time::advance(Duration::from_micros(18_999)).await; // 1 ms and 1 µs before
-    server_early.abandon();
+    server_early.abandon(false);
     tokio::time::advance(Duration::from_micros(1)).await; // exactly 1 ms before
-    server_at_slack.abandon();
+    server_at_slack.abandon(false);
     tokio::time::advance(ms(5)).await;
-    after.abandon();
-    unlimited.abandon();
+    after.abandon(false);
+    unlimited.abandon(false);
     let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
     assert_eq!(reason(&client_early), Some(CancelReason::Disconnected));
     assert_eq!(
@@ -376,9 +379,9 @@ async fn mixed_deadlines_keep_the_widest_slack_that_applies() {
     let server_first = limited(&config, client(ms(200)));
     server_first.join(Bound::capture(&config), server(ms(100)));
     tokio::time::advance(ms(85)).await;
-    tie.abandon();
-    near.abandon();
-    server_first.abandon();
+    tie.abandon(false);
+    near.abandon(false);
+    server_first.abandon(false);
     let reason = |scope: &Scope| scope.cancellation().map(|(reason, _)| reason);
     assert_eq!(reason(&tie), Some(CancelReason::DeadlineExceeded));
     assert_eq!(reason(&near), Some(CancelReason::DeadlineExceeded));
@@ -480,7 +483,7 @@ fn shutdown_racing_completion_and_drop_settles_once_and_leaves_no_entry() {
                 s.spawn(|| shutdown.close());
             }
             s.spawn(|| scopes[0].finish());
-            s.spawn(|| scopes[1].abandon());
+            s.spawn(|| scopes[1].abandon(false));
             s.spawn(|| {
                 scopes[2].enter_body();
                 scopes[2].finish();
@@ -548,7 +551,7 @@ fn a_registration_racing_completion_is_dropped_not_stranded() {
 #[test]
 fn a_drop_that_cancels_is_its_own_report_and_a_completion_makes_none() {
     let dropped = scope();
-    dropped.abandon();
+    dropped.abandon(false);
     assert_eq!(dropped.tail(), (true, 0, true));
     let completed = scope();
     completed.enter_body();
@@ -560,7 +563,7 @@ fn a_drop_that_cancels_is_its_own_report_and_a_completion_makes_none() {
 fn a_detached_handler_keeps_the_report_until_it_returns() {
     let scope = scope();
     scope.detach();
-    scope.abandon();
+    scope.abandon(false);
     assert_eq!(scope.tail(), (true, 1, false), "the handler still runs");
     scope.detached_stopped(Stopped::Ended);
     assert_eq!(scope.tail(), (true, 0, true));
@@ -623,13 +626,13 @@ async fn the_time_ran_on_runs_from_the_cancellation_to_the_end_of_the_response()
     body.enter_body();
     body.cancel(CancelReason::DeadlineExceeded);
     tokio::time::sleep(Duration::from_millis(250)).await;
-    body.abandon();
+    body.abandon(false);
     assert_eq!(values(), [ran_after("deadline_exceeded,body", vec![0.25])]);
 
     // Dropped: it stopped at once.
     let dropped = scope();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    dropped.abandon();
+    dropped.abandon(false);
     assert_eq!(values(), [ran_after("disconnected,handler", vec![0.0])]);
 }
 

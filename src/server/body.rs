@@ -110,7 +110,8 @@ impl<B: Body> Body for CancellationBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let poll = this.inner.as_mut().poll_frame(cx);
+        let inner = this.inner.as_mut();
+        let poll = this.guard.polling(|| inner.poll_frame(cx));
         if this.guard.scope().is_none() {
             return poll;
         }

@@ -73,7 +73,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.inner.poll(cx) {
+        let inner = this.inner;
+        let result = match this.guard.polling(|| inner.poll(cx)) {
             Poll::Pending => {
                 this.guard.pending(cx);
                 return Poll::Pending;

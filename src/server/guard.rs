@@ -23,6 +23,9 @@ pub(crate) struct Guard {
     scope: Option<Arc<Scope>>,
     /// Created when the request has a deadline and is first polled.
     timer: Timer,
+    /// Set while the guarded future or body is being polled: still set when the guard is
+    /// dropped, the poll unwound (a panic), and the request is recorded as `Panicked`.
+    polling: bool,
 }
 
 impl Guard {
@@ -30,7 +33,17 @@ impl Guard {
         Self {
             scope: Some(scope),
             timer: Timer::default(),
+            polling: false,
         }
+    }
+
+    /// Runs `poll`, the guarded future's or body's poll: a panic that unwinds out of it leaves
+    /// the mark, so that the guard's drop records `Panicked` rather than the client leaving.
+    pub(crate) fn polling<T>(&mut self, poll: impl FnOnce() -> T) -> T {
+        self.polling = true;
+        let output = poll();
+        self.polling = false;
+        output
     }
 
     /// The response future or body is pending: notices a token cancelled by application code
@@ -91,7 +104,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(scope) = self.scope.take() {
-            scope.abandon();
+            scope.abandon(self.polling);
         }
     }
 }

@@ -369,6 +369,8 @@ async fn route<B>(req: Request<B>, log: Log) -> Response<AppBody> {
             *res.status_mut() = StatusCode::NO_CONTENT;
             res
         }
+        "/panic" => panic!("the handler of /panic panics"),
+        "/panic-body" => Response::new(PanicBody { yielded: false }.boxed()),
         "/cancel-self" => {
             rc.token().cancel();
             Response::new(full("cancelled myself"))
@@ -384,6 +386,26 @@ async fn route<B>(req: Request<B>, log: Log) -> Response<AppBody> {
 }
 
 pub const CHUNK: &[u8] = b"chunk-of-data\n";
+
+/// A response body that yields one chunk, then panics.
+struct PanicBody {
+    yielded: bool,
+}
+
+impl Body for PanicBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !std::mem::replace(&mut self.yielded, true) {
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(CHUNK)))));
+        }
+        panic!("the body of /panic-body panics");
+    }
+}
 
 /// A streamed body: `count` chunks (or endless), 5 ms apart, unknown length; logs
 /// `body-dropped {path}` if dropped before its end.
