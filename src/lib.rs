@@ -23,7 +23,8 @@
 //! leave behind.
 //!
 //! Across services, [`PropagateLayer`] on an outbound client carries the request's deadline
-//! (as `grpc-timeout`) and its cancellation to the calls made on its behalf, and
+//! (in the callee's convention: `grpc-timeout`, `connect-timeout-ms`, or a header you name)
+//! and its cancellation to the calls made on its behalf, and
 //! [`RequestCancellation::run`] binds any future to the request.
 //!
 //! # Example

@@ -2,8 +2,8 @@
 //! and deadline to the calls made on its behalf, as Go's `context` and gRPC deadline
 //! propagation do.
 //!
-//! The flow: [`PropagateLayer`] builds a [`PropagateService`] client; each call sets `grpc-timeout`
-//! from the inbound deadline and returns a [`PropagateFuture`], which watches the inbound
+//! The flow: [`PropagateLayer`] builds a [`PropagateService`] client; each call carries the
+//! inbound deadline in the callee's convention (gRPC, Connect, or a header you name) and returns a [`PropagateFuture`], which watches the inbound
 //! token while the call runs and hands the response body over as a [`PropagateBody`], which
 //! watches it while the body streams. When the inbound request is cancelled, whichever holds
 //! the call drops it and fails with [`InboundCancelled`].
@@ -60,8 +60,10 @@ pub use self::future::PropagateFuture;
 ///   time that remains, in the convention it speaks: `grpc-timeout` for gRPC (a
 ///   `content-type` of `application/grpc…`), `connect-timeout-ms` for Connect (a
 ///   `connect-protocol-version` header, a `content-type` of `application/connect+…`, or
-///   `connect=v1` in the query), and for anything else `grpc-timeout`, or the header set
-///   with [`deadline_header`](Self::deadline_header) in milliseconds. The value is what
+///   `connect=v1` in the query), and for anything else the header set with
+///   [`deadline_header`](Self::deadline_header), in milliseconds, or none at all: a plain
+///   HTTP callee (a third party's API) has no known convention, and a deadline header it does
+///   not expect would leak the inbound deadline and could change how it behaves. The value is what
 ///   remains, rounded down, but never below one unit: `1n` once the deadline has passed, and
 ///   `1` ms for anything under a millisecond (0 means "no deadline" in these conventions); and
 ///   never longer than a value the request already had in that header.
@@ -135,8 +137,8 @@ impl PropagateLayer {
     }
 
     /// For outbound requests that are neither gRPC nor Connect: write the time that remains
-    /// in header `name`, in whole milliseconds (rounded down, at least 1), instead of
-    /// `grpc-timeout`. For example `x-envoy-upstream-rq-timeout-ms`, which an Envoy in front
+    /// in header `name`, in whole milliseconds (rounded down, at least 1). Without it such
+    /// requests carry no deadline header. For example `x-envoy-upstream-rq-timeout-ms`, which an Envoy in front
     /// of the downstream service takes as the route's timeout.
     ///
     /// ```

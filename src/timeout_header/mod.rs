@@ -80,7 +80,9 @@ const CONNECT_PROTOCOL_VERSION: &str = "connect-protocol-version";
 /// request speaks: `grpc-timeout` for gRPC (a `content-type` of `application/grpc…`, gRPC-Web
 /// included), `connect-timeout-ms` for Connect (a `connect-protocol-version` header, a
 /// `content-type` of `application/connect+…`, or `connect=v1` in the query), and otherwise
-/// `other` in milliseconds, or `grpc-timeout` if no `other` header was configured.
+/// `other` in milliseconds, or nothing if no `other` header was configured: a plain HTTP
+/// callee (a third party's API) has no known convention, and a header it does not expect
+/// would leak the inbound deadline to it and could change how it behaves.
 pub(crate) fn propagate(
     headers: &mut HeaderMap,
     uri: &Uri,
@@ -111,8 +113,6 @@ pub(crate) fn propagate(
         );
     } else if let Some(other) = other {
         millis::set(headers, other.clone(), deadline);
-    } else {
-        grpc::set(headers, deadline);
     }
 }
 
@@ -250,7 +250,7 @@ mod tests {
     fn outbound_requests_get_the_header_of_their_convention() {
         let deadline = Instant::now() + Duration::from_secs(5);
         let custom = HeaderName::from_static("x-request-timeout-ms");
-        // (content-type, extra header, uri, configured header) → the one header written
+        // (content-type, extra header, uri, configured header) → the one header written, if any
         type Case = (
             &'static str,
             Option<(&'static str, &'static str)>,
@@ -296,13 +296,7 @@ mod tests {
                 true,
                 "connect-timeout-ms",
             ),
-            (
-                "application/json",
-                None,
-                "/items?xconnect=v1",
-                false,
-                "grpc-timeout",
-            ),
+            ("application/json", None, "/items?xconnect=v1", false, ""),
             (
                 "application/json",
                 None,
@@ -310,7 +304,7 @@ mod tests {
                 true,
                 "x-request-timeout-ms",
             ),
-            ("", None, "/items", false, "grpc-timeout"),
+            ("", None, "/items", false, ""),
         ];
         for (content_type, extra, uri, configured, written) in cases {
             let mut headers = HeaderMap::new();
@@ -327,7 +321,8 @@ mod tests {
                     .into_iter()
                     .filter(|name| headers.contains_key(*name))
                     .collect();
-            assert_eq!(deadline_headers, [written], "{content_type} {uri}");
+            let written: &[&str] = if written.is_empty() { &[] } else { &[written] };
+            assert_eq!(deadline_headers, written, "{content_type} {uri}");
         }
     }
 
