@@ -401,3 +401,74 @@ async fn a_request_body_that_panics_while_read_ahead_fails_its_connection_only()
     );
     acceptor.abort();
 }
+
+/// Everything the server sends within `wait`, as text.
+async fn sent_within(stream: &mut TcpStream, wait: Duration) -> String {
+    let mut buf = vec![0; 4096];
+    let mut text = String::new();
+    let deadline = Instant::now() + wait;
+    while let Ok(read) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    text
+}
+
+#[tokio::test]
+async fn read_ahead_leaves_expect_100_continue_to_the_handler() {
+    // A client that sends `Expect: 100-continue` waits for the `100` before sending its body.
+    // hyper sends it when the body is first polled, so read-ahead must not poll it: the
+    // handler decides. `/reject` answers 413 unread; `/accept` reads, once it is ready.
+    const BUSY: Duration = Duration::from_millis(300);
+    let layer = RequestBodyLayer::new().read_ahead(MIB);
+    let handler = service_fn(|req: Request<RequestBody<Incoming>>| async move {
+        tokio::time::sleep(BUSY).await;
+        if req.uri().path() == "/reject" {
+            let mut response = text("too large".to_owned());
+            *response.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+            return Ok::<_, Infallible>(response);
+        }
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok(text(format!("{} bytes", body.len())))
+    });
+    let server = Server::start(
+        ServiceBuilder::new()
+            .layer(CancellationLayer::new())
+            .layer(layer.clone())
+            .service(handler),
+    )
+    .await;
+    for (path, expect) in [("/reject", "expect"), ("/accept", "Expect")] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n{expect}: 100-continue\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        // While the handler is busy, nothing: no `100` sent on its behalf.
+        let early = sent_within(&mut stream, BUSY / 2).await;
+        assert_eq!(early, "", "{path}: sent while the handler was busy");
+        if path == "/reject" {
+            let answer = response(&mut stream).await;
+            assert!(answer.starts_with("HTTP/1.1 413 "), "{answer:?}");
+            assert!(!answer.contains("100 Continue"), "{answer:?}");
+            continue;
+        }
+        let continued = read_until(&mut stream, "\r\n\r\n").await;
+        assert!(
+            continued.starts_with("HTTP/1.1 100 Continue"),
+            "{continued:?}"
+        );
+        assert!(
+            started.elapsed() >= BUSY,
+            "the 100 came with the handler's first read, after {:?}",
+            started.elapsed()
+        );
+        stream.write_all(b"hello").await.unwrap();
+        let answer = read_until(&mut stream, "5 bytes").await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    }
+    assert_eq!(layer.read_ahead_peak(), 0, "nothing was read ahead");
+}

@@ -141,11 +141,7 @@ async fn an_uncaught_panic_in_the_handler_or_the_body_is_recorded_as_panicked() 
                 let _ = read_to_close(&mut stream).await;
             }
             log.wait_for(&entry).await;
-            assert_eq!(
-                log.with_prefix("layer "),
-                [entry.clone()],
-                "h2: {h2}, {path}"
-            );
+            assert_eq!(log.with_prefix("layer "), [entry], "h2: {h2}, {path}");
             log.clear();
         }
     }

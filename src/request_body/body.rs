@@ -5,16 +5,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::handle::RequestCancellation;
 use crate::request_body::idle::{BoxError, IdleClock};
-use crate::request_body::read_ahead::{ForHandler, PollFrame, ReadAhead};
+use crate::request_body::read_ahead::{ForHandler, PollFrame, ReadAhead, into_bytes};
 
 pin_project! {
     /// The request body as the handler behind [`RequestBodyLayer`] sees it: the original
-    /// body's frames, in order, whether or not some were read ahead.
+    /// body's bytes and trailers, in order, whether or not some were read ahead. Its data is
+    /// [`Bytes`](bytes::Bytes) whatever the original body's data type (hyper's, axum's and
+    /// HTTP/3's already are: they pass unchanged). Bytes that were read ahead come in chunks of
+    /// the read-ahead's own (copied out of the frames that carried them, so that what is held
+    /// is what is counted), not in the frames' original sizes.
     ///
     /// # Errors
     ///
@@ -78,7 +83,7 @@ impl<B: Body> Kind<B> {
         if let (Poll::Ready(Some(Err(_))), Some(request)) = (&poll, request) {
             request.client_left();
         }
-        poll
+        poll.map(|next| next.map(|frame| frame.map(into_bytes)))
     }
 }
 
@@ -87,13 +92,13 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    type Data = B::Data;
+    type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let Some(idle) = this.idle else {
             return this.kind.poll_next(cx).map_err(Into::into);

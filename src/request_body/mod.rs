@@ -11,8 +11,8 @@
 //! handler a [`RequestBody`] and returns a [`RequestBodyFuture`]. While the handler is pending
 //! and has not read its body, the future reads the body ahead into a buffer bounded per request
 //! ([`read_ahead`](RequestBodyLayer::read_ahead)) and for the whole layer
-//! ([`read_ahead_total`](RequestBodyLayer::read_ahead_total)); the handler later reads the same
-//! frames from the [`RequestBody`]. A failed read, by either, cancels the request with
+//! ([`read_ahead_total`](RequestBodyLayer::read_ahead_total)), both counted in memory held; the
+//! handler later reads the same bytes from the [`RequestBody`]. A failed read, by either, cancels the request with
 //! `Disconnected`.
 //!
 //! A client can also stall: send the head and part of the body, then nothing, with the
@@ -63,6 +63,7 @@ use crate::handle::RequestCancellation;
 use crate::macros::inner_service_accessors;
 
 mod body;
+mod buffer;
 mod future;
 mod idle;
 mod read_ahead;
@@ -86,8 +87,8 @@ use self::read_ahead::{Budget, ReadAhead};
 ///
 /// Put it inside (after) a [`CancellationLayer`](crate::CancellationLayer): it acts on that
 /// layer's scope, found in the request extensions. Without one it only passes the body
-/// through. The handler receives a [`RequestBody`], which yields the same frames, in the same
-/// order, whether or not they were read ahead.
+/// through. The handler receives a [`RequestBody`], which yields the same bytes and trailers,
+/// in the same order, whether or not they were read ahead.
 ///
 /// Any error the request body reports counts as the client leaving: hyper only fails a
 /// request body for transport reasons (incomplete message, reset stream, malformed chunk).
@@ -146,26 +147,40 @@ impl RequestBodyLayer {
     /// The reading is done when the response future is polled and the handler is pending:
     /// hyper then keeps reading the connection and notices a client that leaves, and the
     /// request is cancelled with `Disconnected` within the time the handler takes to be
-    /// polled again. The handler later reads the same bytes, in order, unchanged.
+    /// polled again. The handler later reads the same bytes, in order, unchanged (in chunks of
+    /// the read-ahead's own size, see below), then reads the rest of the body itself.
     ///
-    /// Memory per request is bounded by `bytes` plus one frame (hyper's frames are at most its
-    /// read buffer). Once the buffer holds `bytes`, reading stops: for the rest of the body,
-    /// a client that leaves is seen as without this option (when the handler reads, or when
-    /// the response is written). Once the handler polls the body, it reads the rest itself.
-    /// `0` turns read-ahead off.
+    /// **Memory.** The bytes read ahead are copied out of the frames that carried them into
+    /// blocks of the read-ahead's own (at most 16 KiB, or one frame's size), and the frames
+    /// are dropped at once: what is held is the blocks, and the budget counts their capacity,
+    /// so a body sent as one-byte chunks holds what it would as one chunk. (A frame kept as it
+    /// came would keep alive the part of hyper's read buffer it was cut from, plus a frame
+    /// and a queue slot of its own: about a hundred times its bytes for one-byte chunks.)
+    /// Memory per request is bounded by `bytes`, or by the bytes read plus the last frame's
+    /// size when that frame crossed the limit; no block is larger than needed to reach the
+    /// limit or the end of the body (its size hint). Once the buffer holds `bytes`, reading
+    /// stops: for the rest of the body, a client that leaves is seen as without this option
+    /// (when the handler reads, or when the response is written). Once the handler polls the
+    /// body, it reads the rest itself. `0` turns read-ahead off.
     ///
     /// All requests together hold at most [`read_ahead_total`](Self::read_ahead_total) bytes
-    /// (64 MiB unless set), plus one frame per request reading ahead: without that bound, the
-    /// per-request limit times the number of concurrent uploads would be the server's memory
-    /// (10 000 slow uploads with `read_ahead(2 MiB)` would hold 20 GiB).
+    /// of memory (64 MiB unless set), plus one frame per request reading ahead: without that
+    /// bound, the per-request limit times the number of concurrent uploads would be the
+    /// server's memory (10 000 slow uploads with `read_ahead(2 MiB)` would hold 20 GiB).
+    ///
+    /// A request that carries `Expect: 100-continue` is not read ahead: its client waits for
+    /// the `100 Continue` before it sends the body, and hyper sends it when the body is first
+    /// polled, so reading ahead would accept the upload before the handler decided to (it may
+    /// answer 413 or 401 instead). The handler's own first read sends the `100`.
     pub fn read_ahead(mut self, bytes: usize) -> Self {
         self.read_ahead = bytes;
         self
     }
 
-    /// Bounds what all requests served by this layer and its clones hold in read-ahead
+    /// Bounds the memory all requests served by this layer and its clones hold in read-ahead
     /// buffers together: `bytes`, plus at most one frame per request that is reading ahead (a
-    /// request checks the budget before it reads a frame and counts the frame once read).
+    /// request checks the budget before it reads a frame and counts the frame once read; it
+    /// allocates no block beyond what the budget has left, but to hold that frame).
     /// Default: [`DEFAULT_READ_AHEAD_TOTAL`](Self::DEFAULT_READ_AHEAD_TOTAL), 64 MiB.
     ///
     /// Why a total, and why that default: [`read_ahead`](Self::read_ahead) is per request, so
@@ -278,9 +293,10 @@ impl RequestBodyLayer {
         self
     }
 
-    /// Bytes held in read-ahead buffers right now, by all requests served through this layer's
-    /// budget (this layer and its clones; see [`read_ahead_total`](Self::read_ahead_total)).
-    /// For metrics.
+    /// Bytes of memory held in read-ahead buffers right now (the capacity of their blocks, see
+    /// [`read_ahead`](Self::read_ahead)), by all requests served through this layer's budget
+    /// (this layer and its clones; see [`read_ahead_total`](Self::read_ahead_total)). For
+    /// metrics.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -363,7 +379,15 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let request = req.extensions().get::<RequestCancellation>().cloned();
         let (parts, body) = req.into_parts();
-        let reading_ahead = self.read_ahead > 0 && self.budget.total > 0;
+        // A client that sent `Expect: 100-continue` waits for the `100` before it sends its
+        // body, and hyper sends it when the body is first polled: reading ahead would answer
+        // for the handler, which may not want the upload (it may answer 413 or 401). Its body
+        // is read by the handler alone.
+        let expects_continue = parts
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let reading_ahead = self.read_ahead > 0 && self.budget.total > 0 && !expects_continue;
         let idle = self.idle_timeout.map(IdleClock::new);
         let (body, reader) = if reading_ahead && !body.is_end_stream() {
             let budget = Arc::clone(&self.budget);

@@ -7,7 +7,6 @@
 //! afterwards, so no user code (the body's `poll_frame`, `is_end_stream`, `size_hint`, the
 //! `Drop` of its frames, data or errors) ever runs while the lock is held.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 use std::pin::Pin;
@@ -15,17 +14,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::event::TARGET;
 use crate::handle::RequestCancellation;
 use crate::loom::{Mutex, MutexGuard, lock};
+use crate::request_body::buffer::{Buffer, Tail};
 
 /// The read-ahead budget of a layer, shared by its clones and every request they serve.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    /// Data bytes now held in read-ahead buffers.
+    /// Bytes of memory now held in read-ahead buffers.
     pub(crate) held: AtomicUsize,
     /// The highest `held` so far.
     pub(crate) peak: AtomicUsize,
@@ -47,7 +47,7 @@ impl Budget {
     }
 }
 
-/// The bytes one request holds in its read-ahead buffer, counted in its layer's budget, and
+/// The memory one request holds in its read-ahead buffer, counted in its layer's budget, and
 /// given back when the request's state is dropped, however the request ends.
 #[derive(Debug)]
 pub(crate) struct Held {
@@ -79,8 +79,16 @@ impl Drop for Held {
     }
 }
 
-/// What `Body::poll_frame` returns for a body of type `B`.
-pub(crate) type PollFrame<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+/// What the handler's `poll_frame` gets for a body of type `B`: its data as `Bytes`.
+pub(crate) type PollFrame<B> = Poll<Option<Result<Frame<Bytes>, <B as Body>::Error>>>;
+
+/// What `Body::poll_frame` of `B` itself returns.
+type PollInner<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
+/// A frame of `B` with its data as `Bytes` (no copy when the data already is `Bytes`).
+pub(crate) fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
+    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
+}
 
 /// What the handler's poll gets from [`ReadAhead`]: a frame, the end, an error or `Pending`;
 /// or the body itself, to poll from then on (the read-ahead is over for good).
@@ -132,9 +140,9 @@ impl Hints {
 
 pub(crate) struct State<B: Body> {
     pub(crate) body: BodyAt<B>,
-    /// Frames read ahead, not yet handed to the handler, each with its data length.
-    pub(crate) frames: VecDeque<(Frame<B::Data>, usize)>,
-    /// Data bytes in `frames`, counted in the layer's budget.
+    /// What was read ahead, not yet handed to the handler.
+    pub(crate) buffer: Buffer,
+    /// The memory `buffer` holds, counted in the layer's budget.
     pub(crate) held: Held,
     /// The body ended (`None`) or failed, while reading ahead; handed over after `frames`.
     pub(crate) end: Option<Option<B::Error>>,
@@ -147,8 +155,18 @@ pub(crate) struct State<B: Body> {
 }
 
 impl<B: Body> State<B> {
+    /// Counts what the buffer holds now in the budget (after the read-ahead put it back).
+    fn charge(&mut self) {
+        let (memory, charged) = (self.buffer.memory(), self.held.bytes);
+        if memory > charged {
+            self.held.add(memory - charged);
+        } else {
+            self.held.release(charged - memory);
+        }
+    }
+
     pub(crate) fn is_end_stream(&self) -> bool {
-        if !self.frames.is_empty() {
+        if !self.buffer.is_empty() {
             return false;
         }
         match (&self.end, &self.body) {
@@ -161,7 +179,7 @@ impl<B: Body> State<B> {
 
     pub(crate) fn size_hint(&self) -> SizeHint {
         let inner = self.hints.size;
-        let buffered = self.held.bytes as u64;
+        let buffered = self.buffer.len as u64;
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(buffered));
         if let Some(upper) = inner.upper() {
@@ -183,7 +201,7 @@ impl<B: Body> ReadAhead<B> {
         Self {
             state: Mutex::new(State {
                 body: BodyAt::Here(Box::pin(body)),
-                frames: VecDeque::new(),
+                buffer: Buffer::new(),
                 held: Held::new(budget),
                 end: None,
                 handler_started: false,
@@ -208,16 +226,17 @@ impl<B: Body> ReadAhead<B> {
     }
 
     /// Reads ahead with the response future's waker. Returns `false` once there is nothing
-    /// more to do (the handler took over, the body ended or failed, the buffer is full, or the
-    /// layer's budget is spent).
+    /// more to do (the handler took over, the body ended or failed or sent its trailers, the
+    /// buffer is full, or the layer's budget is spent).
     pub(crate) fn read_ahead(&self, cx: &mut Context<'_>) -> bool {
         loop {
-            let body = {
+            let (body, tail, room) = {
                 let mut state = self.lock();
-                if state.handler_started || state.end.is_some() || state.held.bytes >= self.limit {
+                let over = state.end.is_some() || state.buffer.trailers.is_some();
+                if state.handler_started || over || state.buffer.len >= self.limit {
                     return false;
                 }
-                let budget = &state.held.budget;
+                let budget = Arc::clone(&state.held.budget);
                 if budget.spent() {
                     let (held, total) = (budget.held.load(Ordering::Relaxed), budget.total);
                     drop(state);
@@ -229,7 +248,7 @@ impl<B: Body> ReadAhead<B> {
                     );
                     return false;
                 }
-                match mem::replace(&mut state.body, BodyAt::Out) {
+                let body = match mem::replace(&mut state.body, BodyAt::Out) {
                     BodyAt::Here(body) => body,
                     // Lost: an earlier read-ahead panicked. (`Out` and `Handler` need the
                     // handler to have polled, and then `handler_started` is set.)
@@ -237,38 +256,55 @@ impl<B: Body> ReadAhead<B> {
                         state.body = other;
                         return false;
                     }
-                }
+                };
+                // What this request may still read ahead and the budget still has, and no more
+                // than the body says it has left: new blocks are no larger (but to hold a
+                // frame), so a small body gets a small block.
+                let left = state.hints.size.upper().map_or(usize::MAX, |upper| {
+                    usize::try_from(upper).unwrap_or(usize::MAX)
+                });
+                let unspent = budget.total - budget.held.load(Ordering::Relaxed).min(budget.total);
+                let room = (self.limit - state.buffer.len).min(left).min(unspent);
+                (body, state.buffer.check_out(), room)
             };
             let mut out = CheckedOut {
                 shared: self,
                 body: Some(body),
+                tail: Some(tail),
             };
             let (poll, hints) = out.poll(cx);
-            // `Buf::remaining` is user code too: outside the lock, with the body checked out.
-            let len = match &poll {
-                Poll::Ready(Some(Ok(frame))) => frame.data_ref().map_or(0, Buf::remaining),
-                _ => 0,
+            // The copy (`Buf` is user code) and the frame's drop run outside the lock, with
+            // the body checked out.
+            let mut trailers = None;
+            let done = match poll {
+                Poll::Ready(Some(Ok(frame))) => {
+                    match frame.into_data() {
+                        Ok(data) => out.copy(data, room),
+                        Err(frame) => trailers = frame.into_trailers().ok(),
+                    }
+                    None
+                }
+                Poll::Pending => Some((true, None)),
+                Poll::Ready(None) => Some((false, Some(None))),
+                Poll::Ready(Some(Err(error))) => Some((false, Some(Some(error)))),
             };
             let mut state = self.lock();
             let waker = out.put_back(&mut state, hints);
-            let mut failed = false;
-            let done = match poll {
-                Poll::Ready(Some(Ok(frame))) => {
-                    state.held.add(len);
-                    state.frames.push_back((frame, len));
+            let failed = matches!(done, Some((_, Some(Some(_)))));
+            let more = match done {
+                None => {
+                    // A frame that is neither data nor trailers is dropped; trailers end it.
+                    state.buffer.trailers = trailers;
                     None
                 }
-                Poll::Pending => Some(true),
-                Poll::Ready(None) => {
-                    state.end = Some(None);
-                    Some(false)
-                }
-                Poll::Ready(Some(Err(error))) => {
-                    state.end = Some(Some(error));
-                    failed = true;
-                    Some(false)
+                Some((more, end)) => {
+                    if end.is_some() {
+                        state.end = end;
+                    }
+                    Some(more)
                 }
             };
+            state.charge();
             drop(state);
             if let Some(waker) = waker {
                 waker.wake();
@@ -276,7 +312,7 @@ impl<B: Body> ReadAhead<B> {
             if failed {
                 self.disconnected();
             }
-            if let Some(more) = done {
+            if let Some(more) = more {
                 return more;
             }
         }
@@ -305,9 +341,14 @@ impl<B: Body> ReadAhead<B> {
     ) -> Option<ForHandler<B>> {
         let mut state = self.lock();
         state.handler_started = true;
-        if let Some((frame, len)) = state.frames.pop_front() {
-            state.held.release(len);
-            return Some(ForHandler::Poll(Poll::Ready(Some(Ok(frame)))));
+        if let Some((data, memory)) = state.buffer.pop_data() {
+            state.held.release(memory);
+            return Some(ForHandler::Poll(Poll::Ready(Some(Ok(Frame::data(data))))));
+        }
+        if let Some(trailers) = state.buffer.trailers.take() {
+            return Some(ForHandler::Poll(Poll::Ready(Some(Ok(Frame::trailers(
+                trailers,
+            ))))));
         }
         if let Some(end) = state.end.take() {
             // An error is reported once; the body is over after it.
@@ -354,27 +395,36 @@ impl<B: Body> fmt::Debug for ReadAhead<B> {
     }
 }
 
-/// The body, checked out of the state and polled by the read-ahead outside the lock. Put back
-/// with [`put_back`](Self::put_back); dropped without that (its poll or a hint panicked), it
-/// marks the body lost and wakes a waiting handler, whose poll then panics with [`LOST`]
-/// instead of returning a truncated body.
+/// The body (and the buffer's tail), checked out of the state and polled (and filled) by the
+/// read-ahead outside the lock. Put back with [`put_back`](Self::put_back); dropped without
+/// that (its poll, a hint or the frame's data panicked), it marks the body lost and wakes a
+/// waiting handler, whose poll then panics with [`LOST`] instead of returning a truncated body.
 pub(crate) struct CheckedOut<'a, B: Body> {
     pub(crate) shared: &'a ReadAhead<B>,
     pub(crate) body: Option<Pin<Box<B>>>,
+    pub(crate) tail: Option<Tail>,
 }
 
 impl<B: Body> CheckedOut<'_, B> {
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> (PollFrame<B>, Hints) {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> (PollInner<B>, Hints) {
         let body = self.body.as_mut().expect("checked out");
         let poll = body.as_mut().poll_frame(cx);
         (poll, Hints::of(&**body))
     }
 
-    /// Puts the body back into the locked state, with its new hints; returns the waker of a
-    /// handler waiting for it, to be woken once the lock is released.
+    fn copy(&mut self, data: B::Data, room: usize) {
+        self.tail.as_mut().expect("checked out").copy(data, room);
+    }
+
+    /// Puts the body and the tail back into the locked state, with the body's new hints and
+    /// what was copied into the tail; returns the waker of a handler waiting for them, to be
+    /// woken once the lock is released.
     pub(crate) fn put_back(mut self, state: &mut State<B>, hints: Hints) -> Option<Waker> {
         if let Some(body) = self.body.take() {
             state.body = BodyAt::Here(body);
+        }
+        if let Some(tail) = self.tail.take() {
+            state.buffer.put_back(tail);
         }
         state.hints = hints;
         state.handler_waker.take()
@@ -389,6 +439,11 @@ impl<B: Body> Drop for CheckedOut<'_, B> {
         let waker = {
             let mut state = self.shared.lock();
             state.body = BodyAt::Lost;
+            if let Some(tail) = self.tail.take() {
+                // What it holds was copied before the panic, in order: the handler gets it.
+                state.buffer.put_back(tail);
+                state.charge();
+            }
             state.handler_waker.take()
         };
         drop(body);

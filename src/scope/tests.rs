@@ -426,7 +426,10 @@ fn a_shutdown_right_after_registering_cancels_the_new_scope() {
     logging.callbacks = hooks_logging(&log, "cb").callbacks.clone();
     let config = Arc::new(logging);
     let watcher = shutdown.clone();
-    AFTER_REGISTER.with(|hook| hook.set(Some(Box::new(move || drop(watcher.close())))));
+    let close = move || {
+        watcher.close();
+    };
+    AFTER_REGISTER.with(|hook| hook.set(Some(Box::new(close))));
     let scope = scope_with(&config);
     assert_eq!(
         scope.cancellation(),
