@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
-use tower_cancel::{CancelReason, RequestCancellation};
+use tower_cancel::{CancelReason, CancellationLayer, Detached, RequestCancellation};
 
 type Route = BoxCloneService<Request<Incoming>, Response<AppBody>, Infallible>;
 
@@ -56,8 +56,22 @@ async fn pay(
 /// One router: `/pay` behind a detached per-route layer, everything else the default app;
 /// all of it behind an app-wide layer. Returns the server and the detached layer's tracker.
 async fn serve(log: &Log, release: &CancellationToken) -> (Server, TaskTracker) {
-    let pay_layer = log.layer("route").detached();
+    let (server, tracker, _) = serve_limited(log, release, None).await;
+    (server, tracker)
+}
+
+/// [`serve`], with the detached route's `detached_limit` if given; also returns its layer.
+async fn serve_limited(
+    log: &Log,
+    release: &CancellationToken,
+    limit: Option<usize>,
+) -> (Server, TaskTracker, CancellationLayer<Detached>) {
+    let mut pay_layer = log.layer("route").detached();
+    if let Some(limit) = limit {
+        pay_layer = pay_layer.detached_limit(limit);
+    }
     let tracker = pay_layer.tracker().clone();
+    let layer = pay_layer.clone();
     let (l, r) = (log.clone(), release.clone());
     let pay: Route = BoxCloneService::new(
         pay_layer
@@ -76,7 +90,7 @@ async fn serve(log: &Log, release: &CancellationToken) -> (Server, TaskTracker) 
     let svc = ServiceBuilder::new()
         .layer(log.layer("layer"))
         .service(router);
-    (Server::start(svc).await, tracker)
+    (Server::start(svc).await, tracker, layer)
 }
 
 fn about(log: &Log, path: &str) -> Vec<String> {
@@ -177,4 +191,47 @@ async fn a_detached_route_whose_client_waits_answers_normally() {
     tracker.close();
     tracker.wait().await;
     assert_all_completed(&log);
+}
+
+#[tokio::test]
+async fn past_the_detached_limit_a_request_is_refused_before_its_handler_starts() {
+    // Two abandoned payments still run (the limit); a third request gets 503 and its handler
+    // never starts; other routes are served; once the two finished, payments start again.
+    let log = Log::default();
+    let release = CancellationToken::new();
+    let (server, tracker, layer) = serve_limited(&log, &release, Some(2)).await;
+    for _ in 0..2 {
+        let client = raw_request(&server, &get("/pay")).await;
+        log.wait_for_count("start /pay", log.with_prefix("start /pay").len() + 1)
+            .await;
+        drop(client);
+    }
+    log.wait_for_count("layer /pay disconnected", 2).await;
+    assert_eq!(layer.detached_counts().running, 2);
+
+    let mut refused = raw_request(&server, &get("/pay")).await;
+    let answer = read_until(&mut refused, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    let counts = layer.detached_counts();
+    assert_eq!((counts.running, counts.refused), (2, 1));
+    assert_eq!(log.with_prefix("start /pay").len(), 2, "not started");
+    let mut other = raw_request(&server, &get("/full")).await;
+    assert!(
+        read_until(&mut other, "hello")
+            .await
+            .starts_with("HTTP/1.1 200 ")
+    );
+
+    finish_detached_work(&release, &tracker).await;
+    assert_eq!(layer.detached_counts().running, 0);
+    let mut again = raw_request(&server, &get("/pay")).await;
+    let answer = read_until(&mut again, "paid").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    // The refused request was answered, not cancelled: two cancellations in all.
+    assert_eq!(
+        log.with_prefix("layer /pay").len(),
+        2,
+        "{:?}",
+        log.entries()
+    );
 }

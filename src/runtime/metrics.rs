@@ -16,6 +16,9 @@ use crate::record::{CancelReason, Phase};
 pub(crate) const CANCELLATIONS: &str = "tower_cancel_cancellations_total";
 /// Counter: async cleanups by `outcome`: `run`, `refused` or `overrun`.
 pub(crate) const CLEANUPS: &str = "tower_cancel_cleanups_total";
+/// Counter: requests to a detached route refused (503) because its layer's detached handlers
+/// were all running.
+pub(crate) const DETACHED_REFUSED: &str = "tower_cancel_detached_refused_total";
 /// Histogram, in seconds: how long a cancelled request's work ran on after its cancellation,
 /// labelled `reason` and `phase`.
 pub(crate) const RAN_AFTER_CANCEL: &str = "tower_cancel_ran_after_cancel_seconds";
@@ -58,6 +61,12 @@ pub(crate) fn describe() {
             "Async cancellation cleanups that ran, were refused (queue full, runtime gone) or \
              were still unfinished when a drain ran out of time (overrun)."
         );
+        ::metrics::describe_counter!(
+            DETACHED_REFUSED,
+            Unit::Count,
+            "Requests to a detached route refused with 503 because as many detached handlers as \
+             the layer's limit were still running."
+        );
         ::metrics::describe_histogram!(
             RAN_AFTER_CANCEL,
             Unit::Seconds,
@@ -96,6 +105,13 @@ pub(crate) fn cleanup(outcome: Cleanup) {
     let _ = outcome;
 }
 
+/// A request to a detached route was refused: the layer's detached handlers were all running.
+#[inline]
+pub(crate) fn detached_refused() {
+    #[cfg(feature = "metrics")]
+    ::metrics::counter!(DETACHED_REFUSED).increment(1);
+}
+
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
     use ::metrics::Unit;
@@ -130,6 +146,7 @@ mod tests {
                 Duration::from_millis(250),
             );
             cleanup(Cleanup::Refused);
+            detached_refused();
         });
         let snapshot = snapshotter.snapshot().into_hashmap();
         let cancellations = key(
@@ -151,6 +168,9 @@ mod tests {
         assert_eq!(*value, DebugValue::Histogram(vec![0.25.into()]));
         let refused = key(MetricKind::Counter, CLEANUPS, &[("outcome", "refused")]);
         assert_eq!(snapshot[&refused].2, DebugValue::Counter(1));
-        assert_eq!(snapshot.len(), 3, "{snapshot:#?}");
+        let detached = key(MetricKind::Counter, DETACHED_REFUSED, &[]);
+        assert_eq!(snapshot[&detached].0, Some(Unit::Count));
+        assert_eq!(snapshot[&detached].2, DebugValue::Counter(1));
+        assert_eq!(snapshot.len(), 4, "{snapshot:#?}");
     }
 }

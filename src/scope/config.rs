@@ -18,6 +18,7 @@ use crate::record::Cancelled;
 use crate::runtime::callback::{Callback, contain, contain_async};
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::runtime::deadline::TimeLimit;
+use crate::runtime::handlers::{self, Handlers};
 use crate::runtime::shutdown::{Closed, InFlight, Registration, Shutdown};
 use crate::timeout_header::Conventions;
 
@@ -33,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) has_async: bool,
     pub(crate) tracker: TaskTracker,
     pub(crate) limiter: Arc<Limiter>,
+    /// The detached handlers running (a detached layer's only).
+    pub(crate) handlers: Arc<Handlers>,
     pub(crate) shutdown: Option<Shutdown>,
     pub(crate) timeout: Option<Duration>,
     /// The deadline headers honoured.
@@ -48,6 +51,7 @@ impl Config {
             has_async: false,
             tracker: TaskTracker::new(),
             limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
+            handlers: Arc::new(Handlers::new(handlers::DEFAULT_MAX)),
             shutdown: None,
             timeout: None,
             deadline_headers: Conventions::default(),

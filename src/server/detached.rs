@@ -7,12 +7,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::event::TARGET;
+use crate::runtime::handlers::Permit;
 use crate::scope::{Scope, Stopped};
 
 pin_project! {
@@ -20,6 +22,9 @@ pin_project! {
     ///
     /// The handler runs in its own task, tracked by the layer's `TaskTracker`; this future
     /// only waits for its output. Dropping it (the client left) leaves the task running.
+    /// When the layer's [`detached_limit`](crate::CancellationLayer::detached_limit) handlers
+    /// already run, the handler is not started and this future resolves to a
+    /// `503 Service Unavailable` with an empty (`Default`) body.
     #[must_use = "futures do nothing unless polled"]
     pub struct DetachedFuture<F: Future> {
         #[pin]
@@ -32,7 +37,9 @@ pin_project! {
     enum Kind<F: Future> {
         Spawned { handle: JoinHandle<F::Output> },
         // No runtime to spawn on: the handler runs inline, as if not detached.
-        Inline { #[pin] future: F },
+        Inline { #[pin] future: F, permit: Permit },
+        // Past the limit: the handler was not started.
+        Refused,
     }
 }
 
@@ -43,7 +50,13 @@ where
 {
     /// Spawns `future`, the handler of the request whose scope is `scope`: the scope counts
     /// the task among the work that runs on after a cancellation, until the handler returns.
-    pub(crate) fn spawn(future: F, tracker: &TaskTracker, scope: Option<Arc<Scope>>) -> Self {
+    /// The task holds `permit` until it ends.
+    pub(crate) fn spawn(
+        future: F,
+        tracker: &TaskTracker,
+        scope: Option<Arc<Scope>>,
+        permit: Permit,
+    ) -> Self {
         let kind = match Handle::try_current() {
             Ok(runtime) => {
                 if let Some(scope) = &scope {
@@ -52,6 +65,7 @@ where
                 let watched = Watched {
                     future,
                     stop: TaskStop(scope),
+                    _permit: permit,
                 };
                 Kind::Spawned {
                     handle: tracker.spawn_on(watched, &runtime),
@@ -63,10 +77,17 @@ where
                     "detached handler called outside a Tokio runtime: it runs inline and \
                      stops if its client leaves",
                 );
-                Kind::Inline { future }
+                Kind::Inline { future, permit }
             }
         };
         Self { kind }
+    }
+
+    /// A request refused because the layer's detached handlers are all running.
+    pub(crate) fn refused() -> Self {
+        Self {
+            kind: Kind::Refused,
+        }
     }
 }
 
@@ -77,6 +98,8 @@ pin_project! {
         #[pin]
         future: F,
         stop: TaskStop,
+        // Given back when the task ends, however it ends.
+        _permit: Permit,
     }
 }
 
@@ -105,12 +128,21 @@ impl Drop for TaskStop {
     }
 }
 
-impl<F: Future> Future for DetachedFuture<F> {
+impl<F, B, E> Future for DetachedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Default,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         match self.project().kind.project() {
-            KindProj::Inline { future } => future.poll(cx),
+            KindProj::Refused => {
+                let mut response = Response::new(B::default());
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Poll::Ready(Ok(response))
+            }
+            KindProj::Inline { future, .. } => future.poll(cx),
             KindProj::Spawned { handle } => match Pin::new(handle).poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(output)) => Poll::Ready(output),
@@ -126,9 +158,13 @@ impl<F: Future> Future for DetachedFuture<F> {
 
 impl<F: Future> fmt::Debug for DetachedFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let spawned = matches!(self.kind, Kind::Spawned { .. });
+        let kind = match self.kind {
+            Kind::Spawned { .. } => "spawned",
+            Kind::Inline { .. } => "inline",
+            Kind::Refused => "refused",
+        };
         f.debug_struct("DetachedFuture")
-            .field("spawned", &spawned)
+            .field("kind", &kind)
             .finish()
     }
 }

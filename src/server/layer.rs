@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use crate::record::Cancelled;
 use crate::runtime::callback::Callback;
 use crate::runtime::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
+use crate::runtime::handlers::{DetachedCounts, Handlers};
 use crate::runtime::shutdown::Shutdown;
 use crate::scope::config::Config;
 use crate::server::service::{Attached, CancellationService, Detached};
@@ -65,6 +66,7 @@ use crate::timeout_header::Conventions;
 /// |---|---|---|---|
 /// | `tower_cancel_cancellations_total` | counter | `reason`, `phase` | requests cancelled |
 /// | `tower_cancel_cleanups_total` | counter | `outcome`: `run`, `refused`, `overrun` | async cleanups that ran to their end (or panicked), were refused (queue full, runtime shut down), or were unfinished when [`drain_cleanups`](Self::drain_cleanups) ran out of time |
+/// | `tower_cancel_detached_refused_total` | counter | none | requests to a [`detached`](Self::detached) route refused with 503 because its [`detached_limit`](CancellationLayer::detached_limit) handlers were running |
 /// | `tower_cancel_ran_after_cancel_seconds` | histogram | `reason`, `phase` | the time a cancelled request's work ran on, as above (0 when it was dropped at once) |
 ///
 /// Label values are the names of [`CancelReason`](crate::CancelReason) and
@@ -138,11 +140,58 @@ impl CancellationLayer {
     /// | token, reason, callbacks | cancelled, `Disconnected`, run | the same |
     /// | response | never sent | computed, then discarded |
     /// | graceful shutdown | nothing to wait for | `tracker.wait()` waits for the handler |
+    /// | handlers running at once | bounded by the connections' streams | at most [`detached_limit`](CancellationLayer::detached_limit) (1024); beyond, `503` before the handler starts |
+    ///
+    /// The route's response body must be `Default` (axum's `Body`, `Full`, `Empty`,
+    /// `String` are): it is the body of the `503`.
     pub fn detached(self) -> CancellationLayer<Detached> {
         CancellationLayer {
             config: self.config,
             mode: PhantomData,
         }
+    }
+}
+
+impl CancellationLayer<Detached> {
+    /// The default of [`detached_limit`](Self::detached_limit): 1024 handlers at once.
+    pub const DEFAULT_DETACHED_LIMIT: usize = crate::runtime::handlers::DEFAULT_MAX;
+
+    /// Bounds the detached handlers of this layer (and its clones): at most `max` run at
+    /// once, counted from the moment a handler is spawned to the moment its task ends,
+    /// whether or not its client is still there. A request that arrives while `max` run is
+    /// refused with `503 Service Unavailable` (an empty body) *before its handler starts*,
+    /// with a `debug` event, a `warn` event when the limit is first reached (again only after
+    /// the count fell to half of it) and, with feature `metrics`, the counter
+    /// `tower_cancel_detached_refused_total`. The 503 completes the request: nothing is
+    /// cancelled. Default: [`DEFAULT_DETACHED_LIMIT`](Self::DEFAULT_DETACHED_LIMIT), 1024;
+    /// `max` is at least 1.
+    ///
+    /// Why a bound: a detached handler outlives its client, so a client that opens requests
+    /// and abandons them at once (HTTP/2 rapid reset, CVE-2023-44487) would leave one running
+    /// handler behind per request, as many as it cares to send; attached handlers are dropped
+    /// with their streams, and async cleanups are bounded for the same reason.
+    ///
+    /// Why refuse rather than drop: the routes that are detached are the ones whose work must
+    /// not stop half-way (a payment, a commit). Dropping a started handler past the limit
+    /// would tear exactly that work in half; refusing a request that has not started leaves
+    /// nothing half-done, and its client can retry. Size the limit to what the route's
+    /// backend can take at once (a database pool, a payment provider's rate), which is also
+    /// where a flood should stop.
+    ///
+    /// ```
+    /// use tower_cancel::CancellationLayer;
+    ///
+    /// let payments = CancellationLayer::new().detached().detached_limit(64);
+    /// assert_eq!(payments.detached_counts().running, 0);
+    /// ```
+    pub fn detached_limit(self, max: usize) -> Self {
+        self.configure(|config| config.handlers = Arc::new(Handlers::new(max)))
+    }
+
+    /// How the detached handlers of this layer (and its clones) are doing: running now, and
+    /// refused since [`detached_limit`](Self::detached_limit) (or the layer) was set.
+    pub fn detached_counts(&self) -> DetachedCounts {
+        self.config.handlers.counts()
     }
 }
 

@@ -50,3 +50,4 @@ pub use self::detached::DetachedFuture;
 pub use self::future::CancellationFuture;
 pub use self::layer::CancellationLayer;
 pub use self::service::{Attached, CancellationService, Detached};
+pub use crate::runtime::handlers::DetachedCounts;

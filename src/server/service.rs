@@ -158,7 +158,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: http_body::Body + Send + 'static,
+    ResBody: http_body::Body + Default + Send + 'static,
 {
     type Response = Response<CancellationBody<ResBody>>;
     type Error = S::Error;
@@ -171,12 +171,24 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = self.enter(&mut req);
         let version = req.version();
+        let Some(permit) = self.config.handlers.try_acquire() else {
+            // As many detached handlers as the limit still run: this one does not start. The
+            // 503 completes the request; nothing is cancelled.
+            tracing::debug!(
+                target: crate::event::TARGET,
+                method = %req.method(),
+                path = req.uri().path(),
+                "detached handler limit reached: request refused with 503",
+            );
+            return CancellationFuture::new(DetachedFuture::refused(), guard, version);
+        };
         // The scope this request created or joined: it waits for the handler's task too.
         let scope = req
             .extensions()
             .get::<RequestCancellation>()
             .map(|rc| Arc::clone(rc.scope_arc()));
-        let handler = DetachedFuture::spawn(self.inner.call(req), &self.config.tracker, scope);
+        let handler =
+            DetachedFuture::spawn(self.inner.call(req), &self.config.tracker, scope, permit);
         CancellationFuture::new(handler, guard, version)
     }
 }
