@@ -25,7 +25,6 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use http::{Method, Uri};
 use loom::thread;
 use tokio_util::sync::CancellationToken;
 
