@@ -144,6 +144,26 @@
 //!   `ran_after_cancel = 0ns`, unless something else of it still runs then (a detached
 //!   handler, or an upgraded connection's task, whose end makes the second event).
 //!
+//! # Limits
+//!
+//! The layer sits in front of every route, so nothing a client sends can make it hold more
+//! than a bound, counted in real memory or tasks, each with a default:
+//!
+//! | what a client can make the server hold | default | set with |
+//! |---|---|---|
+//! | request body read ahead, per request (memory, plus the frame that crossed it) | off | [`RequestBodyLayer::read_ahead`] |
+//! | request bodies read ahead, all requests of a layer (memory, plus a frame per request) | 64 MiB | [`RequestBodyLayer::read_ahead_total`] |
+//! | a handler's wait for request-body bytes | none | [`RequestBodyLayer::idle_timeout`] |
+//! | detached handlers running, also after their client left (then `503` before the start) | 1024 | [`CancellationLayer::detached_limit`] |
+//! | async cleanups running / queued (then refused, counted) | 64 / 1024 | [`CancellationLayer::cleanup_limit`] |
+//! | digits read of a deadline header | 8 / 10 | fixed |
+//! | HTTP/3: request head or non-DATA frame bytes before the request is claimed | 64 KiB | `http3::Serve::max_request_head_bytes` |
+//! | HTTP/3: time for a request head to complete | 30 s | `http3::Serve::header_read_timeout` |
+//! | HTTP/3: requests per connection | 10 000 | `http3::Serve::max_requests_per_connection` |
+//!
+//! Header sizes, streams per connection, connections and keep-alive are the transport's
+//! (hyper's and quinn's builders).
+//!
 //! # What the transport can and cannot see
 //!
 //! * HTTP/1.1: hyper notices a closed connection only while it reads the socket. While a
