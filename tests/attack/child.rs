@@ -84,8 +84,9 @@ impl Config {
 /// Every panic in the process, caught or not (the hook runs before any unwinding).
 static PANICS: AtomicU64 = AtomicU64::new(0);
 
-/// How hyper ended a connection with an error, as a counter's name: `h2_<reason>` for an
-/// HTTP/2 error (`h2_ENHANCE_YOUR_CALM`), else hyper's kind of error.
+/// How hyper ended a connection with an error, as a counter's name: `conn_h2_<reason>` for
+/// an HTTP/2 error (`conn_h2_ENHANCE_YOUR_CALM`), `conn_io_<kind>` for an I/O error, else
+/// hyper's kind of error.
 fn connection_error(error: &(dyn std::error::Error + 'static)) -> String {
     let mut next = Some(error);
     while let Some(error) = next {
@@ -93,6 +94,9 @@ fn connection_error(error: &(dyn std::error::Error + 'static)) -> String {
             if let Some(reason) = h2.reason() {
                 return format!("conn_h2_{reason:?}");
             }
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return format!("conn_io_{:?}", io.kind());
         }
         if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
             let kind = if hyper.is_parse_too_large() {

@@ -139,7 +139,17 @@ impl Server {
 
     /// Waits until `done` holds for the server's counters; panics after [`PATIENCE`] with them.
     pub(crate) async fn until(&self, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
-        let deadline = Instant::now() + PATIENCE;
+        self.until_within(PATIENCE, what, done).await
+    }
+
+    /// [`until`](Self::until), waiting at most `within`.
+    pub(crate) async fn until_within(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Stats) -> bool,
+    ) -> Stats {
+        let deadline = Instant::now() + within;
         loop {
             let stats = self.stats().await;
             if done(&stats) {
@@ -232,8 +242,9 @@ impl Pair {
         [&self.bare, &self.layered]
     }
 
-    /// Asserts that no panic happened in either process, and prints the cell's row.
-    pub(crate) async fn report(&self, cell: &str, accounting: &str) -> (Stats, Stats) {
+    /// Prints the cell's row, and starts its checks with the first of all: no panic in
+    /// either process.
+    pub(crate) async fn report(&self, cell: &str, accounting: &str) -> Checks<'_> {
         let (bare, layered) = (self.bare.stats().await, self.layered.stats().await);
         let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / MIB as f64);
         println!(
@@ -243,25 +254,58 @@ impl Pair {
             bare.get("panics"),
             layered.get("panics"),
         );
-        assert_eq!(bare.get("panics"), 0, "{cell}: bare panicked: {bare:?}");
-        assert_eq!(
-            layered.get("panics"),
-            0,
-            "{cell}: layered panicked: {layered:?}"
-        );
-        (bare, layered)
+        let mut checks = Checks {
+            cell: cell.to_owned(),
+            pair: self,
+            failed: Vec::new(),
+        };
+        for (label, stats) in [("bare", &bare), ("layered", &layered)] {
+            let panics = stats.get("panics");
+            checks.that(panics == 0, || format!("{label}: {panics} panics"));
+        }
+        checks
+    }
+}
+
+/// A cell's assertions, all checked before it fails: a failure lists every one that did not
+/// hold.
+#[must_use = "call done()"]
+pub(crate) struct Checks<'a> {
+    cell: String,
+    pair: &'a Pair,
+    failed: Vec<String>,
+}
+
+impl Checks<'_> {
+    pub(crate) fn that(&mut self, holds: bool, what: impl FnOnce() -> String) {
+        if !holds {
+            self.failed.push(what());
+        }
     }
 
-    /// Asserts that the layered server's RSS grew at most `slack` more than the bare one's.
-    pub(crate) fn assert_growth_within(&self, cell: &str, slack: u64) {
-        let (bare, layered) = (self.bare.growth(), self.layered.growth());
+    pub(crate) fn equal<T: PartialEq + std::fmt::Debug>(&mut self, left: T, right: T, what: &str) {
+        self.that(left == right, || format!("{what}: {left:?}, not {right:?}"));
+    }
+
+    /// The layered server's RSS grew at most `slack` more than the bare one's.
+    pub(crate) fn growth_within(&mut self, slack: u64) {
+        let (bare, layered) = (self.pair.bare.growth(), self.pair.layered.growth());
+        self.that(layered <= bare + slack, || {
+            format!(
+                "the layered server grew {:.1} MiB, bare {:.1} MiB: more than {:.1} MiB apart",
+                layered as f64 / MIB as f64,
+                bare as f64 / MIB as f64,
+                slack as f64 / MIB as f64,
+            )
+        });
+    }
+
+    pub(crate) fn done(self) {
         assert!(
-            layered <= bare + slack,
-            "{cell}: the layered server grew {:.1} MiB, bare {:.1} MiB: more than {:.1} MiB \
-             apart",
-            layered as f64 / MIB as f64,
-            bare as f64 / MIB as f64,
-            slack as f64 / MIB as f64,
+            self.failed.is_empty(),
+            "{}:\n  {}",
+            self.cell,
+            self.failed.join("\n  ")
         );
     }
 }

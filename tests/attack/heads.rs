@@ -55,11 +55,18 @@ async fn unfinished(cell: &str, bytes: &[u8], what: &str) {
          handlers started: {} / {}",
         open[0], open[1], started[0], started[1]
     );
-    pair.report(cell, &accounting).await;
+    let mut checks = pair.report(cell, &accounting).await;
     drop((bare, layered));
-    assert_eq!(started, [0, 0], "{cell}: no request reached a handler");
-    assert_eq!(open[0], open[1], "{cell}: both keep the same connections");
-    pair.assert_growth_within(cell, 2 * MIB);
+    checks.equal(started, [0, 0], "handlers started (no request exists)");
+    checks.equal(
+        open[1],
+        open[0],
+        "connections the layered server keeps, against bare",
+    );
+    // Its connections hold a service of another type (clones of the layers' Arcs): 2 MiB
+    // for 500 covers that and the allocator's noise.
+    checks.growth_within(2 * MIB);
+    checks.done();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,9 +108,16 @@ fn tally(outcomes: Vec<String>) -> BTreeMap<String, usize> {
     tally
 }
 
-/// Both servers answered the oversized heads alike: no handler, no panic, the same kind of
-/// connection errors, and the layered server no larger.
-async fn assert_alike(cell: &str, pair: &Pair, seen: [BTreeMap<String, usize>; 2]) -> [Stats; 2] {
+/// Both servers answered the oversized heads alike: no handler, no panic, what each client
+/// saw is `expected`, hyper ended every connection with `error`, and the layered server grew
+/// no more than bare.
+async fn alike(
+    cell: &str,
+    pair: &Pair,
+    seen: [BTreeMap<String, usize>; 2],
+    expected: impl Fn(&str) -> bool,
+    error: &str,
+) {
     for server in pair.both() {
         let closed = |s: &Stats| s.get("conns") == 0;
         server.until("every connection closed", closed).await;
@@ -118,14 +132,24 @@ async fn assert_alike(cell: &str, pair: &Pair, seen: [BTreeMap<String, usize>; 2
         "{OVERSIZED} clients saw {:?} (bare) / {:?} (layered); {} / {}; handlers started: {} / {}",
         seen[0], seen[1], errors[0], errors[1], started[0], started[1]
     );
-    pair.report(cell, &accounting).await;
-    assert_eq!(started, [0, 0], "{cell}: no request reached a handler");
-    assert_eq!(
-        errors[0], errors[1],
-        "{cell}: hyper ended the connections alike"
-    );
-    pair.assert_growth_within(cell, 4 * MIB);
-    stats
+    let mut checks = pair.report(cell, &accounting).await;
+    checks.equal(started, [0, 0], "handlers started (no request exists)");
+    for (label, seen, stats) in [
+        ("bare", &seen[0], &stats[0]),
+        ("layered", &seen[1], &stats[1]),
+    ] {
+        checks.that(seen.keys().all(|k| expected(k)), || {
+            format!("{label}: the clients saw {seen:?}")
+        });
+        let key = format!("conn_{error}");
+        checks.that(stats.get(&key) == OVERSIZED as u64, || {
+            format!("{label}: not every connection ended with {error}: {stats:?}")
+        });
+    }
+    // hyper holds up to ~400 KiB of an HTTP/1.1 head (16 KiB of HTTP/2 header list) before it
+    // gives up, one client at a time.
+    checks.growth_within(2 * MIB);
+    checks.done();
 }
 
 async fn h1_oversized(addr: SocketAddr, head: &[u8]) -> String {
@@ -162,19 +186,8 @@ async fn h1_oversized_head() {
     };
     let (bare, layered) = tokio::join!(one_by_one(pair.bare.addr), one_by_one(pair.layered.addr));
     let cell = "4 h1 head of 1 MiB";
-    let stats = assert_alike(cell, &pair, [bare.clone(), layered.clone()]).await;
-    for (seen, stats) in [(bare, &stats[0]), (layered, &stats[1])] {
-        assert!(
-            seen.keys()
-                .all(|k| k == "431" || k == "closed without an answer"),
-            "{cell}: {seen:?}"
-        );
-        assert_eq!(
-            stats.get("conn_too_large"),
-            OVERSIZED as u64,
-            "{cell}: {stats:?}"
-        );
-    }
+    let expected = |seen: &str| seen == "431" || seen == "closed without an answer";
+    alike(cell, &pair, [bare, layered], expected, "too_large").await;
 }
 
 async fn h2_oversized(addr: SocketAddr, value: http::HeaderValue) -> String {
@@ -218,16 +231,13 @@ async fn h2_oversized_header_list() {
     }
     let [bare, layered] = outcomes.map(tally);
     let cell = "4 h2 header list of 1 MiB";
-    let stats = assert_alike(cell, &pair, [bare.clone(), layered.clone()]).await;
-    for (seen, stats) in [(bare, &stats[0]), (layered, &stats[1])] {
-        assert!(
-            seen.keys().all(|k| k.starts_with("GOAWAY")),
-            "{cell}: {seen:?}"
-        );
-        assert_eq!(
-            stats.get("conn_h2_ENHANCE_YOUR_CALM"),
-            OVERSIZED as u64,
-            "{cell}: {stats:?}"
-        );
-    }
+    let expected = |seen: &str| seen.starts_with("GOAWAY");
+    alike(
+        cell,
+        &pair,
+        [bare, layered],
+        expected,
+        "h2_ENHANCE_YOUR_CALM",
+    )
+    .await;
 }
