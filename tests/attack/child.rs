@@ -84,6 +84,24 @@ impl Config {
 /// Every panic in the process, caught or not (the hook runs before any unwinding).
 static PANICS: AtomicU64 = AtomicU64::new(0);
 
+/// A connection open: counted until its task ends, however it ends (a panic included).
+struct Open(Arc<Counters>);
+
+impl Open {
+    fn new(counters: &Arc<Counters>) -> Self {
+        let now = counters.conns.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.max("max_conns", now);
+        counters.add("accepted", 1);
+        Self(Arc::clone(counters))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.conns.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// How hyper ended a connection with an error, as a counter's name: `conn_h2_<reason>` for
 /// an HTTP/2 error (`conn_h2_ENHANCE_YOUR_CALM`), `conn_io_<kind>` for an I/O error, else
 /// hyper's kind of error.
@@ -190,16 +208,12 @@ async fn run(config: Config) {
             continue;
         };
         let svc = TowerToHyperService::new(route.clone());
-        let counters = Arc::clone(&counters);
-        let now = counters.conns.fetch_add(1, Ordering::SeqCst) + 1;
-        counters.max("max_conns", now);
-        counters.add("accepted", 1);
+        let open = Open::new(&counters);
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             if let Err(error) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                counters.add(&connection_error(&*error), 1);
+                open.0.add(&connection_error(&*error), 1);
             }
-            counters.conns.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

@@ -203,7 +203,8 @@ async fn h2_oversized(addr: SocketAddr, value: http::HeaderValue) -> String {
         Err(e) => format!("not sent: {e}"),
         Ok((response, _)) => match wire::h2_answer(response).await {
             Ok((status, _)) => status.to_string(),
-            Err(e) if e.contains("too_many_continuations") => "GOAWAY".to_owned(),
+            // h2's error for a GOAWAY ENHANCE_YOUR_CALM received.
+            Err(e) if e.contains("excessive load generating behavior") => "GOAWAY".to_owned(),
             // The server closed before the client read its GOAWAY.
             Err(e) if e.contains("broken pipe") => "GOAWAY or closed".to_owned(),
             Err(e) => e,

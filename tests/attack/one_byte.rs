@@ -83,16 +83,12 @@ async fn clients_gone(layered: &Server) -> Stats {
         .await
 }
 
-/// The peak within the budget plus one frame (one byte) per upload, as `read_ahead_total`'s
-/// docs promise; the layered server's growth within twice the budget of bare's: the budget
-/// is what read-ahead may hold, the rest covers the allocator and hyper's buffers (bare hyper
-/// fills none of them: it reads nothing).
-async fn within_budget(cell: &str, accounting: &str, pair: &Pair, peak: u64) {
+/// The layered server's growth within twice the budget of bare's: the budget is what
+/// read-ahead may hold, the rest covers the allocator and hyper's buffers (bare hyper fills
+/// none of them: it reads nothing). (These uploads stay under the budget: the peak's own bound
+/// is checked by the cell that goes over it.)
+async fn within_budget(cell: &str, accounting: &str, pair: &Pair) {
     let mut checks = pair.report(cell, accounting).await;
-    let bound = (TOTAL + UPLOADS) as u64;
-    checks.that(peak <= bound, || {
-        format!("read_ahead_peak {peak} above the total plus one frame per upload ({bound})")
-    });
     checks.growth_within(2 * TOTAL as u64);
     checks.done();
 }
@@ -142,7 +138,7 @@ async fn h1_one_byte_chunks() {
         bare.get("live"),
     );
     let cell = "1 h1 one-byte chunks ×4, read_ahead 1 MiB / 4 MiB";
-    within_budget(cell, &accounting, &pair, after.get("peak")).await;
+    within_budget(cell, &accounting, &pair).await;
 }
 
 /// Over the budget: eight uploads of one-byte chunks, each as large as the per-request limit
@@ -180,9 +176,9 @@ async fn h1_one_byte_chunks_over_the_budget() {
     let uploads: Vec<_> = (0..OVER_UPLOADS)
         .flat_map(|_| pair.both().map(upload))
         .collect();
-    let mut answers = Vec::new();
+    let mut answers = std::collections::BTreeMap::new();
     for upload in uploads {
-        answers.push(upload.await.unwrap());
+        *answers.entry(upload.await.unwrap()).or_insert(0) += 1;
     }
     let over = |s: &Stats| s.get("live") == 0 && s.get("held") == 0;
     let after = pair.layered.until("every handler answered", over).await;
@@ -221,23 +217,30 @@ async fn h2_uploads(pair: &Pair, count: usize, pace: Option<(usize, Duration)>) 
             let (sent, error) = wire::h2_frames(&mut stream, x, count, STALL, pace).await;
             if error.is_some() {
                 driver.abort();
-                return (sent, format!("sent away after {:.1?}", started.elapsed()));
+                return (sent, Some(started.elapsed()));
             }
             // Hold the upload open until the server has read what it will.
             tokio::time::sleep(Duration::from_millis(300)).await;
             driver.abort();
-            (sent, "all sent".to_owned())
+            (sent, None)
         })
     };
     let uploads: Vec<_> = (0..UPLOADS).flat_map(|_| pair.both().map(upload)).collect();
     let mut sent = [0, 0];
-    let mut ends: [Vec<String>; 2] = Default::default();
+    let mut sent_away: [Vec<Duration>; 2] = Default::default();
     for (i, upload) in uploads.into_iter().enumerate() {
         let (n, ended) = upload.await.unwrap();
         sent[i % 2] += n;
-        ends[i % 2].push(ended);
+        sent_away[i % 2].extend(ended);
     }
-    [0, 1].map(|i| format!("{} frames, {}", sent[i], ends[i].join(", ")))
+    [0, 1].map(|i| match sent_away[i].iter().max() {
+        None => format!("{} frames, all sent", sent[i]),
+        Some(last) => format!(
+            "{} frames queued, {} of {UPLOADS} uploads sent away within {last:.0?}",
+            sent[i],
+            sent_away[i].len()
+        ),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +263,7 @@ async fn h2_one_byte_frames_as_fast_as_possible() {
     let cell = "1 h2 one-byte DATA ×4, unpaced";
     // h2's guard sends both away (recorded, not asserted: a read-ahead that kept up with the
     // flood, as a release build may, would take it all in, within the same budget).
-    within_budget(cell, &accounting, &pair, after.get("peak")).await;
+    within_budget(cell, &accounting, &pair).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,5 +282,5 @@ async fn h2_one_byte_frames_paced() {
         after.get("disconnected"),
     );
     let cell = "1 h2 one-byte DATA ×4, paced 200 / 10 ms";
-    within_budget(cell, &accounting, &pair, after.get("peak")).await;
+    within_budget(cell, &accounting, &pair).await;
 }

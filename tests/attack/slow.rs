@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -50,7 +51,10 @@ async fn h1_trickle(addr: SocketAddr, path: &str) -> String {
     let mut every = every();
     for _ in 0..BYTES {
         every.tick().await;
-        wire::write(&mut stream, b"x").await;
+        // The server may have answered (a 408) and closed: then read what it said.
+        if stream.write_all(b"x").await.is_err() {
+            break;
+        }
     }
     let answer = wire::read_all(&mut stream, Duration::from_millis(500)).await;
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
@@ -77,7 +81,10 @@ async fn h2_trickle(client: wire::H2, addr: SocketAddr, path: &str) -> String {
     for sent in 1..=BYTES {
         every.tick().await;
         let x = Bytes::from_static(b"x");
-        stream.send_data(x, sent == BYTES).unwrap();
+        // The server may have answered (a 408) and ended the stream.
+        if stream.send_data(x, sent == BYTES).is_err() {
+            break;
+        }
     }
     match wire::h2_answer(response).await {
         Ok((status, body)) => format!("{status} {body}"),
