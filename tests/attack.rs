@@ -13,9 +13,16 @@
 //!
 //! | module | cells |
 //! |---|---|
-//! | `floods` | one-byte chunks and DATA frames against read-ahead; HTTP/2 rapid reset against an attached and a detached route |
-//! | `heads` | request heads that never finish; oversized heads and header lists |
-//! | `bodies` | truncated bodies, wrong content-lengths, empty DATA frames, uploads that trickle or stall, many streams then a reset connection |
+//! | `one_byte` | 1: one-byte chunks (HTTP/1.1) and DATA frames (HTTP/2, unpaced and paced) against read-ahead; one-byte chunks four times over the budget |
+//! | `rapid_reset` | 2: HTTP/2 rapid reset against an attached route and a detached one with `detached_limit` |
+//! | `heads` | 3, 4: request heads that never finish; a 1 MiB head, a 1 MiB header list |
+//! | `bodies` | 5, 6, 7: truncated bodies, content-lengths larger and smaller than the body, empty DATA frames |
+//! | `slow` | 8, 9: uploads that trickle under the idle timeout, one that stalls; 200 streams half sent, then RST |
+//!
+//! The server process is `child` (with its handler and layers in `app`); `harness` starts the
+//! pair and measures; `wire` holds the clients. `tests/attack/before_the_fixes.sh` runs the
+//! cells against 8ef371a, before read-ahead was bounded in real memory and before
+//! `detached_limit`: the cells that guard those fixes fail there.
 
 #[path = "attack/app.rs"]
 mod app;
