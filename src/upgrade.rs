@@ -65,6 +65,17 @@ use crate::scope::Scope;
 ///     // Dropping the guard ends the request.
 /// }
 /// ```
+///
+/// The guard is the hold: dropping it at once (`cancel.hold_for_upgrade();`) ends it at
+/// once, so not using it is a warning:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// fn handler(cancel: &tower_cancel::RequestCancellation) {
+///     cancel.hold_for_upgrade(); // error: unused `Option` that must be used
+/// }
+/// ```
+#[must_use = "the request is held only while the guard lives: move it into the connection's task"]
 pub struct UpgradeGuard {
     request: RequestCancellation,
     /// The task that enforces the deadline and notices an application cancel while nothing
@@ -190,6 +201,7 @@ impl RequestCancellation {
     ///
     /// `None` if the request is no longer running (cancelled, say by a shutdown that began
     /// while the handler ran, or completed) or is already held.
+    #[must_use = "the request is held only while the guard lives: move it into the connection's task"]
     pub fn hold_for_upgrade(&self) -> Option<UpgradeGuard> {
         UpgradeGuard::hold(self)
     }

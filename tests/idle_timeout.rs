@@ -163,10 +163,12 @@ async fn http1_with_read_ahead_a_client_that_goes_silent_gets_408() {
     // Busy first: the read-ahead takes what was sent; the handler gets it at once, then waits.
     let layer = RequestBodyLayer::new().read_ahead(MIB);
     a_silent_client_gets_408_over_http1(layer.clone(), Handler::BusyThenRead).await;
-    assert_eq!(
-        layer.read_ahead_peak(),
-        16 * 1024,
-        "all that was sent (10 000 bytes) was read ahead, into one block of 16 KiB"
+    // All that was sent (10 000 bytes) was read ahead: the memory held is that, in blocks
+    // that at most double what they hold.
+    let peak = layer.read_ahead_peak();
+    assert!(
+        (10_000..=20_000).contains(&peak),
+        "read ahead: {peak} bytes"
     );
     assert_eq!(layer.read_ahead_held(), 0);
 }
@@ -209,9 +211,9 @@ async fn http1_with_read_ahead_a_slow_steady_upload_never_times_out() {
     // Busy first: the first frames are read ahead, the rest the handler waits for.
     let layer = RequestBodyLayer::new().read_ahead(MIB);
     a_slow_steady_upload_completes(layer.clone(), Handler::BusyThenRead).await;
-    // One block of 16 KiB, partly filled: some frames, not all.
+    // Some frames, not all (the memory held is under what all 10 would take).
     let peak = layer.read_ahead_peak();
-    assert_eq!(peak, 16 * 1024, "read ahead: {peak} bytes");
+    assert!((1000..10_000).contains(&peak), "read ahead: {peak} bytes");
 }
 
 #[tokio::test]

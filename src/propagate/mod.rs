@@ -116,6 +116,7 @@ pub use self::future::PropagateFuture;
 /// }
 /// ```
 #[derive(Clone, Debug, Default)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct PropagateLayer {
     inbound: Option<RequestCancellation>,
     deadline_header: Option<HeaderName>,

@@ -16,6 +16,10 @@ use http::HeaderMap;
 /// block of its own size.
 pub(crate) const BLOCK: usize = 16 * 1024;
 
+/// The first block of a request, for small frames: each next one is twice the last, up to
+/// [`BLOCK`], so a body of a few bytes takes a small block, and a long one few allocations.
+pub(crate) const FIRST_BLOCK: usize = 1024;
+
 /// The block being filled, checked out of the state with the body while the body is polled
 /// (the copy runs outside the state's lock: `Buf` is user code).
 #[derive(Debug, Default)]
@@ -25,20 +29,26 @@ pub(crate) struct Tail {
     filled: Vec<Bytes>,
     /// Data bytes copied in while checked out.
     copied: usize,
+    /// The capacity of the last block allocated.
+    last: usize,
 }
 
 impl Tail {
     /// Copies `data` in: into the block's spare room, then into new blocks. `room` is what the
-    /// request may still take when it checked the tail out (its limit, its budget). A new block
-    /// is as large as what remains of the frame or, for a smaller rest, what remains of the
-    /// room, at most [`BLOCK`]: so no block reaches past the room, but to hold a frame.
+    /// request may still take when it checked the tail out (its limit, the budget it
+    /// reserved, the body's size hint). A new block is as large as what remains of the frame
+    /// or, for a smaller rest, twice the last block (from [`FIRST_BLOCK`] up to [`BLOCK`]) but
+    /// no more than what remains of the room: so no block reaches past the room, but to hold a
+    /// frame.
     pub(crate) fn copy(&mut self, mut data: impl Buf, room: usize) {
         while data.has_remaining() {
             let spare = self.block.capacity() - self.block.len();
             if spare == 0 {
                 let rest = data.remaining();
-                let room = room.saturating_sub(self.copied).min(BLOCK);
+                let next = (self.last * 2).clamp(FIRST_BLOCK, BLOCK);
+                let room = room.saturating_sub(self.copied).min(next);
                 let fresh = BytesMut::with_capacity(rest.max(room));
+                self.last = fresh.capacity();
                 let full = mem::replace(&mut self.block, fresh);
                 if !full.is_empty() {
                     self.filled.push(full.freeze());
@@ -55,6 +65,22 @@ impl Tail {
             self.copied += n;
             data.advance(n);
         }
+    }
+
+    /// The room left in the block being filled (counted already).
+    pub(crate) fn spare(&self) -> usize {
+        self.block.capacity() - self.block.len()
+    }
+
+    /// The capacity [`copy`](Self::copy) allocates for `len` more bytes within `room`: none
+    /// if they fit in the spare room, else one block (see `copy`).
+    pub(crate) fn block_for(&self, len: usize, room: usize) -> usize {
+        let spare = self.spare();
+        if len <= spare {
+            return 0;
+        }
+        let next = (self.last * 2).clamp(FIRST_BLOCK, BLOCK);
+        (len - spare).max(room.saturating_sub(spare).min(next))
     }
 
     /// The memory the tail holds: its block's capacity and the blocks it filled.
@@ -186,9 +212,27 @@ mod tests {
     }
 
     #[test]
-    fn small_frames_take_at_most_a_block_ahead() {
+    fn small_frames_take_blocks_that_double_up_to_the_largest() {
         let mut tail = Tail::default();
         tail.copy(&b"abc"[..], usize::MAX);
-        assert_eq!(tail.memory(), BLOCK);
+        assert_eq!(tail.memory(), FIRST_BLOCK, "a few bytes take a small block");
+        let mut sizes = vec![tail.block.capacity()];
+        for _ in 0..(2 * BLOCK) {
+            tail.copy(&b"x"[..], usize::MAX);
+            if tail.block.capacity() != *sizes.last().unwrap() {
+                sizes.push(tail.block.capacity());
+            }
+        }
+        assert_eq!(sizes, [1024, 2048, 4096, 8192, 16384]);
+        // What `block_for` plans is what `copy` allocates.
+        for (len, room) in [(1, usize::MAX), (20_000, usize::MAX), (5, 3), (100, 0)] {
+            let mut tail = Tail::default();
+            tail.copy(&[1u8; 3000][..], usize::MAX);
+            let planned = tail.block_for(len, room);
+            let before = tail.memory();
+            tail.copy(&vec![2u8; len][..], room);
+            assert_eq!(tail.memory() - before, planned, "{len} bytes, room {room}");
+        }
+        assert_eq!(tail.memory(), 3 + 2 * BLOCK + tail.spare());
     }
 }

@@ -116,6 +116,7 @@ use self::read_ahead::{Budget, ReadAhead};
 /// # drop(svc);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RequestBodyLayer {
     read_ahead: usize,
     budget: Arc<Budget>,
@@ -151,8 +152,8 @@ impl RequestBodyLayer {
     /// the read-ahead's own size, see below), then reads the rest of the body itself.
     ///
     /// **Memory.** The bytes read ahead are copied out of the frames that carried them into
-    /// blocks of the read-ahead's own (at most 16 KiB, or one frame's size), and the frames
-    /// are dropped at once: what is held is the blocks, and the budget counts their capacity,
+    /// blocks of the read-ahead's own (from 1 KiB, each twice the last, up to 16 KiB; or one
+    /// frame's size), and the frames are dropped at once: what is held is the blocks, and the budget counts their capacity,
     /// so a body sent as one-byte chunks holds what it would as one chunk. (A frame kept as it
     /// came would keep alive the part of hyper's read buffer it was cut from, plus a frame
     /// and a queue slot of its own: about a hundred times its bytes for one-byte chunks.)
@@ -179,8 +180,10 @@ impl RequestBodyLayer {
 
     /// Bounds the memory all requests served by this layer and its clones hold in read-ahead
     /// buffers together: `bytes`, plus at most one frame per request that is reading ahead (a
-    /// request checks the budget before it reads a frame and counts the frame once read; it
-    /// allocates no block beyond what the budget has left, but to hold that frame).
+    /// request checks the budget before it reads a frame, and reserves the block a frame needs
+    /// in the budget before it makes it, at once, so requests reading on other threads at the
+    /// same moment cannot take the same room; without room left, the block holds just the
+    /// frame).
     /// Default: [`DEFAULT_READ_AHEAD_TOTAL`](Self::DEFAULT_READ_AHEAD_TOTAL), 64 MiB.
     ///
     /// Why a total, and why that default: [`read_ahead`](Self::read_ahead) is per request, so

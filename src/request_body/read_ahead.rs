@@ -45,6 +45,26 @@ impl Budget {
     pub(crate) fn spent(&self) -> bool {
         self.held.load(Ordering::Acquire) >= self.total
     }
+
+    /// Takes up to `want` bytes of what is left, at once (a compare-and-swap: requests reading
+    /// at the same moment on other threads cannot take the same bytes), and returns how many.
+    /// The request counts them as its own ([`Held::adopt`]) once it holds its lock.
+    pub(crate) fn reserve(&self, want: usize) -> usize {
+        let mut granted = 0;
+        let taken = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                granted = want.min(self.total.saturating_sub(held));
+                (granted > 0).then_some(held + granted)
+            });
+        match taken {
+            Ok(before) => {
+                self.peak.fetch_max(before + granted, Ordering::AcqRel);
+                granted
+            }
+            Err(_) => 0,
+        }
+    }
 }
 
 /// The memory one request holds in its read-ahead buffer, counted in its layer's budget, and
@@ -64,6 +84,11 @@ impl Held {
         self.bytes += bytes;
         let now = self.budget.held.fetch_add(bytes, Ordering::AcqRel) + bytes;
         self.budget.peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Counts `bytes` the request reserved with [`Budget::reserve`] as its own.
+    pub(crate) fn adopt(&mut self, bytes: usize) {
+        self.bytes += bytes;
     }
 
     pub(crate) fn release(&mut self, bytes: usize) {
@@ -230,7 +255,7 @@ impl<B: Body> ReadAhead<B> {
     /// buffer is full, or the layer's budget is spent).
     pub(crate) fn read_ahead(&self, cx: &mut Context<'_>) -> bool {
         loop {
-            let (body, tail, room) = {
+            let (body, tail, room, budget) = {
                 let mut state = self.lock();
                 let over = state.end.is_some() || state.buffer.trailers.is_some();
                 if state.handler_started || over || state.buffer.len >= self.limit {
@@ -257,20 +282,20 @@ impl<B: Body> ReadAhead<B> {
                         return false;
                     }
                 };
-                // What this request may still read ahead and the budget still has, and no more
-                // than the body says it has left: new blocks are no larger (but to hold a
-                // frame), so a small body gets a small block.
+                // What this request may still read ahead, no more than the body says it has
+                // left: new blocks are no larger (but to hold a frame), so a small body gets a
+                // small block.
                 let left = state.hints.size.upper().map_or(usize::MAX, |upper| {
                     usize::try_from(upper).unwrap_or(usize::MAX)
                 });
-                let unspent = budget.total - budget.held.load(Ordering::Relaxed).min(budget.total);
-                let room = (self.limit - state.buffer.len).min(left).min(unspent);
-                (body, state.buffer.check_out(), room)
+                let room = (self.limit - state.buffer.len).min(left);
+                (body, state.buffer.check_out(), room, budget)
             };
             let mut out = CheckedOut {
                 shared: self,
                 body: Some(body),
                 tail: Some(tail),
+                reserved: 0,
             };
             let (poll, hints) = out.poll(cx);
             // The copy (`Buf` is user code) and the frame's drop run outside the lock, with
@@ -279,7 +304,7 @@ impl<B: Body> ReadAhead<B> {
             let done = match poll {
                 Poll::Ready(Some(Ok(frame))) => {
                     match frame.into_data() {
-                        Ok(data) => out.copy(data, room),
+                        Ok(data) => out.copy(data, room, &budget),
                         Err(frame) => trailers = frame.into_trailers().ok(),
                     }
                     None
@@ -403,6 +428,8 @@ pub(crate) struct CheckedOut<'a, B: Body> {
     pub(crate) shared: &'a ReadAhead<B>,
     pub(crate) body: Option<Pin<Box<B>>>,
     pub(crate) tail: Option<Tail>,
+    /// Budget reserved for the copy, counted as the request's when put back.
+    pub(crate) reserved: usize,
 }
 
 impl<B: Body> CheckedOut<'_, B> {
@@ -412,8 +439,15 @@ impl<B: Body> CheckedOut<'_, B> {
         (poll, Hints::of(&**body))
     }
 
-    fn copy(&mut self, data: B::Data, room: usize) {
-        self.tail.as_mut().expect("checked out").copy(data, room);
+    /// Copies a frame's data into the tail. The new block it needs is reserved in `budget`
+    /// first, at once, so that requests reading at the same moment cannot all take the room
+    /// that is left; without room, the block holds just the frame (one frame over the budget).
+    fn copy(&mut self, data: B::Data, room: usize, budget: &Budget) {
+        let tail = self.tail.as_mut().expect("checked out");
+        let spare = tail.spare();
+        let needed = tail.block_for(data.remaining(), room);
+        self.reserved = budget.reserve(needed);
+        tail.copy(data, room.min(spare + self.reserved));
     }
 
     /// Puts the body and the tail back into the locked state, with the body's new hints and
@@ -426,6 +460,7 @@ impl<B: Body> CheckedOut<'_, B> {
         if let Some(tail) = self.tail.take() {
             state.buffer.put_back(tail);
         }
+        state.held.adopt(mem::take(&mut self.reserved));
         state.hints = hints;
         state.handler_waker.take()
     }
@@ -442,8 +477,9 @@ impl<B: Body> Drop for CheckedOut<'_, B> {
             if let Some(tail) = self.tail.take() {
                 // What it holds was copied before the panic, in order: the handler gets it.
                 state.buffer.put_back(tail);
-                state.charge();
             }
+            state.held.adopt(mem::take(&mut self.reserved));
+            state.charge();
             state.handler_waker.take()
         };
         drop(body);

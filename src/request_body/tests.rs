@@ -599,6 +599,69 @@ fn a_request_that_finds_the_budget_spent_reads_no_further_and_says_so_once() {
     assert_eq!(layer.read_ahead_held(), 0);
 }
 
+/// Frames of `len` bytes, forever; before the first, runs `before` (once).
+struct Frames1 {
+    len: usize,
+    before: Option<Box<dyn FnOnce()>>,
+}
+
+impl Body for Frames1 {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(before) = self.before.take() {
+            before();
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7; self.len])))))
+    }
+}
+
+#[test]
+fn a_request_that_read_while_another_spent_the_budget_takes_no_more_than_its_frame() {
+    // Request A checks its body out, and while A's body is being polled (another thread, in a
+    // server), request B reads ahead until the budget is spent. A's frame then gets a block of
+    // its own size only (the budget is reserved when the block is made, not when the body was
+    // checked out): the budget holds, plus that one frame.
+    const TOTAL: usize = 10 * 1024;
+    let budget = Arc::new(Budget::new(TOTAL));
+    let limit = 64 * 1024;
+    let b_body = Frames1 {
+        len: 1024,
+        before: None,
+    };
+    #[allow(clippy::arc_with_non_send_sync)]
+    let b = Arc::new(ReadAhead::new(b_body, None, limit, Arc::clone(&budget)));
+    let b_in_a = Arc::clone(&b);
+    let a_body = Frames1 {
+        len: 100,
+        before: Some(Box::new(move || {
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(!b_in_a.read_ahead(&mut cx), "B stops: the budget is spent");
+        })),
+    };
+    #[allow(clippy::arc_with_non_send_sync)]
+    let a = Arc::new(ReadAhead::new(a_body, None, limit, Arc::clone(&budget)));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(
+        !a.read_ahead(&mut cx),
+        "A stops after its frame: the budget is spent"
+    );
+    assert_eq!(b.lock().held.bytes, TOTAL, "B holds exactly the budget");
+    assert_eq!(a.lock().buffer.len, 100);
+    assert_eq!(
+        a.lock().held.bytes,
+        100,
+        "A's frame, in a block of its own size"
+    );
+    assert_eq!(budget.peak.load(Ordering::SeqCst), TOTAL + 100);
+    drop((a, b));
+    assert_eq!(budget.held.load(Ordering::SeqCst), 0);
+}
+
 #[test]
 fn the_budget_is_shared_by_clones_and_renewed_by_read_ahead_total() {
     let layer = RequestBodyLayer::new().read_ahead(10);

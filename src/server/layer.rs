@@ -102,6 +102,7 @@ use crate::timeout_header::Conventions;
 ///     }));
 /// # drop(svc);
 /// ```
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct CancellationLayer<M = Attached> {
     config: Arc<Config>,
     mode: PhantomData<fn() -> M>,

@@ -105,7 +105,19 @@ impl<S, M> CancellationService<S, M> {
             None => {
                 let scope = Scope::new(req.method().clone(), req.uri().clone(), bound, time_limit);
                 let extensions = req.extensions_mut();
-                extensions.insert(scope.token().clone());
+                if extensions.insert(scope.token().clone()).is_some() {
+                    // Extensions are keyed by type: a token of the application's (an
+                    // `Extension(token)` layer outside this one) is replaced by the request's.
+                    tracing::warn!(
+                        target: crate::event::TARGET,
+                        method = %req.method(),
+                        path = req.uri().path(),
+                        "the request already carried a CancellationToken in its extensions: \
+                         CancellationLayer replaced it with the request's own token; pass an \
+                         application token in a type of its own",
+                    );
+                }
+                let extensions = req.extensions_mut();
                 extensions.insert(RequestCancellation::new(Arc::clone(&scope)));
                 Guard::new(scope)
             }

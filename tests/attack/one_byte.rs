@@ -193,10 +193,9 @@ async fn h1_one_byte_chunks_over_the_budget() {
     checks.that(peak >= OVER_TOTAL as u64, || {
         format!("the attack never reached the budget: peak {peak}")
     });
-    // The total plus one frame (a byte) per upload: `read_ahead_total`'s promise. (It holds
-    // while one request at a time reads at the budget's edge: what the budget has left is not
-    // reserved, so two requests reading on two threads at that moment could each take it,
-    // past this bound and the docs'.)
+    // The total plus one frame (a byte) per upload: `read_ahead_total`'s promise, also with
+    // uploads reading on both worker threads at the budget's edge (each block is reserved in
+    // the budget before it is made).
     let bound = (OVER_TOTAL + OVER_UPLOADS) as u64;
     checks.that(peak <= bound, || {
         format!("read_ahead_peak {peak} above the total plus one frame per upload ({bound})")
