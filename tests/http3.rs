@@ -226,6 +226,7 @@ async fn a_body_cut_short_is_reset_never_finished() {
     tokio::time::timeout(PATIENCE, server.task)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
 }
 
@@ -273,6 +274,7 @@ async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
     // The server resolves once drained, long before its bound, and the endpoint is closed.
     tokio::time::timeout(PATIENCE, server.task)
         .await
+        .unwrap()
         .unwrap()
         .unwrap();
     println!("shutdown -> serve returned: {:?}", began.elapsed());

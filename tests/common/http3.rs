@@ -27,7 +27,7 @@ pub struct H3Server {
     pub cert_pem: String,
     /// Cancelling it starts the graceful shutdown (`with_graceful_shutdown`).
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<()>,
+    pub task: JoinHandle<std::io::Result<()>>,
 }
 
 /// A self-signed certificate for `localhost` and `127.0.0.1`, and a TLS 1.3 config offering
