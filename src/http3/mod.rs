@@ -94,6 +94,9 @@
 
 mod body;
 mod frames;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod quic;
 mod request;
 mod serve;
