@@ -43,8 +43,10 @@
 //!   `H3_REQUEST_REJECTED`; unknown frames are dropped as they arrive; empty DATA frames are
 //!   skipped; a stream that ends inside a frame closes the connection with `H3_FRAME_ERROR`
 //!   (RFC 9114 §7.1) and the body's read fails. A decoded header section over
-//!   [`max_field_section_size`](Serve::max_field_section_size) (16 KiB) gets `431`. In none of
-//!   these cases is a handler called. A request whose DATA does not match its
+//!   [`max_field_section_size`](Serve::max_field_section_size) (16 KiB) gets `431`. Before
+//!   the head is complete no handler is called; later (a frame in the body), the handler's
+//!   body read fails. Request heads held per connection stay under `max_request_head_bytes`
+//!   times quinn's `max_concurrent_bidi_streams`. A request whose DATA does not match its
 //!   `content-length` (or whose `content-length` is not a number) is malformed (RFC 9114
 //!   §4.1.2): the body's read fails and the stream is reset with `H3_MESSAGE_ERROR`. What
 //!   quinn buffers for a stream before it is read is bounded by its own `TransportConfig`
