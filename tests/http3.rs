@@ -226,6 +226,7 @@ async fn a_body_cut_short_is_reset_never_finished() {
     tokio::time::timeout(PATIENCE, server.task)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
 }
 
@@ -274,6 +275,7 @@ async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
     tokio::time::timeout(PATIENCE, server.task)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
     println!("shutdown -> serve returned: {:?}", began.elapsed());
     assert!(began.elapsed() < Duration::from_secs(4));
@@ -284,6 +286,7 @@ async fn a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains() {
     // The endpoint's socket is gone (its driver task ends on its own, maybe on another
     // worker): its port can be bound again.
     let addr = server.addr;
+    drop(server.endpoint);
     eventually("the endpoint's UDP socket to close", || {
         std::net::UdpSocket::bind(addr).is_ok()
     })

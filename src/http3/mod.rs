@@ -32,6 +32,26 @@
 //! * **Finished means delivered.** Closing a QUIC connection discards what was not sent yet, so
 //!   a finished response waits (at most the drain bound) for the client's acknowledgement
 //!   before its connection may close.
+//! * **A hostile request stream costs little.** Every byte a client sends on a request stream
+//!   passes a frame filter before h3 sees it (h3 0.0.8 buffers whole frames, checks the header
+//!   size only after, ends a body at an empty DATA frame, and panics on a stream that ends
+//!   inside a DATA frame). So: a request head (its HEADERS frame and any unknown frames before
+//!   it) over [`max_request_head_bytes`](Serve::max_request_head_bytes) (64 KiB), and trailers
+//!   or any other frame but DATA that announces more, end the stream at once with
+//!   `H3_EXCESSIVE_LOAD`, unbuffered; a head not complete within
+//!   [`header_read_timeout`](Serve::header_read_timeout) (30 s) ends it with
+//!   `H3_REQUEST_REJECTED`; unknown frames are dropped as they arrive; empty DATA frames are
+//!   skipped; a stream that ends inside a frame closes the connection with `H3_FRAME_ERROR`
+//!   (RFC 9114 §7.1) and the body's read fails. A decoded header section over
+//!   [`max_field_section_size`](Serve::max_field_section_size) (16 KiB) gets `431`. Before
+//!   the head is complete no handler is called; later (a frame in the body), the handler's
+//!   body read fails. Request heads held per connection stay under `max_request_head_bytes`
+//!   times quinn's `max_concurrent_bidi_streams`. A request whose DATA does not match its
+//!   `content-length` (or whose `content-length` is not a number) is malformed (RFC 9114
+//!   §4.1.2): the body's read fails and the stream is reset with `H3_MESSAGE_ERROR`. What
+//!   quinn buffers for a stream before it is read is bounded by its own `TransportConfig`
+//!   (`stream_receive_window`, 1.25 MB by default, times `max_concurrent_bidi_streams`, 100,
+//!   and `receive_window`, unbounded by default): set those for the open internet.
 //! * **Bounded per connection.** quinn keeps a little state per stream for a connection's
 //!   lifetime, so a connection ends with `GOAWAY` after
 //!   [`max_requests_per_connection`](Serve::max_requests_per_connection) requests. Stream
@@ -66,14 +86,19 @@
 //! let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
 //! let endpoint = quinn::Endpoint::server(config, "127.0.0.1:4433".parse()?)?;
 //!
+//! // `Err` if the endpoint stops without the graceful shutdown (closed, or its socket failed).
 //! tower_cancel::http3::serve(endpoint, app)
 //!     .with_graceful_shutdown(shutdown)
-//!     .await;
+//!     .await?;
 //! # Ok(())
 //! # }
 //! ```
 
 mod body;
+mod frames;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod quic;
 mod request;
 mod serve;

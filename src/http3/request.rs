@@ -11,7 +11,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::event::TARGET;
-use crate::http3::body::IncomingBody;
+use crate::http3::body::{IncomingBody, content_length};
 use crate::http3::quic::{Connection, Gone, RecvHalf, SendHalf, Streams};
 use crate::propagate::BoxError;
 use crate::server::future::has_no_content;
@@ -45,16 +45,24 @@ pub(crate) async fn serve_request<S, B>(
         }
     };
     let gone = streams.take(stream.id());
+    let refuser = gone.as_ref().map(|watch| watch.refuser());
     let mut gone = pin!(async move {
         match gone {
             Some(watch) => watch.gone().await,
             None => std::future::pending().await,
         }
     });
-    let (mut send, recv): (Send, h3::server::RequestStream<RecvHalf, Bytes>) = stream.split();
+    let (mut send, mut recv): (Send, h3::server::RequestStream<RecvHalf, Bytes>) = stream.split();
     let (parts, ()) = head.into_parts();
     let method = parts.method.clone();
-    let body = IncomingBody::new(recv, &parts.headers);
+    let Ok(expected) = content_length(&parts.headers) else {
+        // Malformed (RFC 9114 §4.1.2): a stream error, and no handler sees it.
+        tracing::debug!(target: TARGET, "HTTP/3 request with an invalid content-length: stream reset");
+        recv.stop_sending(Code::H3_MESSAGE_ERROR);
+        send.stop_stream(Code::H3_MESSAGE_ERROR);
+        return;
+    };
+    let body = IncomingBody::new(recv, expected, refuser);
     let request = Request::from_parts(parts, body);
 
     let response = async {

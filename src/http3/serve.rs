@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
+use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tower_service::Service;
 
 use crate::event::TARGET;
 use crate::http3::body::IncomingBody;
-use crate::http3::quic::{Connection, Streams};
+use crate::http3::quic::{Connection, RecvLimits, Streams};
 use crate::http3::request::serve_request;
 use crate::propagate::BoxError;
 
@@ -26,12 +27,27 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// `keepalive_requests` is 1000).
 const MAX_REQUESTS_PER_CONNECTION: usize = 10_000;
 
+/// The default bound on a request's header section, decoded: hyper's HTTP/2 default
+/// (`DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE`, 16 KiB, hyper 1.x `src/proto/h2/server.rs`).
+const MAX_FIELD_SECTION_SIZE: u64 = 16 * 1024;
+
+/// The default bound on a request head as it arrives (and on any frame but DATA): four times
+/// the decoded bound, since QPACK's Huffman code can make a header section longer than its
+/// text, and well under hyper's HTTP/1.1 read buffer (`DEFAULT_MAX_BUFFER_SIZE`, 8 KiB +
+/// 400 KiB, hyper 1.x `src/proto/h1/io.rs`).
+const MAX_REQUEST_HEAD_BYTES: u64 = 64 * 1024;
+
+/// The default time a request stream has to deliver its request head: hyper's HTTP/1.1
+/// `header_read_timeout` (30 s, hyper 1.x `src/server/conn/http1.rs`).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `service` on every connection `endpoint` accepts, over HTTP/3.
 ///
 /// The endpoint needs a server config whose TLS config offers ALPN `h3` (see the
-/// [module docs](crate::http3)). Await the returned [`Serve`] to run it; it resolves when the
-/// endpoint is closed, or after the graceful shutdown set with
-/// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
+/// [module docs](crate::http3)). Await the returned [`Serve`] to run it: it resolves to `Ok`
+/// after the graceful shutdown set with [`with_graceful_shutdown`](Serve::with_graceful_shutdown),
+/// and to an error if the endpoint stops accepting connections without one (see
+/// [`Serve`]'s `IntoFuture`).
 pub fn serve<S, B>(endpoint: quinn::Endpoint, service: S) -> Serve<S>
 where
     S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
@@ -46,7 +62,9 @@ where
         service,
         shutdown: None,
         drain: DRAIN,
-        max_field_section_size: None,
+        max_field_section_size: MAX_FIELD_SECTION_SIZE,
+        max_request_head_bytes: MAX_REQUEST_HEAD_BYTES,
+        header_read_timeout: HEADER_READ_TIMEOUT,
         max_requests_per_connection: Some(MAX_REQUESTS_PER_CONNECTION),
     }
 }
@@ -58,7 +76,9 @@ pub struct Serve<S> {
     service: S,
     shutdown: Option<CancellationToken>,
     drain: Duration,
-    max_field_section_size: Option<u64>,
+    max_field_section_size: u64,
+    max_request_head_bytes: u64,
+    header_read_timeout: Duration,
     max_requests_per_connection: Option<usize>,
 }
 
@@ -92,9 +112,34 @@ impl<S> Serve<S> {
         self
     }
 
-    /// The largest request header section accepted, in bytes (h3's default unless set).
+    /// The largest request header section accepted, decoded, in bytes as RFC 9114 §4.2.2
+    /// counts them (name, value and 32 per field): 16 KiB unless set, hyper's HTTP/2 default.
+    /// It is announced to clients in `SETTINGS`; a larger one gets `431`, and its handler is
+    /// not called. The encoded section must also fit in
+    /// [`max_request_head_bytes`](Self::max_request_head_bytes): raise both together.
     pub fn max_field_section_size(mut self, bytes: u64) -> Self {
-        self.max_field_section_size = Some(bytes);
+        self.max_field_section_size = bytes;
+        self
+    }
+
+    /// The most a request stream may deliver before its request head is complete (its HEADERS
+    /// frame, and any unknown frames before it), and the largest trailers or other frame but
+    /// DATA: 64 KiB unless set. What goes over is never buffered: the stream is ended at once
+    /// (`STOP_SENDING` and `RESET_STREAM` with `H3_EXCESSIVE_LOAD`), at the frame's announced
+    /// length if that says so, and no handler is called. So a connection holds at most this
+    /// times quinn's `max_concurrent_bidi_streams` (100 by default) in request heads, plus
+    /// what quinn itself buffers per stream (its `stream_receive_window`).
+    pub fn max_request_head_bytes(mut self, bytes: u64) -> Self {
+        self.max_request_head_bytes = bytes;
+        self
+    }
+
+    /// How long a request stream has, from the moment it is accepted, to deliver its request
+    /// head: 30 s unless set, hyper's HTTP/1.1 `header_read_timeout`. A stream still short of
+    /// it then is ended (`H3_REQUEST_REJECTED`: the client may retry it) and what it sent is
+    /// freed, so that streams that never finish their headers hold nothing for long.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
         self
     }
 }
@@ -105,6 +150,9 @@ impl<S> fmt::Debug for Serve<S> {
             .field("local_addr", &self.endpoint.local_addr().ok())
             .field("graceful_shutdown", &self.shutdown.is_some())
             .field("drain", &self.drain)
+            .field("max_field_section_size", &self.max_field_section_size)
+            .field("max_request_head_bytes", &self.max_request_head_bytes)
+            .field("header_read_timeout", &self.header_read_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -118,8 +166,13 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Output = ();
-    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// `Ok` after a graceful shutdown. An error if the endpoint has no local address, or
+    /// stops accepting connections when no shutdown asked it to: closed elsewhere
+    /// ([`quinn::Endpoint::close`]), or its driver ended on an I/O error of its socket (which
+    /// quinn logs, at `error`, with the error itself). The connections still open are closed
+    /// either way.
+    type Output = io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
@@ -135,19 +188,28 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    async fn run(self) {
+    async fn run(self) -> io::Result<()> {
+        self.endpoint.local_addr()?;
         let shutdown = self.shutdown.clone().unwrap_or_default();
         let mut connections = JoinSet::new();
+        let mut stopped = false;
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
+                    let Some(incoming) = incoming else {
+                        stopped = true;
+                        break;
+                    };
                     let limits = Limits {
                         drain: self.drain,
                         max_field_section_size: self.max_field_section_size,
                         max_requests: self.max_requests_per_connection,
+                        recv: RecvLimits {
+                            max_head: self.max_request_head_bytes,
+                            header_timeout: self.header_read_timeout,
+                        },
                     };
                     let connection =
                         serve_connection(incoming, self.service.clone(), shutdown.clone(), limits);
@@ -170,6 +232,13 @@ where
         connections.shutdown().await;
         self.endpoint.close(quinn::VarInt::from_u32(0x100), b"");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if stopped {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the QUIC endpoint stopped accepting connections (closed, or its socket failed)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -177,8 +246,9 @@ where
 #[derive(Clone, Copy)]
 struct Limits {
     drain: Duration,
-    max_field_section_size: Option<u64>,
+    max_field_section_size: u64,
     max_requests: Option<usize>,
+    recv: RecvLimits,
 }
 
 /// One connection: its request streams, each on a task of its own.
@@ -204,11 +274,9 @@ async fn serve_connection<S, B>(
     };
     let streams = Streams::new();
     let mut h3 = h3::server::builder();
-    if let Some(bytes) = limits.max_field_section_size {
-        h3.max_field_section_size(bytes);
-    }
+    h3.max_field_section_size(limits.max_field_section_size);
     let mut conn = match h3
-        .build::<_, Bytes>(Connection::new(quic, streams.clone()))
+        .build::<_, Bytes>(Connection::new(quic, streams.clone(), limits.recv))
         .await
     {
         Ok(conn) => conn,

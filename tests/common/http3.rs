@@ -27,7 +27,9 @@ pub struct H3Server {
     pub cert_pem: String,
     /// Cancelling it starts the graceful shutdown (`with_graceful_shutdown`).
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<()>,
+    /// The server's endpoint (a clone).
+    pub endpoint: quinn::Endpoint,
+    pub task: JoinHandle<std::io::Result<()>>,
 }
 
 /// A self-signed certificate for `localhost` and `127.0.0.1`, and a TLS 1.3 config offering
@@ -82,25 +84,47 @@ impl H3Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        Self::start_tuned(svc, shutdown, transport, |serve| {
+            let serve = serve.drain(drain).max_field_section_size(16 * 1024);
+            match max_requests {
+                Some(max) => serve.max_requests_per_connection(Some(max)),
+                None => serve,
+            }
+        })
+        .await
+    }
+
+    /// Serves `svc` with the endpoint's QUIC transport settings and what `tune` sets on
+    /// [`Serve`](tower_cancel::http3::Serve) (graceful shutdown on `shutdown` already set).
+    pub async fn start_tuned<S, B>(
+        svc: S,
+        shutdown: CancellationToken,
+        transport: quinn::TransportConfig,
+        tune: impl FnOnce(tower_cancel::http3::Serve<S>) -> tower_cancel::http3::Serve<S>,
+    ) -> Self
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let (config, cert, cert_pem) = tls();
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).unwrap();
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
-        let mut serve = tower_cancel::http3::serve(endpoint, svc)
-            .with_graceful_shutdown(shutdown.clone())
-            .drain(drain)
-            .max_field_section_size(16 * 1024);
-        if let Some(max) = max_requests {
-            serve = serve.max_requests_per_connection(Some(max));
-        }
-        let task = tokio::spawn(serve.into_future());
+        let serve = tower_cancel::http3::serve(endpoint.clone(), svc)
+            .with_graceful_shutdown(shutdown.clone());
+        let task = tokio::spawn(tune(serve).into_future());
         H3Server {
             addr,
             cert,
             cert_pem,
             shutdown,
+            endpoint,
             task,
         }
     }
@@ -108,6 +132,23 @@ impl H3Server {
 
 pub type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 pub type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// A QUIC client endpoint offering ALPN `h3` and trusting `cert`.
+pub fn client_endpoint(cert: &CertificateDer<'static>) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+}
 
 /// One client connection: the `h3` crate's client over quinn.
 pub struct H3Client {
@@ -124,18 +165,7 @@ impl H3Client {
 
     /// Connects to `addr` (a relay in front of `server`, say), trusting `server`'s certificate.
     pub async fn connect_to(server: &H3Server, addr: SocketAddr) -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(server.cert.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let endpoint = client_endpoint(&server.cert);
         let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
             .await
@@ -442,15 +472,14 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(server: &H3Server) -> Self {
-        let client = H3Client::connect(server).await;
-        // The h3 client's handshake gave a working quinn connection: reuse its config.
-        client.driver.abort();
-        let endpoint = client.endpoint.clone();
-        let conn = endpoint
-            .connect(server.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        Self::connect_to(&server.cert, server.addr).await
+    }
+
+    /// Connects to the server at `addr` whose certificate is `cert`. No control stream is
+    /// opened: the server needs none to serve requests.
+    pub async fn connect_to(cert: &CertificateDer<'static>, addr: SocketAddr) -> Self {
+        let endpoint = client_endpoint(cert);
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         RawClient { conn, endpoint }
     }
 
