@@ -75,6 +75,8 @@ async fn main() -> std::io::Result<()> {
         .service(service_fn(report));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's HTTP/1.1 header_read_timeout (30 s) only runs with a timer.
+    builder.http1().timer(TokioTimer::new());
     // HTTP/2 clients that vanish: an unanswered PING closes the connection.
     builder
         .http2()

@@ -190,6 +190,8 @@ async fn main() {
         let svc = TowerToHyperService::new(svc.clone());
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
+            // hyper's HTTP/1.1 header_read_timeout (30 s) only runs with a timer.
+            builder.http1().timer(TokioTimer::new());
             builder
                 .http2()
                 .timer(TokioTimer::new())
