@@ -159,6 +159,7 @@
 //! | digits read of a deadline header | 8 / 10 | fixed |
 //! | HTTP/3: request head or non-DATA frame bytes before the request is claimed | 64 KiB | `http3::Serve::max_request_head_bytes` |
 //! | HTTP/3: time for a request head to complete | 30 s | `http3::Serve::header_read_timeout` |
+//! | HTTP/3: a decoded header section | 16 KiB | `http3::Serve::max_field_section_size` |
 //! | HTTP/3: requests per connection | 10 000 | `http3::Serve::max_requests_per_connection` |
 //!
 //! Header sizes, streams per connection, connections and keep-alive are the transport's
