@@ -282,3 +282,42 @@ async fn the_event_lands_in_tower_http_trace_layer_span() {
     // tower-http's span for the request is called `request`.
     assert_eq!(events[0].span.as_deref(), Some("request"));
 }
+
+#[tokio::test]
+async fn a_token_of_the_application_in_the_extensions_is_replaced_with_a_warning() {
+    // Extensions are keyed by type: an application's own `CancellationToken` inserted outside
+    // the layer (a shutdown token shared through `Extension`, say) is replaced by the
+    // request's, and a `warn` event says so. Inserted inside the layer, it would replace the
+    // request's silently: the handler would get the application's token.
+    let capture = events();
+    let app_token = tokio_util::sync::CancellationToken::new();
+    app_token.cancel();
+    let outside = app_token.clone();
+    let svc = ServiceBuilder::new()
+        .map_request(move |mut req: Request<()>| {
+            req.extensions_mut().insert(outside.clone());
+            req
+        })
+        .layer(CancellationLayer::new())
+        .service(service_fn(|req: Request<()>| async move {
+            let token = req
+                .extensions()
+                .get::<tokio_util::sync::CancellationToken>()
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(Response::new(token.is_cancelled().to_string()))
+        }));
+    let request = Request::get("/app-token").body(()).unwrap();
+    let response = svc.oneshot(request).await.unwrap();
+    assert_eq!(
+        response.body().get_ref(),
+        "false",
+        "the handler got the request's token"
+    );
+    let warnings: Vec<_> = events_for(&capture, "/app-token")
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::WARN)
+        .map(|e| e.fields["message"].clone())
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("replaced it with the request's own token"));
+}

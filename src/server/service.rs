@@ -43,6 +43,15 @@ pub enum Detached {}
 /// created it), this service joins that scope instead of creating a second one: its
 /// callbacks, shutdown token and deadline apply to it as well.
 ///
+/// Extensions are keyed by type, so there is one `CancellationToken` per request: the
+/// request's. An application that also passes a token of its own through the extensions (a
+/// shutdown token in axum's `Extension`, say) collides with it. Inserted *outside* this layer,
+/// the application's token is replaced by the request's, with a `warn` event (target
+/// `tower_cancel`) each time; inserted *inside* it, the application's token replaces the
+/// request's, silently, and handlers that take the `CancellationToken` get the application's.
+/// Wrap an application token in a type of its own (`struct Shutdown(CancellationToken)`), or
+/// take the request's through [`RequestCancellation`], whose type is the crate's.
+///
 /// `M` is [`Attached`] (the default) or [`Detached`]; see
 /// [`CancellationLayer::detached`](crate::CancellationLayer::detached).
 ///
