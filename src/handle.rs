@@ -113,26 +113,74 @@ impl RequestCancellation {
     /// The request's token: the same token the layer inserted into the request extensions.
     ///
     /// Hand it (or a [`child_token`](CancellationToken::child_token)) to work that should stop
-    /// with the request. Cancelling it yourself cancels the request with
-    /// [`CancelReason::Explicit`] and runs its callbacks.
+    /// with the request.
+    ///
+    /// To cancel the request yourself, call [`cancel`](Self::cancel). Cancelling the token
+    /// directly (`token.cancel()`, as code that only knows the token does) also cancels the
+    /// request, with [`CancelReason::Explicit`], but the layer learns of it later: the token
+    /// and everything waiting on it fire at once, and [`reason`](Self::reason) reports
+    /// `Explicit` from then on, but the layer records the cancellation and runs the callbacks
+    /// only when it next polls the handler future or the response body and finds them
+    /// pending, or when the request ends, whichever comes first. A token cancelled after the
+    /// request completed cancels nothing.
     pub fn token(&self) -> &CancellationToken {
         self.scope.token()
     }
 
-    /// Returns `true` once the request is cancelled.
+    /// Cancels the request with [`CancelReason::Explicit`], unless it already ended (completed
+    /// or cancelled for another reason): its token is cancelled and every callback (the
+    /// handler's registrations, then the layers') runs on this thread before this returns.
+    /// The one way for application code to cancel a request; the getters never do.
     ///
-    /// Cheap enough to poll from a CPU-bound loop that never reaches an `.await`, which is
-    /// the only way such a loop can learn that its client left.
+    /// ```
+    /// use std::future::Future;
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::task::{Context, Waker};
+    ///
+    /// use http::{Request, Response};
+    /// use tower::{Layer, Service, service_fn};
+    /// use tower_cancel::{CancelReason, CancellationLayer, RequestCancellation};
+    ///
+    /// let ran = Arc::new(AtomicBool::new(false));
+    /// let flag = ran.clone();
+    /// let layer = CancellationLayer::new().on_cancel(move |c| {
+    ///     assert_eq!(c.reason(), CancelReason::Explicit);
+    ///     flag.store(true, Ordering::SeqCst);
+    /// });
+    /// let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+    ///     let cancel = req.extensions().get::<RequestCancellation>().unwrap().clone();
+    ///     cancel.cancel(); // say the work found the request pointless
+    ///     assert_eq!(cancel.reason(), Some(CancelReason::Explicit));
+    ///     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+    /// }));
+    /// let mut response = std::pin::pin!(svc.call(Request::new(())));
+    /// let _ = response.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    /// assert!(ran.load(Ordering::SeqCst), "the callbacks ran inside `cancel()`");
+    /// ```
+    pub fn cancel(&self) {
+        self.scope.cancel(CancelReason::Explicit);
+    }
+
+    /// Returns `true` once the request is cancelled (recorded, or its token cancelled by
+    /// application code).
+    ///
+    /// A pure query: it never records anything nor runs a callback. It costs one atomic load
+    /// and, while no cancellation is recorded, a lock and unlock of the token's (uncontended)
+    /// mutex: cheap enough to poll from a CPU-bound loop that never reaches an `.await`, which
+    /// is the only way such a loop can learn that its client left.
     pub fn is_cancelled(&self) -> bool {
-        self.reason().is_some()
+        self.scope.reason().is_some()
     }
 
     /// Why the request was cancelled, or `None` while it is not.
     ///
-    /// If application code cancelled the token directly and the layer has not yet noticed,
-    /// this records [`CancelReason::Explicit`] and runs the callbacks before returning.
+    /// A pure query, as [`is_cancelled`](Self::is_cancelled): for a token that application
+    /// code cancelled directly and the layer has not noticed yet, it reports
+    /// [`CancelReason::Explicit`] without recording it (the layer records the same reason
+    /// when it notices; see [`token`](Self::token)).
     pub fn reason(&self) -> Option<CancelReason> {
-        self.scope.notice_reason()
+        self.scope.reason()
     }
 
     /// Waits until the request is cancelled and returns why.

@@ -125,9 +125,12 @@
 //!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client), when the
 //!   layer knows that deadline (`timeout`, or `grpc_timeout(true)`), is recorded as
 //!   `DeadlineExceeded`, not `Disconnected`.
-//! * **Explicit cancellation.** Cancelling the token from application code cancels the request
-//!   with [`CancelReason::Explicit`]; the layer notices it when the handler or body is next
-//!   polled pending, when the request ends, or when the handle is queried.
+//! * **Explicit cancellation.** [`RequestCancellation::cancel`] cancels the request with
+//!   [`CancelReason::Explicit`] and runs its callbacks before it returns. Cancelling the token
+//!   directly does too, but the layer records it (and runs the callbacks) only when the handler
+//!   or body is next polled pending, or when the request ends; meanwhile the getters report
+//!   `Explicit`. The getters (`is_cancelled`, `reason`, `deadline`) are pure queries: they
+//!   never record anything nor run a callback.
 //! * **A panic is not a client leaving.** A handler future or response body whose poll panics,
 //!   the panic unwinding through the layer, is recorded as [`CancelReason::Panicked`] when it
 //!   is dropped (by Tokio's task, hyper, or a `CatchPanicLayer` outside the layer). A panic

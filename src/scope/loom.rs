@@ -201,7 +201,7 @@ fn loom_completion_races_the_application_cancelling_the_token() {
             });
             let application = on_thread(&scope, move |scope| {
                 scope.token().cancel();
-                scope.notice_reason()
+                scope.reason()
             });
             register(&scope, &handler, &marker);
             owner.join().unwrap();
@@ -312,7 +312,7 @@ fn loom_a_drop_races_the_deadline_and_the_application_cancelling_the_token() {
                 scope.cancel(CancelReason::DeadlineExceeded);
             });
             scope.token().cancel();
-            let seen = scope.notice_reason();
+            let seen = scope.reason();
             owner.join().unwrap();
             timer.join().unwrap();
 

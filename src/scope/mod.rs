@@ -175,25 +175,26 @@ impl Scope {
         decode(self.state.load(Ordering::Acquire))
     }
 
-    /// Records, then reports: a token that application code cancelled while the request runs
-    /// is recorded as `Explicit` first (which runs every callback), then the recorded reason is
-    /// returned. For a token cancelled after completion, `Explicit` is reported, not recorded.
-    /// What `RequestCancellation::reason` does; [`cancellation`](Self::cancellation) is the
-    /// pure query.
-    pub(crate) fn notice_reason(&self) -> Option<CancelReason> {
-        let state = self.state.load(Ordering::Acquire);
-        if let Some((reason, _)) = decode(state) {
+    /// Why the request was cancelled, recording nothing: the recorded reason, or `Explicit`
+    /// for a token that application code cancelled and the layer has not noticed yet (it
+    /// records `Explicit` when it does: [`cancel`](Self::cancel) takes a cancelled token's
+    /// word over any other reason). One atomic load, then, while nothing is recorded, the
+    /// token's mutex.
+    pub(crate) fn reason(&self) -> Option<CancelReason> {
+        if let Some((reason, _)) = self.cancellation() {
             return Some(reason);
         }
-        if !self.token.is_cancelled() {
-            return None;
+        self.token.is_cancelled().then_some(CancelReason::Explicit)
+    }
+
+    /// The phase the request is in: where a cancellation now would be recorded (`Body` once
+    /// it completed).
+    fn phase(&self) -> Phase {
+        match base(self.state.load(Ordering::Acquire)) {
+            ARMED_HANDLER => Phase::Handler,
+            ARMED_UPGRADED => Phase::Upgraded,
+            state => decode(state).map_or(Phase::Body, |(_, phase)| phase),
         }
-        // Cancelled by application code. While armed this records `Explicit` and runs the
-        // callbacks; after completion it only reports it.
-        Some(
-            self.cancel(CancelReason::Explicit)
-                .map_or(CancelReason::Explicit, |(r, _)| r),
-        )
     }
 
     /// The handler returned a response head and its body starts streaming. A token the
@@ -211,8 +212,21 @@ impl Scope {
     /// Records `reason` if the scope is still armed and, if so, cancels the token and runs
     /// every callback. Returns the recorded cancellation (this one or an earlier one), or
     /// `None` if the request had completed.
+    ///
+    /// A token that application code cancelled first is the cause, whoever notices it: the
+    /// reason recorded is then `Explicit`, as [`reason`](Self::reason) reported meanwhile.
     pub(crate) fn cancel(&self, reason: CancelReason) -> Option<(CancelReason, Phase)> {
         let mut current = self.state.load(Ordering::Acquire);
+        if !is_armed(current) {
+            return decode(current);
+        }
+        // The winner cancels the token after its transition, so a cancelled token seen while
+        // armed was cancelled by application code.
+        let reason = if reason != CancelReason::Explicit && self.token.is_cancelled() {
+            CancelReason::Explicit
+        } else {
+            reason
+        };
         loop {
             let phase = match base(current) {
                 ARMED_HANDLER => Phase::Handler,
@@ -326,17 +340,17 @@ impl Scope {
         }
     }
 
-    /// The record of this request's cancellation, for code that saw its token cancelled: the
-    /// recorded reason and phase (with the time until now if the winner of the cancellation
-    /// has not recorded its own yet), or, for a token that application code cancelled after
-    /// the request had completed, `Explicit` in phase `Body` with the time until now.
+    /// The record of this request's cancellation, for code that saw its token cancelled,
+    /// recording nothing: the recorded reason and phase (with the time until now if the winner
+    /// of the cancellation has not recorded its own yet), or, for a token that application
+    /// code cancelled and the layer has not noticed yet, `Explicit` in the current phase
+    /// (`Body` after completion) with the time until now.
     pub(crate) fn record(&self) -> Cancelled {
-        let reason = self.notice_reason().unwrap_or(CancelReason::Explicit);
         let elapsed = self.callbacks().elapsed;
         let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
         match self.cancellation() {
             Some((reason, phase)) => self.cancelled(reason, phase, elapsed),
-            None => self.cancelled(reason, Phase::Body, elapsed),
+            None => self.cancelled(CancelReason::Explicit, self.phase(), elapsed),
         }
     }
 

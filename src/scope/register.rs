@@ -17,9 +17,10 @@ use crate::scope::{Scope, nanos};
 impl Scope {
     /// Registers a handler callback: runs on cancellation, at once if already cancelled, never
     /// if the request completes.
+    /// A token that application code cancelled, and the layer has not noticed yet, does not
+    /// count as cancelled here: the callback is registered, and runs when the layer records the
+    /// `Explicit` cancellation (nothing runs on the caller's thread but this callback).
     pub(crate) fn on_cancel(&self, callback: HandlerCallback) {
-        // A token cancelled by application code must be recorded before deciding.
-        self.notice_token();
         let late = {
             let mut callbacks = self.callbacks();
             if !callbacks.closed {

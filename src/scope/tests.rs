@@ -84,7 +84,7 @@ fn completion_never_cancels() {
     assert_eq!(scope.cancel(CancelReason::Disconnected), None);
     scope.abandon(false);
     assert!(!scope.token().is_cancelled());
-    assert_eq!(scope.notice_reason(), None);
+    assert_eq!(scope.reason(), None);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
@@ -103,7 +103,7 @@ fn first_cause_wins_and_callbacks_run_once() {
     scope.abandon(false);
     scope.finish();
     assert!(scope.token().is_cancelled());
-    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -202,7 +202,7 @@ fn token_cancelled_by_application_code_is_explicit() {
     scope.notice_token();
     scope.notice_token();
     scope.abandon(false);
-    assert_eq!(scope.notice_reason(), Some(CancelReason::Explicit));
+    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -226,12 +226,51 @@ fn token_cancelled_by_the_handler_before_the_end_is_a_handler_phase_cancel() {
 }
 
 #[test]
+fn the_getters_record_nothing_and_the_layer_records_the_application_s_cancel() {
+    // A token cancelled by application code: the getters report `Explicit` and run nothing
+    // (a callback taking a lock its caller holds would deadlock); a registration waits; the
+    // layer records it when it notices, also if the deadline fires first.
+    for noticed_by in ["pending poll", "deadline", "drop"] {
+        let scope = scope();
+        let runs = counter(&scope);
+        scope.token().cancel();
+        assert_eq!(scope.reason(), Some(CancelReason::Explicit));
+        assert_eq!(scope.record().reason(), CancelReason::Explicit);
+        assert_eq!(scope.record().phase(), Phase::Handler);
+        let late = counter(&scope);
+        assert_eq!(
+            scope.cancellation(),
+            None,
+            "{noticed_by}: nothing recorded yet"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "{noticed_by}: nothing ran");
+        assert_eq!(
+            late.load(Ordering::SeqCst),
+            0,
+            "{noticed_by}: registered, not run"
+        );
+        match noticed_by {
+            "pending poll" => scope.notice_token(),
+            "deadline" => drop(scope.cancel(CancelReason::DeadlineExceeded)),
+            _ => scope.abandon(false),
+        }
+        assert_eq!(
+            scope.cancellation(),
+            Some((CancelReason::Explicit, Phase::Handler)),
+            "{noticed_by}: what the getters said is what is recorded"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(late.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[test]
 fn token_cancelled_after_completion_runs_nothing() {
     let scope = scope();
     let runs = counter(&scope);
     scope.finish();
     scope.token().cancel();
-    assert_eq!(scope.notice_reason(), Some(CancelReason::Explicit));
+    assert_eq!(scope.reason(), Some(CancelReason::Explicit));
     assert_eq!(scope.cancellation(), None, "the request had completed");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
@@ -400,9 +439,9 @@ fn shutdown_cancels_armed_scopes_and_later_ones_start_cancelled() {
     assert_eq!(shutdown.in_flight(), 1, "completion leaves the registry");
 
     assert_eq!(shutdown.close(), 1);
-    assert_eq!(armed.notice_reason(), Some(CancelReason::Shutdown));
+    assert_eq!(armed.reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(completed.notice_reason(), None);
+    assert_eq!(completed.reason(), None);
 
     let mut late_config = Config::clone(&config);
     late_config.callbacks = hooks_logging(&log, "late").callbacks.clone();
@@ -463,13 +502,13 @@ fn a_joined_layer_with_a_shutdown_token_cancels_the_outer_scope() {
     scope.join(Bound::capture(&config), None);
     assert_eq!(shutdown.in_flight(), 1);
     shutdown.close();
-    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // Joining after that layer's shutdown began cancels at once.
     let scope = self::scope();
     scope.join(Bound::capture(&config), None);
-    assert_eq!(scope.notice_reason(), Some(CancelReason::Shutdown));
+    assert_eq!(scope.reason(), Some(CancelReason::Shutdown));
 }
 
 #[test]
@@ -498,7 +537,7 @@ fn shutdown_racing_completion_and_drop_settles_once_and_leaves_no_entry() {
             assert_eq!(shutdown.close(), 1, "round {round}");
         }
         assert_eq!(
-            scopes[3].notice_reason(),
+            scopes[3].reason(),
             Some(CancelReason::Shutdown),
             "round {round}"
         );
