@@ -60,11 +60,50 @@ impl RequestCancellation {
         Self { scope }
     }
 
-    /// The handle of an armed test request, for a layer with no callbacks.
-    #[cfg(test)]
-    pub(crate) fn for_test() -> Self {
+    /// A handle for a request that no layer serves, for tests (feature `test-util`): armed,
+    /// with no deadline and no callbacks but the ones registered on it, as if its request were
+    /// `GET /test`. Hand it to a handler under test (in the extensions, as the layer would, or
+    /// as the axum extractor's value), then end it with [`cancel_with`](Self::cancel_with).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use tower_cancel::{CancelReason, RequestCancellation};
+    ///
+    /// // The handler under test: an axum handler taking the extractor, say.
+    /// async fn report(cancel: RequestCancellation) -> String {
+    ///     tokio::select! {
+    ///         reason = cancel.cancelled() => format!("abandoned: {reason}"),
+    ///         _ = tokio::time::sleep(Duration::from_secs(10)) => "report ready".to_owned(),
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let cancel = RequestCancellation::for_test();
+    /// let cleaned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// let flag = cleaned.clone();
+    /// cancel.on_cancel(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    /// let running = tokio::spawn(report(cancel.clone()));
+    /// tokio::time::sleep(Duration::from_millis(10)).await; // the handler is waiting
+    /// cancel.cancel_with(CancelReason::Disconnected); // the client leaves
+    /// assert_eq!(running.await.unwrap(), "abandoned: disconnected");
+    /// assert!(cleaned.load(std::sync::atomic::Ordering::SeqCst));
+    /// # }
+    /// ```
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn for_test() -> Self {
         let config = Arc::new(crate::scope::config::Config::new());
         Self::new(Scope::for_test(&config, None))
+    }
+
+    /// Cancels the request with `reason`, as the layer would (feature `test-util`): its token
+    /// is cancelled and its callbacks run on this thread before this returns. Nothing happens
+    /// to a request that already ended. For tests; application code cancels with
+    /// [`cancel`](Self::cancel).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn cancel_with(&self, reason: CancelReason) {
+        self.scope.cancel(reason);
     }
 
     /// The request's body failed to arrive (the client left mid-upload): cancels the request

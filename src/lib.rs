@@ -89,6 +89,9 @@
 //! * `metrics`: counters of cancellations (by reason and phase) and of async cleanups (run,
 //!   refused, overrun), and a histogram of how long cancelled work ran on after its
 //!   cancellation, on the `metrics` facade; see [`CancellationLayer`]'s "Metrics".
+//! * `test-util`: `RequestCancellation::for_test()`, a handle no layer serves, and
+//!   `cancel_with(reason)`, to unit-test a handler that takes a [`RequestCancellation`]
+//!   without a server.
 //!
 //! # Semantics
 //!

@@ -155,3 +155,31 @@ async fn the_optional_extractor_finds_the_layer() {
     assert_eq!(body, "layer present: true");
     assert!(log.entries().is_empty(), "completed: {:?}", log.entries());
 }
+
+#[tokio::test]
+async fn a_handler_can_be_tested_without_a_server_with_a_test_handle() {
+    // Feature `test-util`: a handle no layer serves, put where the layer would put it, drives
+    // a Router's handler through the extractor; `cancel_with` plays the client leaving.
+    use tower::ServiceExt;
+    let app: Router = Router::new().route(
+        "/report",
+        route_get(|cancel: RequestCancellation| async move {
+            tokio::select! {
+                reason = cancel.cancelled() => format!("abandoned: {reason}"),
+                () = tokio::time::sleep(Duration::from_secs(30)) => "report ready".to_owned(),
+            }
+        }),
+    );
+    let cancel = RequestCancellation::for_test();
+    let mut request = http::Request::get("/report")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    request.extensions_mut().insert(cancel.clone());
+    let response = tokio::spawn(app.oneshot(request));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cancel.cancel_with(CancelReason::Disconnected);
+    let response = response.await.unwrap().unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "abandoned: disconnected");
+    assert_eq!(cancel.reason(), Some(CancelReason::Disconnected));
+}

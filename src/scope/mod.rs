@@ -432,8 +432,9 @@ fn after_register() {
     }
 }
 
-/// The scope of a test request, `GET /test`, for the unit tests and the loom models.
-#[cfg(test)]
+/// The scope of a test request, `GET /test`, for the unit tests, the loom models and the
+/// handles of feature `test-util`.
+#[cfg(any(test, feature = "test-util"))]
 impl Scope {
     pub(crate) fn for_test(config: &Arc<config::Config>, limit: Option<TimeLimit>) -> Arc<Self> {
         Self::new(
