@@ -3,7 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use http::{Method, Uri};
+use std::sync::Arc;
+
+use http::header::AsHeaderName;
+use http::{Extensions, HeaderMap, HeaderValue, Method, Uri};
 
 /// Why a request was cancelled.
 ///
@@ -140,6 +143,18 @@ pub struct Cancelled {
     pub(crate) method: Method,
     pub(crate) uri: Uri,
     pub(crate) elapsed: Duration,
+    /// What the layer was asked to keep of the request: `None` unless it was
+    /// ([`CancellationLayer::record_header`](crate::CancellationLayer::record_header),
+    /// [`record_extension`](crate::CancellationLayer::record_extension)).
+    pub(crate) recorded: Option<Arc<Recorded>>,
+}
+
+/// The request headers and extensions a layer keeps for its cancellation records, copied when
+/// the request entered it.
+#[derive(Debug, Default)]
+pub(crate) struct Recorded {
+    pub(crate) headers: HeaderMap,
+    pub(crate) extensions: Extensions,
 }
 
 impl Cancelled {
@@ -166,6 +181,20 @@ impl Cancelled {
     /// Time from the moment the layer saw the request to the moment it was cancelled.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
+    }
+
+    /// The request's header `name`, if the layer was asked to record it
+    /// ([`record_header`](crate::CancellationLayer::record_header)) and the request carried it:
+    /// to tie a cancellation to a request id, say. The first value, if it came more than once.
+    pub fn header<K: AsHeaderName>(&self, name: K) -> Option<&HeaderValue> {
+        self.recorded.as_ref()?.headers.get(name)
+    }
+
+    /// The request extension of type `T`, if the layer was asked to record it
+    /// ([`record_extension`](crate::CancellationLayer::record_extension)) and the request
+    /// carried it when it entered the layer: axum's `MatchedPath`, tower-http's `RequestId`.
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.recorded.as_ref()?.extensions.get::<T>()
     }
 }
 

@@ -183,3 +183,58 @@ async fn a_handler_can_be_tested_without_a_server_with_a_test_handle() {
     assert_eq!(body, "abandoned: disconnected");
     assert_eq!(cancel.reason(), Some(CancelReason::Disconnected));
 }
+
+#[tokio::test]
+async fn a_cancellation_record_carries_the_request_id_and_the_matched_route() {
+    // `record_header` and `record_extension` keep what ties a cancellation to its request:
+    // the client's `x-request-id`, and axum's `MatchedPath` (the layer runs after routing).
+    use axum::extract::MatchedPath;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app: Router = Router::new()
+        .route(
+            "/items/{id}",
+            route_get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        )
+        .layer(
+            tower_cancel::CancellationLayer::new()
+                .record_header(http::HeaderName::from_static("x-request-id"))
+                .record_extension::<MatchedPath>()
+                .on_cancel(move |c| {
+                    let id = c
+                        .header("x-request-id")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let route = c.extension::<MatchedPath>().map(|p| p.as_str().to_owned());
+                    log.lock()
+                        .unwrap()
+                        .push((c.uri().path().to_owned(), id, route));
+                }),
+        );
+    let server = Server::start(app).await;
+    for (path, id) in [("/items/7", Some("req-7")), ("/items/8", None)] {
+        let mut head = format!("GET {path} HTTP/1.1\r\nhost: t\r\n");
+        if let Some(id) = id {
+            head.push_str(&format!("x-request-id: {id}\r\n"));
+        }
+        head.push_str("\r\n");
+        let stream = raw_request(&server, &head).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(stream);
+    }
+    eventually("both cancelled", || seen.lock().unwrap().len() == 2).await;
+    let route = Some("/items/{id}".to_owned());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (
+                "/items/7".to_owned(),
+                Some("req-7".to_owned()),
+                route.clone()
+            ),
+            ("/items/8".to_owned(), None, route),
+        ]
+    );
+}

@@ -357,6 +357,7 @@ mod tests {
             method: Method::GET,
             uri: Uri::from_static("/"),
             elapsed: std::time::Duration::ZERO,
+            recorded: None,
         }
     }
 

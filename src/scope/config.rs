@@ -4,7 +4,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::header::HeaderName;
+use http::{Extensions, HeaderMap};
 use tokio_util::task::TaskTracker;
 
 use std::future::Future;
@@ -14,7 +15,7 @@ use tokio::runtime::Handle;
 use tracing::Span;
 
 use crate::event::request_event;
-use crate::record::Cancelled;
+use crate::record::{Cancelled, Recorded};
 use crate::runtime::callback::{Callback, contain, contain_async};
 use crate::runtime::cleanup::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, Limiter};
 use crate::runtime::deadline::TimeLimit;
@@ -40,6 +41,26 @@ pub(crate) struct Config {
     pub(crate) timeout: Option<Duration>,
     /// The deadline headers honoured.
     pub(crate) deadline_headers: Conventions,
+    /// What of the request to keep for its cancellation record (usually nothing).
+    pub(crate) recorders: Vec<Recorder>,
+}
+
+/// One thing a layer keeps of each request for its cancellation record.
+#[derive(Clone)]
+pub(crate) enum Recorder {
+    Header(HeaderName),
+    /// Copies one extension type, if present (`copy_extension::<T>`).
+    Extension(fn(&Extensions, &mut Extensions)),
+}
+
+/// What [`Recorder::Extension`] holds for `T`.
+pub(crate) fn copy_extension<T: Clone + Send + Sync + 'static>(
+    from: &Extensions,
+    to: &mut Extensions,
+) {
+    if let Some(value) = from.get::<T>() {
+        to.insert(value.clone());
+    }
 }
 
 impl Config {
@@ -55,7 +76,27 @@ impl Config {
             shutdown: None,
             timeout: None,
             deadline_headers: Conventions::default(),
+            recorders: Vec::new(),
         }
+    }
+
+    /// What the layer keeps of a request with these headers and extensions, if anything.
+    pub(crate) fn record(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<Recorded> {
+        if self.recorders.is_empty() {
+            return None;
+        }
+        let mut recorded = Recorded::default();
+        for recorder in &self.recorders {
+            match recorder {
+                Recorder::Header(name) => {
+                    for value in headers.get_all(name) {
+                        recorded.headers.append(name.clone(), value.clone());
+                    }
+                }
+                Recorder::Extension(copy) => copy(extensions, &mut recorded.extensions),
+            }
+        }
+        Some(recorded)
     }
 
     /// Registers `scope` as in flight with this layer's shutdown registry, if it has one.

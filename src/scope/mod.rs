@@ -34,7 +34,7 @@ use crate::event::TARGET;
 use crate::event::request_event;
 use crate::loom::atomic::{AtomicU8, AtomicU64, Ordering};
 use crate::loom::{Mutex, MutexGuard, lock};
-use crate::record::{CancelReason, Cancelled, Phase};
+use crate::record::{CancelReason, Cancelled, Phase, Recorded};
 use crate::runtime::callback::contain;
 use crate::runtime::deadline::TimeLimit;
 use crate::runtime::metrics;
@@ -58,6 +58,14 @@ mod upgrade;
 
 pub(crate) use self::tail::Stopped;
 
+/// What only some requests carry: the span (when the layer's `debug` event is enabled) and
+/// what the layer records of the request for its cancellation records.
+struct Extras {
+    /// The span that was current when the layer saw the request.
+    span: Option<Span>,
+    recorded: Option<Arc<Recorded>>,
+}
+
 pub(crate) struct Scope {
     state: AtomicU8,
     token: CancellationToken,
@@ -69,9 +77,8 @@ pub(crate) struct Scope {
     /// Nanoseconds from `started` after which a drop counts as the deadline's doing: the
     /// earliest of the limits' `timed_out_from` (see [`TimeLimit`]), or `NO_DEADLINE`.
     timed_out_from: AtomicU64,
-    /// The span that was current when the layer saw the request, if the event is enabled
-    /// (boxed: most requests carry none, and a `Span` is 40 bytes).
-    span: Option<Box<Span>>,
+    /// What only some requests carry, boxed (most carry none, and a `Span` alone is 40 bytes).
+    extras: Option<Box<Extras>>,
     /// The configuration of the layer that created the scope (the outermost one).
     creator: Bound,
     /// Where the creator's shutdown registry holds this scope, once registered.
@@ -87,12 +94,15 @@ impl Scope {
         uri: Uri,
         creator: Bound,
         time_limit: Option<TimeLimit>,
+        recorded: Option<Recorded>,
     ) -> Arc<Self> {
-        let span = if tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
-            Some(Box::new(Span::current()))
-        } else {
-            None
-        };
+        let span = tracing::enabled!(target: TARGET, tracing::Level::DEBUG).then(Span::current);
+        let extras = (span.is_some() || recorded.is_some()).then(|| {
+            Box::new(Extras {
+                span,
+                recorded: recorded.map(Arc::new),
+            })
+        });
         let scope = Arc::new(Self {
             state: AtomicU8::new(ARMED_HANDLER),
             token: CancellationToken::new(),
@@ -103,7 +113,7 @@ impl Scope {
             timed_out_from: AtomicU64::new(
                 time_limit.map_or(NO_DEADLINE, |l| nanos(l.timed_out_from)),
             ),
-            span,
+            extras,
             creator,
             registration: Slot::empty(),
             callbacks: Mutex::new(Callbacks::default()),
@@ -137,7 +147,10 @@ impl Scope {
     /// The request's span, or no span.
     fn span(&self) -> &Span {
         static NONE: Span = Span::none();
-        self.span.as_deref().unwrap_or(&NONE)
+        self.extras
+            .as_ref()
+            .and_then(|extras| extras.span.as_ref())
+            .unwrap_or(&NONE)
     }
 
     pub(crate) fn token(&self) -> &CancellationToken {
@@ -361,6 +374,10 @@ impl Scope {
             method: self.method.clone(),
             uri: self.uri.clone(),
             elapsed,
+            recorded: self
+                .extras
+                .as_ref()
+                .and_then(|extras| extras.recorded.clone()),
         }
     }
 
@@ -442,6 +459,7 @@ impl Scope {
             Uri::from_static("/test"),
             Bound::capture(config),
             limit,
+            None,
         )
     }
 }

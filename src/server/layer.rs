@@ -6,6 +6,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HeaderName;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
@@ -15,7 +16,7 @@ use crate::runtime::callback::Callback;
 use crate::runtime::cleanup::{CleanupCounts, CleanupsOverran, Limiter};
 use crate::runtime::handlers::{DetachedCounts, Handlers};
 use crate::runtime::shutdown::Shutdown;
-use crate::scope::config::Config;
+use crate::scope::config::{Config, Recorder, copy_extension};
 use crate::server::service::{Attached, CancellationService, Detached};
 use crate::timeout_header::Conventions;
 
@@ -330,6 +331,63 @@ impl<M> CancellationLayer<M> {
     fn honour(self, convention: Conventions, honour: bool) -> Self {
         self.configure(|config| {
             config.deadline_headers = config.deadline_headers.set(convention, honour);
+        })
+    }
+
+    /// Keeps request header `name` for this layer's cancellation records:
+    /// [`Cancelled::header`](crate::Cancelled::header) returns it, so a callback or a log line
+    /// can tie the cancellation to a request id (`x-request-id`), a tenant, a trace.
+    ///
+    /// Copied when the request enters the layer (every value of a repeated header); nothing is
+    /// copied and nothing is allocated for requests of a layer that records nothing. Only the
+    /// layer that creates the request's scope (the outermost) records: a per-route layer that
+    /// joins its scope cannot add to the record.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_cancel::{CancellationLayer, Cancelled};
+    ///
+    /// let layer = CancellationLayer::new()
+    ///     .record_header(HeaderName::from_static("x-request-id"))
+    ///     .on_cancel(|c: &Cancelled| {
+    ///         let id = c.header("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    ///         eprintln!("request {id} cancelled: {}", c.reason());
+    ///     });
+    /// # drop(layer);
+    /// ```
+    pub fn record_header(self, name: HeaderName) -> Self {
+        self.configure(|config| config.recorders.push(Recorder::Header(name)))
+    }
+
+    /// Keeps the request extension of type `T` for this layer's cancellation records:
+    /// [`Cancelled::extension`](crate::Cancelled::extension) returns it. For what a layer
+    /// outside this one or the framework put there: axum's `MatchedPath` (present for a layer
+    /// added with `Router::layer` or `route_layer`, which run after routing), tower-http's
+    /// `RequestId`.
+    ///
+    /// Cloned when the request enters the layer, if present; as for
+    /// [`record_header`](Self::record_header), it costs nothing to a layer that records
+    /// nothing, and only the outermost layer records.
+    ///
+    /// ```
+    /// use tower_cancel::{CancellationLayer, Cancelled};
+    ///
+    /// #[derive(Clone)]
+    /// struct Tenant(String);
+    ///
+    /// let layer = CancellationLayer::new()
+    ///     .record_extension::<Tenant>()
+    ///     .on_cancel(|c: &Cancelled| {
+    ///         let tenant = c.extension::<Tenant>().map_or("-", |t| t.0.as_str());
+    ///         eprintln!("{tenant}: {} cancelled", c.uri().path());
+    ///     });
+    /// # drop(layer);
+    /// ```
+    pub fn record_extension<T: Clone + Send + Sync + 'static>(self) -> Self {
+        self.configure(|config| {
+            config
+                .recorders
+                .push(Recorder::Extension(copy_extension::<T>));
         })
     }
 

@@ -112,7 +112,14 @@ impl<S, M> CancellationService<S, M> {
                 Guard::default()
             }
             None => {
-                let scope = Scope::new(req.method().clone(), req.uri().clone(), bound, time_limit);
+                let recorded = self.config.record(req.headers(), req.extensions());
+                let scope = Scope::new(
+                    req.method().clone(),
+                    req.uri().clone(),
+                    bound,
+                    time_limit,
+                    recorded,
+                );
                 let extensions = req.extensions_mut();
                 if extensions.insert(scope.token().clone()).is_some() {
                     // Extensions are keyed by type: a token of the application's (an
