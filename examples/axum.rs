@@ -19,6 +19,9 @@
 //! curl --max-time 1 -X POST http://127.0.0.1:3000/pay            # detached: still commits after 3 s
 //! ```
 //!
+//! Ctrl-C or SIGTERM shuts down gracefully: requests in flight are cancelled with `Shutdown`,
+//! and the process exits once a payment still running (its client gone) has committed.
+//!
 //! Set `PORT` to listen elsewhere.
 
 use std::convert::Infallible;
@@ -32,6 +35,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use futures_util::stream::{self, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_cancel::request_body::{IdleTimeout, RequestBodyLayer};
 use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
@@ -106,6 +110,22 @@ async fn pay(cancel: RequestCancellation) -> &'static str {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    let shutdown = CancellationToken::new();
+    // The app-wide layer creates every request's scope, so its tracker counts every task a
+    // request leaves running: the detached `/pay` handler (and per-route async cleanups).
+    let app_layer = CancellationLayer::new()
+        .shutdown_token(shutdown.clone())
+        .on_cancel(|c: &Cancelled| {
+            println!(
+                "layer: {} {} cancelled: {} in the {} phase after {:?}",
+                c.method(),
+                c.uri().path(),
+                c.reason(),
+                c.phase(),
+                c.elapsed()
+            );
+        });
+    let tracker = app_layer.tracker().clone();
     let app = Router::new()
         .route("/report", get(report))
         .route("/events", get(events))
@@ -124,16 +144,7 @@ async fn main() -> std::io::Result<()> {
             "/pay",
             post(pay).route_layer(CancellationLayer::new().detached()),
         )
-        .layer(CancellationLayer::new().on_cancel(|c: &Cancelled| {
-            println!(
-                "layer: {} {} cancelled: {} in the {} phase after {:?}",
-                c.method(),
-                c.uri().path(),
-                c.reason(),
-                c.phase(),
-                c.elapsed()
-            );
-        }));
+        .layer(app_layer.clone());
 
     let port: u16 = std::env::var("PORT")
         .map_or(Ok(3000), |p| p.parse())
@@ -147,5 +158,47 @@ async fn main() -> std::io::Result<()> {
             eprintln!("socket options: {error}");
         }
     });
-    axum::serve(listener, app).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let signal = shutdown_signal().await;
+            println!("shutdown: {signal} received, cancelling the requests in flight");
+            shutdown.cancel();
+        })
+        .await?;
+    println!("shutdown: every connection closed");
+    // A payment whose client left still runs: wait for it (bounded), then exit.
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .is_err()
+    {
+        println!("shutdown: gave up waiting for detached work");
+    }
+    println!("shutdown: done");
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+                "SIGTERM"
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<&'static str>();
+    tokio::select! {
+        signal = ctrl_c => signal,
+        signal = terminate => signal,
+    }
 }

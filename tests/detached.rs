@@ -54,7 +54,7 @@ async fn pay(
 }
 
 /// One router: `/pay` behind a detached per-route layer, everything else the default app;
-/// all of it behind an app-wide layer. Returns the server and the detached layer's tracker.
+/// all of it behind an app-wide layer. Returns the server and the app-wide layer's tracker.
 async fn serve(log: &Log, release: &CancellationToken) -> (Server, TaskTracker) {
     let (server, tracker, _) = serve_limited(log, release, None).await;
     (server, tracker)
@@ -70,7 +70,6 @@ async fn serve_limited(
     if let Some(limit) = limit {
         pay_layer = pay_layer.detached_limit(limit);
     }
-    let tracker = pay_layer.tracker().clone();
     let layer = pay_layer.clone();
     let (l, r) = (log.clone(), release.clone());
     let pay: Route = BoxCloneService::new(
@@ -87,9 +86,11 @@ async fn serve_limited(
         };
         route.oneshot(req)
     });
-    let svc = ServiceBuilder::new()
-        .layer(log.layer("layer"))
-        .service(router);
+    // The app-wide layer creates every request's scope: its tracker tracks the detached
+    // handler (where a graceful shutdown waits), not the route layer's own.
+    let app_layer = log.layer("layer");
+    let tracker = app_layer.tracker().clone();
+    let svc = ServiceBuilder::new().layer(app_layer).service(router);
     (Server::start(svc).await, tracker, layer)
 }
 
@@ -132,7 +133,11 @@ async fn a_detached_route_outlives_its_client_and_a_default_route_does_not() {
             "layer /slow disconnected handler",
         ]
     );
-    assert_eq!(tracker.len(), 1, "the detached handler is tracked");
+    assert_eq!(
+        tracker.len(),
+        1,
+        "the detached handler is tracked by the app-wide layer"
+    );
     // Its token is cancelled and every callback ran at once, though it keeps running.
     assert_eq!(
         about(&log, "/pay"),

@@ -222,3 +222,35 @@ async fn cleanups_that_overrun_the_drain_are_reported_then_still_awaited() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_per_route_layer_s_cleanup_is_drained_by_the_outermost_layer() {
+    // One rule: the layer that creates the request's scope (the outermost) counts every task
+    // the request leaves running, so its drain and its tracker wait for a per-route layer's
+    // async cleanup too.
+    let done = Arc::new(Mutex::new(Vec::<&str>::new()));
+    let d = done.clone();
+    let route = CancellationLayer::new().on_cancel_async(move |_: Cancelled| {
+        let done = d.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            done.lock().unwrap().push("route cleanup");
+        }
+    });
+    let app = CancellationLayer::new();
+    let svc = app.layer(route.layer(until_cancelled()));
+    let server = Server::start(svc).await;
+    let (mut h2, _conn, _socket) = h2_client(&server).await;
+    let call = tokio::spawn(h2.send_request(h2_get(&server, "/job")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    call.abort(); // RST_STREAM: the request is cancelled, the route's cleanup starts
+    eventually("the cleanup is running", || {
+        app.cleanup_counts().running == 1
+    })
+    .await;
+    assert_eq!(route.cleanup_counts().running, 0, "not the route layer's");
+    assert_eq!(app.tracker().len(), 1, "tracked by the outermost layer");
+    let counts = app.drain_cleanups(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(counts.completed, 1);
+    assert_eq!(*done.lock().unwrap(), ["route cleanup"]);
+}

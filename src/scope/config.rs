@@ -164,8 +164,10 @@ impl Bound {
         &self.config
     }
 
-    /// Runs every callback of the layer, in order, once.
-    pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span) {
+    /// Runs every callback of the layer, in order, once. Async cleanups go through `owner`'s
+    /// cleanup limit and tracker: the configuration of the layer that created the request's
+    /// scope (the outermost), which counts every task a request leaves running.
+    pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span, owner: &Config) {
         for callback in &self.config.callbacks {
             match callback {
                 Callback::Sync(f) => {
@@ -177,7 +179,7 @@ impl Bound {
                     }) else {
                         continue;
                     };
-                    self.spawn(future, cancelled, span);
+                    self.spawn(future, cancelled, span, owner);
                 }
             }
         }
@@ -188,6 +190,7 @@ impl Bound {
         future: Pin<Box<dyn Future<Output = ()> + Send>>,
         cancelled: &Cancelled,
         span: &Span,
+        owner: &Config,
     ) {
         let runtime = match &self.runtime {
             Some(handle) => handle.clone(),
@@ -204,8 +207,8 @@ impl Bound {
             },
         };
         let job = contain_async(future, cancelled, span);
-        self.config
+        owner
             .limiter
-            .submit(job, &self.config.tracker, &runtime, cancelled);
+            .submit(job, &owner.tracker, &runtime, cancelled);
     }
 }

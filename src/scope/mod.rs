@@ -426,10 +426,11 @@ impl Scope {
             for callback in handler {
                 contain("on_cancel callback", &cancelled, || callback(&cancelled));
             }
+            let owner = self.creator.config();
             for layer in joined.iter().rev() {
-                layer.bound.run(&cancelled, self.span());
+                layer.bound.run(&cancelled, self.span(), owner);
             }
-            self.creator.run(&cancelled, self.span());
+            self.creator.run(&cancelled, self.span(), owner);
         });
     }
 }

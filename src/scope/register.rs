@@ -81,7 +81,9 @@ impl Scope {
             }
             None => {}
             Some((Late::Cancelled(cancelled), bound)) => {
-                self.span().in_scope(|| bound.run(&cancelled, self.span()));
+                let owner = self.creator.config();
+                self.span()
+                    .in_scope(|| bound.run(&cancelled, self.span(), owner));
             }
             Some((Late::Completed, _)) => {}
         }

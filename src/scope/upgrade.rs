@@ -76,8 +76,9 @@ impl Scope {
 }
 
 impl Scope {
-    /// The tracker of the layer that created the scope: an upgraded connection is tracked there
-    /// while it is held, like a detached handler.
+    /// The tracker of the layer that created the scope (the outermost): every task the request
+    /// leaves running is tracked there (a detached handler, a held upgraded connection, the
+    /// async cleanups of every layer of the request).
     pub(crate) fn tracker(&self) -> &tokio_util::task::TaskTracker {
         &self.creator.config().tracker
     }

@@ -35,6 +35,19 @@ use crate::timeout_header::Conventions;
 /// The type parameter says what happens to the handler when its client leaves: by default
 /// ([`Attached`]) hyper drops it; [`detached()`](Self::detached) keeps it running.
 ///
+/// # Which layer counts a request's tasks
+///
+/// One rule: the layer that creates a request's scope, the outermost `CancellationLayer` of
+/// the request, counts every task the request leaves running. Its [`tracker`](Self::tracker)
+/// tracks the [`detached`](Self::detached) handler of a per-route layer, an upgraded
+/// connection held with [`hold_for_upgrade`](crate::RequestCancellation::hold_for_upgrade),
+/// and the async cleanups of every layer of the request, which run under its
+/// [`cleanup_limit`](Self::cleanup_limit) and are awaited by its
+/// [`drain_cleanups`](Self::drain_cleanups). So a graceful shutdown waits on the app-wide
+/// layer alone. A per-route layer's own `task_tracker` and `cleanup_limit` apply only to
+/// requests it is the outermost layer of; its callbacks, deadline, shutdown token and
+/// [`detached_limit`](CancellationLayer::detached_limit) always apply.
+///
 /// # Work that runs on after a cancellation
 ///
 /// A handler that is cancelled without being dropped (by a shutdown, a deadline, an explicit
@@ -125,8 +138,9 @@ impl CancellationLayer {
     /// (a payment, an upload to commit).
     ///
     /// Each request's handler future is spawned on the current Tokio runtime and tracked by
-    /// the layer's [`TaskTracker`], so a graceful shutdown that waits on the tracker waits
-    /// for it. When the client leaves, the request is still cancelled with
+    /// the outermost layer's [`TaskTracker`] (this one's when it is the outermost, the
+    /// app-wide layer's when this is a per-route layer: see "Which layer counts a request's
+    /// tasks" above), so a graceful shutdown that waits on that tracker waits for it. When the client leaves, the request is still cancelled with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and the callbacks
     /// run at once, so the handler *can* look at its token (for example to skip work that
     /// only served the response); the response it eventually returns is discarded.
@@ -220,9 +234,10 @@ impl<M> CancellationLayer<M> {
     /// Adds an asynchronous cleanup, spawned once for every cancelled request.
     ///
     /// The future is spawned on the Tokio runtime the request arrived on, tracked by the
-    /// layer's [`TaskTracker`] (see [`task_tracker`](Self::task_tracker)), so a graceful
-    /// shutdown can wait for every cleanup with `tracker.close(); tracker.wait().await`.
-    /// How many run at once is bounded (see [`cleanup_limit`](Self::cleanup_limit)).
+    /// outermost layer's [`TaskTracker`] (see [`task_tracker`](Self::task_tracker)), so a
+    /// graceful shutdown can wait for every cleanup with `tracker.close();
+    /// tracker.wait().await`. How many run at once is bounded by the outermost layer's
+    /// [`cleanup_limit`](Self::cleanup_limit).
     /// A panic inside it is caught and reported. If no runtime is reachable, the cleanup does
     /// not run and an `error` event says so.
     pub fn on_cancel_async<F, Fut>(self, cleanup: F) -> Self
@@ -236,8 +251,9 @@ impl<M> CancellationLayer<M> {
         })
     }
 
-    /// Tracks async cleanups (and [`detached`](CancellationLayer::detached) handlers) on
-    /// `tracker` instead of the layer's own.
+    /// Tracks the tasks of the requests this layer is the outermost layer of (async cleanups,
+    /// [`detached`](CancellationLayer::detached) handlers, held upgrades) on `tracker` instead
+    /// of the layer's own.
     ///
     /// Share one tracker between the layer and the rest of the server, then during shutdown
     /// call `tracker.close()` and `tracker.wait().await`.
@@ -391,7 +407,8 @@ impl<M> CancellationLayer<M> {
         })
     }
 
-    /// Bounds the async cleanups of this layer: at most `max_running` run at once, at most
+    /// Bounds the async cleanups of the requests this layer is the outermost layer of (those
+    /// of every layer of the request): at most `max_running` run at once, at most
     /// `max_queued` more wait for a free slot, and beyond that a cleanup is refused with a
     /// `warn` event and counted (see [`cleanup_counts`](Self::cleanup_counts)).
     ///

@@ -210,13 +210,18 @@ where
             );
             return CancellationFuture::new(DetachedFuture::refused(), guard, version);
         };
-        // The scope this request created or joined: it waits for the handler's task too.
+        // The scope this request created or joined: it waits for the handler's task too, and
+        // its creator's tracker (the outermost layer's) tracks it, where a graceful shutdown
+        // waits for the request's tasks.
         let scope = req
             .extensions()
             .get::<RequestCancellation>()
             .map(|rc| Arc::clone(rc.scope_arc()));
-        let handler =
-            DetachedFuture::spawn(self.inner.call(req), &self.config.tracker, scope, permit);
+        let tracker = scope.as_ref().map_or_else(
+            || self.config.tracker.clone(),
+            |scope| scope.tracker().clone(),
+        );
+        let handler = DetachedFuture::spawn(self.inner.call(req), &tracker, scope, permit);
         CancellationFuture::new(handler, guard, version)
     }
 }

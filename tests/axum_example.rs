@@ -1,0 +1,69 @@
+//! Runs `examples/axum.rs` (the README's router) as a real process: a client starts a payment
+//! on the detached `/pay` route and leaves, the process gets SIGTERM, and it exits only once
+//! the payment has committed. The app-wide layer creates every request's scope, so its tracker
+//! tracks the per-route detached handler.
+#![cfg(unix)]
+
+#[path = "common/process.rs"]
+mod process;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use process::{KillOnDrop, Output, PATIENCE, example};
+
+#[test]
+fn sigterm_during_a_payment_exits_only_after_the_payment_committed() {
+    let mut child = KillOnDrop(
+        Command::new(example("axum"))
+            .env("PORT", "0")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the example starts"),
+    );
+    let mut output = Output::new(&mut child.0);
+    let listening = output.wait_for("listening on http://");
+    let addr = listening
+        .trim_start_matches("listening on http://")
+        .to_owned();
+
+    let mut client = TcpStream::connect(&addr).unwrap();
+    client
+        .write_all(b"POST /pay HTTP/1.1\r\nhost: example\r\ncontent-length: 0\r\n\r\n")
+        .unwrap();
+    output.wait_for("pay: charging the card");
+    drop(client); // the client leaves: the detached payment keeps running
+    output.wait_for("layer: POST /pay cancelled: disconnected");
+
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < PATIENCE, "the example did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(exit.success(), "{exit}");
+    let lines = output.rest();
+    let position = |prefix: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in {lines:#?}"))
+    };
+    let steps = [
+        position("shutdown: SIGTERM received"),
+        position("shutdown: every connection closed"),
+        position("pay: committed (client left"),
+        position("shutdown: done"),
+    ];
+    assert!(steps.is_sorted(), "steps out of order: {lines:#?}");
+    println!("exited {:?} after SIGTERM: {lines:#?}", signalled.elapsed());
+}
