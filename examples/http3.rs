@@ -166,7 +166,7 @@ async fn main() -> Result<(), BoxError> {
     let app = app(Events(events), h3_addr.port(), shutdown.clone());
     let tcp = tokio::spawn(tls::serve(listener, tcp_tls, app.clone()));
     let h3 = tower_cancel::http3::serve(endpoint, app)
-        .with_graceful_shutdown(shutdown.clone())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .drain(Duration::from_secs(5));
     let h3 = tokio::spawn(h3.into_future());
 

@@ -106,7 +106,8 @@ async fn main() {
         })
         // One cleanup at a time and none queued: a second cancellation within 300 ms finds no
         // room, and its cleanup is refused.
-        .cleanup_limit(1, 0)
+        .max_running_cleanups(1)
+        .max_queued_cleanups(0)
         .on_cancel_async(|_: Cancelled| tokio::time::sleep(Duration::from_millis(300)));
     let svc = ServiceBuilder::new()
         .layer(layer.clone())

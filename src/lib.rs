@@ -18,7 +18,8 @@
 //!
 //! Routes whose work must finish even when the client leaves use
 //! [`CancellationLayer::detached`]; async cleanups are bounded
-//! ([`CancellationLayer::cleanup_limit`]) so that a flood of cancellations cannot pile up tasks.
+//! ([`CancellationLayer::max_running_cleanups`]) so that a flood of cancellations cannot pile up
+//! tasks.
 //! At shutdown, [`CancellationLayer::drain_cleanups`] waits for them and reports any it has to
 //! leave behind.
 //!
@@ -119,7 +120,7 @@
 //!   unwinding.
 //! * **Async cleanup** runs on the runtime the request arrived on, tracked by a
 //!   [`TaskTracker`](tokio_util::task::TaskTracker), at most
-//!   [`cleanup_limit`](CancellationLayer::cleanup_limit) at once. If no runtime is reachable,
+//!   [`max_running_cleanups`](CancellationLayer::max_running_cleanups) at once. If no runtime is reachable,
 //!   an `error` event says so.
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
@@ -161,7 +162,7 @@
 //! | request bodies read ahead, all requests of a layer (memory, plus a frame per request) | 64 MiB | [`RequestBodyLayer::read_ahead_total`] |
 //! | a handler's wait for request-body bytes | none | [`RequestBodyLayer::idle_timeout`] |
 //! | detached handlers running, also after their client left (then `503` before the start) | 1024 | [`CancellationLayer::detached_limit`] |
-//! | async cleanups running / queued (then refused, counted) | 64 / 1024 | [`CancellationLayer::cleanup_limit`] |
+//! | async cleanups running / queued (then refused, counted) | 64 / 1024 | [`CancellationLayer::max_running_cleanups`], [`max_queued_cleanups`](CancellationLayer::max_queued_cleanups) |
 //! | digits read of a deadline header | 8 / 10 | fixed |
 //! | HTTP/3: request head or non-DATA frame bytes before the request is claimed | 64 KiB | `http3::Serve::max_request_head_bytes` |
 //! | HTTP/3: time for a request head to complete | 30 s | `http3::Serve::header_read_timeout` |

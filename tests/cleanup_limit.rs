@@ -48,7 +48,8 @@ async fn ten_thousand_cancellations_against_a_limit_of_sixteen() {
     let ran = Arc::new(AtomicUsize::new(0));
     let (g, r) = (gate.clone(), ran.clone());
     let layer = CancellationLayer::new()
-        .cleanup_limit(RUNNING, QUEUED)
+        .max_running_cleanups(RUNNING)
+        .max_queued_cleanups(QUEUED)
         .on_cancel_async(move |_: Cancelled| {
             let (gate, ran) = (g.clone(), r.clone());
             async move {

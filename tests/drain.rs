@@ -64,7 +64,8 @@ async fn the_drain_awaits_every_cleanup_running_or_queued() {
     let (d, g) = (done.clone(), gate.clone());
     let layer = CancellationLayer::new()
         .shutdown_token(shutdown.clone())
-        .cleanup_limit(2, 100)
+        .max_running_cleanups(2)
+        .max_queued_cleanups(100)
         .on_cancel_async(move |c: Cancelled| {
             let (done, gate) = (d.clone(), g.clone());
             async move {
@@ -162,7 +163,8 @@ async fn cleanups_that_overrun_the_drain_are_reported_then_still_awaited() {
     let r = release.clone();
     let layer = CancellationLayer::new()
         .shutdown_token(shutdown.clone())
-        .cleanup_limit(1, 10)
+        .max_running_cleanups(1)
+        .max_queued_cleanups(10)
         .on_cancel_async(move |_: Cancelled| {
             let release = r.clone();
             async move { release.cancelled().await }

@@ -442,7 +442,8 @@ async fn cleanups_run_refused_and_overrun_are_counted() {
     let r = release.clone();
     let layer = log
         .layer("layer")
-        .cleanup_limit(1, 0)
+        .max_running_cleanups(1)
+        .max_queued_cleanups(0)
         .on_cancel_async(move |_: Cancelled| {
             let release = r.clone();
             async move { release.cancelled().await }

@@ -138,7 +138,8 @@ async fn rapid_reset(resets: u64, accepted: bool) {
     let stats = Arc::new(Stats::default());
     let (s1, s2) = (stats.clone(), stats.clone());
     let layer = CancellationLayer::new()
-        .cleanup_limit(RUNNING, QUEUED)
+        .max_running_cleanups(RUNNING)
+        .max_queued_cleanups(QUEUED)
         .on_cancel(move |_: &Cancelled| {
             s1.cancelled.fetch_add(1, Ordering::SeqCst);
         })

@@ -88,7 +88,7 @@
 //!
 //! // `Err` if the endpoint stops without the graceful shutdown (closed, or its socket failed).
 //! tower_cancel::http3::serve(endpoint, app)
-//!     .with_graceful_shutdown(shutdown)
+//!     .with_graceful_shutdown(shutdown.cancelled_owned())
 //!     .await?;
 //! # Ok(())
 //! # }

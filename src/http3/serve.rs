@@ -60,7 +60,7 @@ where
     Serve {
         endpoint,
         service,
-        shutdown: None,
+        signal: None,
         drain: DRAIN,
         max_field_section_size: MAX_FIELD_SECTION_SIZE,
         max_request_head_bytes: MAX_REQUEST_HEAD_BYTES,
@@ -74,7 +74,8 @@ where
 pub struct Serve<S> {
     endpoint: quinn::Endpoint,
     service: S,
-    shutdown: Option<CancellationToken>,
+    /// Resolves when the graceful shutdown begins.
+    signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     drain: Duration,
     max_field_section_size: u64,
     max_request_head_bytes: u64,
@@ -83,14 +84,20 @@ pub struct Serve<S> {
 }
 
 impl<S> Serve<S> {
-    /// Shuts down gracefully when `token` is cancelled: no new connection is accepted, every
-    /// connection sends `GOAWAY`, its requests in flight may finish for at most the
+    /// Shuts down gracefully when `signal` resolves, as axum's `serve(..)
+    /// .with_graceful_shutdown(signal)` does: no new connection is accepted, every connection
+    /// sends `GOAWAY`, its requests in flight may finish for at most the
     /// [`drain`](Self::drain) bound, then the connections and the endpoint are closed.
     ///
-    /// Give the same token to [`CancellationLayer::shutdown_token`](crate::CancellationLayer::shutdown_token),
-    /// so that those requests are cancelled with `Shutdown` and can stop early.
-    pub fn with_graceful_shutdown(mut self, token: CancellationToken) -> Self {
-        self.shutdown = Some(token);
+    /// With a `CancellationToken` as the server's shutdown, pass `token.clone().cancelled_owned()`
+    /// here and the same token to
+    /// [`CancellationLayer::shutdown_token`](crate::CancellationLayer::shutdown_token), so that
+    /// the requests in flight are cancelled with `Shutdown` and can stop early.
+    pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.signal = Some(Box::pin(signal));
         self
     }
 
@@ -148,7 +155,7 @@ impl<S> fmt::Debug for Serve<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve")
             .field("local_addr", &self.endpoint.local_addr().ok())
-            .field("graceful_shutdown", &self.shutdown.is_some())
+            .field("graceful_shutdown", &self.signal.is_some())
             .field("drain", &self.drain)
             .field("max_field_section_size", &self.max_field_section_size)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
@@ -188,15 +195,23 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    async fn run(self) -> io::Result<()> {
+    async fn run(mut self) -> io::Result<()> {
         self.endpoint.local_addr()?;
-        let shutdown = self.shutdown.clone().unwrap_or_default();
+        // Cancelled when the signal resolves: what every connection watches.
+        let shutdown = CancellationToken::new();
+        let mut signal = self
+            .signal
+            .take()
+            .unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut connections = JoinSet::new();
         let mut stopped = false;
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = &mut signal => {
+                    shutdown.cancel();
+                    break;
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else {
                         stopped = true;

@@ -96,6 +96,14 @@ impl Limiter {
         lock(&self.state)
     }
 
+    pub(crate) fn max_running(&self) -> usize {
+        self.max_running
+    }
+
+    pub(crate) fn max_queued(&self) -> usize {
+        self.max_queued
+    }
+
     pub(crate) fn counts(&self) -> CleanupCounts {
         let (running, queued) = {
             let state = self.lock();

@@ -30,7 +30,7 @@ use crate::timeout_header::Conventions;
 ///
 /// Cloning is cheap: the configuration is shared. Clones also share the task tracker and the
 /// cleanup limit (and its counts), until [`task_tracker`](Self::task_tracker) or
-/// [`cleanup_limit`](Self::cleanup_limit) gives a clone its own.
+/// [`max_running_cleanups`](Self::max_running_cleanups) gives a clone its own.
 ///
 /// The type parameter says what happens to the handler when its client leaves: by default
 /// ([`Attached`]) hyper drops it; [`detached()`](Self::detached) keeps it running.
@@ -42,9 +42,9 @@ use crate::timeout_header::Conventions;
 /// tracks the [`detached`](Self::detached) handler of a per-route layer, an upgraded
 /// connection held with [`hold_for_upgrade`](crate::RequestCancellation::hold_for_upgrade),
 /// and the async cleanups of every layer of the request, which run under its
-/// [`cleanup_limit`](Self::cleanup_limit) and are awaited by its
+/// cleanup limit ([`max_running_cleanups`](Self::max_running_cleanups)) and are awaited by its
 /// [`drain_cleanups`](Self::drain_cleanups). So a graceful shutdown waits on the app-wide
-/// layer alone. A per-route layer's own `task_tracker` and `cleanup_limit` apply only to
+/// layer alone. A per-route layer's own `task_tracker` and cleanup limit apply only to
 /// requests it is the outermost layer of; its callbacks, deadline, shutdown token and
 /// [`detached_limit`](CancellationLayer::detached_limit) always apply.
 ///
@@ -237,7 +237,7 @@ impl<M> CancellationLayer<M> {
     /// outermost layer's [`TaskTracker`] (see [`task_tracker`](Self::task_tracker)), so a
     /// graceful shutdown can wait for every cleanup with `tracker.close();
     /// tracker.wait().await`. How many run at once is bounded by the outermost layer's
-    /// [`cleanup_limit`](Self::cleanup_limit).
+    /// cleanup limit ([`max_running_cleanups`](Self::max_running_cleanups)).
     /// A panic inside it is caught and reported. If no runtime is reachable, the cleanup does
     /// not run and an `error` event says so.
     pub fn on_cancel_async<F, Fut>(self, cleanup: F) -> Self
@@ -408,23 +408,47 @@ impl<M> CancellationLayer<M> {
     }
 
     /// Bounds the async cleanups of the requests this layer is the outermost layer of (those
-    /// of every layer of the request): at most `max_running` run at once, at most
-    /// `max_queued` more wait for a free slot, and beyond that a cleanup is refused with a
-    /// `warn` event and counted (see [`cleanup_counts`](Self::cleanup_counts)).
+    /// of every layer of the request): at most `max` run at once; more wait in a queue of
+    /// [`max_queued_cleanups`](Self::max_queued_cleanups), and beyond that a cleanup is
+    /// refused with a `warn` event and counted (see [`cleanup_counts`](Self::cleanup_counts)).
     ///
     /// The default is 64 running and 1024 queued. A client can create and cancel thousands
     /// of requests a second (HTTP/2 rapid reset, CVE-2023-44487): without a bound, each would
-    /// leave a task behind. `max_running` is at least 1. Queued cleanups are tracked by the
-    /// [`TaskTracker`] like running ones.
-    pub fn cleanup_limit(self, max_running: usize, max_queued: usize) -> Self {
-        self.configure(|config| config.limiter = Arc::new(Limiter::new(max_running, max_queued)))
+    /// leave a task behind. `max` is at least 1. A running slot is one task that takes the
+    /// next queued cleanup when its own is done.
+    ///
+    /// Each call starts new counts ([`cleanup_counts`](Self::cleanup_counts)), shared by this
+    /// layer and the clones made from it afterwards.
+    ///
+    /// ```
+    /// let layer = tower_cancel::CancellationLayer::new()
+    ///     .max_running_cleanups(16)
+    ///     .max_queued_cleanups(256);
+    /// # drop(layer);
+    /// ```
+    pub fn max_running_cleanups(self, max: usize) -> Self {
+        self.configure(|config| {
+            let queued = config.limiter.max_queued();
+            config.limiter = Arc::new(Limiter::new(max, queued));
+        })
+    }
+
+    /// How many async cleanups may wait for a running slot (see
+    /// [`max_running_cleanups`](Self::max_running_cleanups)): 1024 unless set; `0` refuses
+    /// every cleanup that finds no free slot. Queued cleanups are not spawned yet, but the
+    /// [`TaskTracker`] tracks them like running ones.
+    pub fn max_queued_cleanups(self, max: usize) -> Self {
+        self.configure(|config| {
+            let running = config.limiter.max_running();
+            config.limiter = Arc::new(Limiter::new(running, max));
+        })
     }
 
     /// How the layer's async cleanups are doing: running, queued, refused and completed,
     /// counted across every service and request built from this layer.
     ///
     /// ```
-    /// let layer = tower_cancel::CancellationLayer::new().cleanup_limit(16, 256);
+    /// let layer = tower_cancel::CancellationLayer::new().max_running_cleanups(16);
     /// let counts = layer.cleanup_counts();
     /// assert_eq!((counts.running, counts.queued, counts.refused), (0, 0, 0));
     /// ```
@@ -433,7 +457,8 @@ impl<M> CancellationLayer<M> {
     }
 
     /// Waits, at shutdown, until every async cleanup of this layer has finished (the running
-    /// ones and the ones queued behind the [`cleanup_limit`](Self::cleanup_limit)), for at
+    /// ones and the ones queued behind the limit, see
+    /// [`max_running_cleanups`](Self::max_running_cleanups)), for at
     /// most `timeout`.
     ///
     /// Call it after the server stopped taking requests and the in-flight ones ended (for

@@ -117,7 +117,7 @@ impl H3Server {
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let serve = tower_cancel::http3::serve(endpoint.clone(), svc)
-            .with_graceful_shutdown(shutdown.clone());
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let task = tokio::spawn(tune(serve).into_future());
         H3Server {
             addr,
