@@ -3,6 +3,8 @@
 
 use std::error::Error;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,11 +22,17 @@ pub(crate) use crate::propagate::BoxError;
 /// The handler's read of its [`RequestBody`](super::RequestBody) fails with this error, boxed:
 /// find it with `error.downcast_ref::<IdleTimeout>()`, or, through any wrapper that keeps it as
 /// a [`source`](Error::source) (axum's `axum::Error`, for one), with
-/// [`IdleTimeout::find`]. Answer `408 Request Timeout`. The request was cancelled with
+/// [`IdleTimeout::find`]. The request was cancelled with
 /// [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded) when the read
 /// failed.
 ///
-/// With axum, on a route behind the layer:
+/// The client gets `408 Request Timeout` without the handler finding it: the layer answers
+/// `408` in place of the `400` or `500` a handler makes of a failed read (axum's body
+/// extractors answer `400`; see [`idle_timeout`](super::RequestBodyLayer::idle_timeout)).
+/// Find it to answer `408` with a response of your own, or to tell a stall from other
+/// failures in the handler's logs or cleanup; a handler's own `408` passes unchanged.
+///
+/// With axum, on a route behind the layer, a handler that writes its own answer:
 ///
 /// ```
 /// use std::time::Duration;
@@ -99,11 +107,29 @@ impl fmt::Display for IdleTimeout {
 
 impl Error for IdleTimeout {}
 
+/// Whether one request's idle timeout has fired: set by its body's clock, read by its response
+/// future when the handler answers (they may run on different threads, if the handler reads its
+/// body on a task of its own).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TimedOut(Arc<AtomicBool>);
+
+impl TimedOut {
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// The clock of one request body's idle timeout. It runs from the first read of the handler
 /// that finds no frame ready until a frame reaches the handler; the timer is created on first
 /// use and reused by later waits.
 pub(crate) struct IdleClock {
     idle: Duration,
+    /// Set when the timeout fires, for the response future.
+    timed_out: TimedOut,
     /// When the wait that is running times out; `None` while the handler is not waiting.
     deadline: Option<Instant>,
     timer: Timer,
@@ -112,9 +138,10 @@ pub(crate) struct IdleClock {
 }
 
 impl IdleClock {
-    pub(crate) fn new(idle: Duration) -> Self {
+    pub(crate) fn new(idle: Duration, timed_out: TimedOut) -> Self {
         Self {
             idle,
+            timed_out,
             deadline: None,
             timer: Timer::default(),
             expired: false,
@@ -153,6 +180,7 @@ impl IdleClock {
         {
             Poll::Ready(()) => {
                 self.expired = true;
+                self.timed_out.set();
                 self.deadline = None;
                 // The timer's registration goes with it.
                 self.timer = Timer::default();

@@ -17,13 +17,16 @@
 //!
 //! A client can also stall: send the head and part of the body, then nothing, with the
 //! connection open. With an [`idle_timeout`](RequestBodyLayer::idle_timeout), a handler that
-//! waits that long for body bytes gets an [`IdleTimeout`] error from its read (answer
-//! `408 Request Timeout`), and the request is cancelled with `DeadlineExceeded`, in the phase
-//! it is in (`Handler` while the handler runs, the usual case). The clock runs only while the
-//! handler waits for the body: it starts when a read finds nothing ready and stops when a
-//! frame arrives, so a slow but steady upload never times out, and neither does a handler
-//! that is busy elsewhere while the body waits for it. The body's error type is a box
-//! (`tower::BoxError`), holding the original body's error unchanged or the `IdleTimeout`.
+//! waits that long for body bytes gets an [`IdleTimeout`] error from its read, the request is
+//! cancelled with `DeadlineExceeded`, in the phase it is in (`Handler` while the handler runs,
+//! the usual case), and the client gets `408 Request Timeout`: the [`RequestBodyFuture`]
+//! answers it in place of the `400` or `500` the handler made of the failed read (axum's
+//! `Bytes`, `String`, `Json` and `Form` extractors answer `400`), so the handler need not
+//! recognise the error itself. The clock runs only while the handler waits for the body: it
+//! starts when a read finds nothing ready and stops when a frame arrives, so a slow but steady
+//! upload never times out, and neither does a handler that is busy elsewhere while the body
+//! waits for it. The body's error type is a box (`tower::BoxError`), holding the original
+//! body's error unchanged or the `IdleTimeout`.
 //!
 //! ```
 //! use http::{Request, Response};
@@ -54,7 +57,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response, Version};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -75,7 +78,7 @@ use self::body::Kind;
 pub use self::body::RequestBody;
 pub use self::future::RequestBodyFuture;
 pub use self::idle::IdleTimeout;
-use self::idle::{BoxError, IdleClock};
+use self::idle::{BoxError, IdleClock, TimedOut};
 use self::read_ahead::{Budget, ReadAhead};
 
 /// A [`Layer`] for routes that receive request bodies (uploads): a failed body read caused by
@@ -230,11 +233,28 @@ impl RequestBodyLayer {
     ///   handler runs, which is when a handler reads its body (a response body that streams
     ///   the request body out after the handler returned would see `Phase::Body`). Without a
     ///   `CancellationLayer` there is nothing to cancel, and the read fails all the same;
-    /// * the read returns `Err` with a boxed [`IdleTimeout`]: answer `408 Request Timeout`
-    ///   (find it with `downcast_ref`, `is`, or [`IdleTimeout::find`] through wrappers such
-    ///   as `axum::Error`);
+    /// * the read returns `Err` with a boxed [`IdleTimeout`] (find it with `downcast_ref`,
+    ///   `is`, or [`IdleTimeout::find`] through wrappers such as `axum::Error`);
     /// * the body is over: it yields `None` from then on and never polls the original body
-    ///   again.
+    ///   again;
+    /// * when the handler answers, the layer turns a `400 Bad Request` or a
+    ///   `500 Internal Server Error` into `408 Request Timeout`, keeping the handler's headers
+    ///   and body (its `content-length` stays true, and its text, such as axum's "Failed to
+    ///   buffer the request body: no request body bytes arrived for 30s", says why), and adds
+    ///   `connection: close` when the request came over HTTP/1.x (RFC 9110 §15.5.9: the server
+    ///   is not waiting for the rest of the body; hyper closes such a connection anyway when
+    ///   the rest is not there to drain). Those two statuses are what a failed body read becomes
+    ///   when the handler does not look at why it failed: axum's `Bytes`, `String`, `Json`,
+    ///   `Form` and `RawForm` extractors reject it with `400`, its `Multipart` with `500`, and
+    ///   a handler that passes the error on with `?` usually answers `500`. Any other status is
+    ///   the handler's own choice and is kept: a `2xx` or `3xx` (it did without the rest of the
+    ///   body), its own `408`, a `413` (a length limit was reached: axum answers it only for
+    ///   `LengthLimitError`, never for this timeout), a `503` or `504` of a handler that saw its
+    ///   cancellation, and the rest. So is any answer when the timeout did not fire, such as a
+    ///   `400` given before the body was read. The answer that is changed is the one the
+    ///   handler returns: a response whose body goes on reading the request body (the timeout
+    ///   then fires in `Phase::Body`) has been sent already. A `debug` event with target
+    ///   `tower_cancel` tells when the layer answered `408`.
     ///
     /// The timeout needs Tokio's timer: on a runtime without the time driver it is not
     /// enforced, and an `error` event with target `tower_cancel` says so, once per request.
@@ -250,9 +270,10 @@ impl RequestBodyLayer {
     /// use http_body::Frame;
     /// use http_body_util::{BodyExt, StreamBody};
     /// use tower::{ServiceBuilder, ServiceExt};
-    /// use tower_cancel::request_body::{IdleTimeout, RequestBody, RequestBodyLayer};
+    /// use tower_cancel::request_body::{RequestBody, RequestBodyLayer};
     /// use tower_cancel::{CancelReason, CancellationLayer, Cancelled, Phase};
     ///
+    /// // Any failed read is a 400 here: the layer answers 408 in its place after a stall.
     /// async fn upload<B>(req: Request<RequestBody<B>>) -> Result<Response<String>, Infallible>
     /// where
     ///     B: http_body::Body,
@@ -260,8 +281,7 @@ impl RequestBodyLayer {
     /// {
     ///     let (status, text) = match req.into_body().collect().await {
     ///         Ok(body) => (StatusCode::OK, format!("{} bytes\n", body.to_bytes().len())),
-    ///         Err(e) if e.is::<IdleTimeout>() => (StatusCode::REQUEST_TIMEOUT, format!("{e}\n")),
-    ///         Err(_) => (StatusCode::BAD_REQUEST, "the upload failed\n".to_owned()),
+    ///         Err(e) => (StatusCode::BAD_REQUEST, format!("the upload failed: {e}\n")),
     ///     };
     ///     let mut response = Response::new(text);
     ///     *response.status_mut() = status;
@@ -284,7 +304,7 @@ impl RequestBodyLayer {
     /// let response = svc.oneshot(Request::new(stalled)).await.unwrap();
     /// assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
     /// let text = response.into_body().collect().await.unwrap().to_bytes();
-    /// assert_eq!(text, "no request body bytes arrived for 30s\n");
+    /// assert_eq!(text, "the upload failed: no request body bytes arrived for 30s\n");
     /// assert_eq!(
     ///     cancelled.try_recv(),
     ///     Ok((CancelReason::DeadlineExceeded, Phase::Handler))
@@ -352,6 +372,9 @@ impl<S> Layer<S> for RequestBodyLayer {
 }
 
 /// Middleware built by [`RequestBodyLayer`].
+///
+/// It serves an `http::Response`, whatever its body type (no bound on it), so that it can
+/// answer `408` after an [`idle_timeout`](RequestBodyLayer::idle_timeout).
 #[derive(Debug, Clone)]
 pub struct RequestBodyService<S> {
     inner: S,
@@ -364,14 +387,14 @@ impl<S> RequestBodyService<S> {
     inner_service_accessors!();
 }
 
-impl<S, B> Service<Request<B>> for RequestBodyService<S>
+impl<S, B, ResBody> Service<Request<B>> for RequestBodyService<S>
 where
-    S: Service<Request<RequestBody<B>>>,
+    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError> + Send,
 {
-    type Response = S::Response;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = RequestBodyFuture<S::Future, B>;
 
@@ -391,7 +414,18 @@ where
             .get(http::header::EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let reading_ahead = self.read_ahead > 0 && self.budget.total > 0 && !expects_continue;
-        let idle = self.idle_timeout.map(IdleClock::new);
+        // The body's clock and the response future share whether the timeout fired.
+        let (idle, timed_out) = self
+            .idle_timeout
+            .map(|idle| {
+                let timed_out = TimedOut::default();
+                (IdleClock::new(idle, timed_out.clone()), timed_out)
+            })
+            .unzip();
+        let http1 = matches!(
+            parts.version,
+            Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+        );
         let (body, reader) = if reading_ahead && !body.is_end_stream() {
             let budget = Arc::clone(&self.budget);
             let shared = Arc::new(ReadAhead::new(body, request, self.read_ahead, budget));
@@ -420,6 +454,8 @@ where
         RequestBodyFuture {
             inner: self.inner.call(Request::from_parts(parts, body)),
             reader,
+            timed_out,
+            http1,
         }
     }
 }

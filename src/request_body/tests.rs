@@ -566,7 +566,7 @@ fn a_request_that_finds_the_budget_spent_reads_no_further_and_says_so_once() {
     let handler = tower::service_fn(|req: Request<RequestBody<Frames>>| async move {
         Yield(20).await;
         let body = req.into_body().collect().await.unwrap().to_bytes();
-        Ok::<_, Infallible>(body)
+        Ok::<_, Infallible>(http::Response::new(body))
     });
     let mut svc = layer.layer(handler);
     let frames: &[&[u8]] = &[b"abc", b"def", b"ghi", b"jkl"];
@@ -575,7 +575,7 @@ fn a_request_that_finds_the_budget_spent_reads_no_further_and_says_so_once() {
         let mut cx = Context::from_waker(Waker::noop());
         loop {
             if let Poll::Ready(body) = future.as_mut().poll(&mut cx) {
-                break body.unwrap();
+                break body.unwrap().into_body();
             }
         }
     });
@@ -785,7 +785,7 @@ mod idle_timeout {
                 inner: feed.body(),
                 request: request.cloned(),
             },
-            idle: Some(IdleClock::new(IDLE)),
+            idle: Some(IdleClock::new(IDLE, TimedOut::default())),
         }
     }
 
@@ -927,13 +927,15 @@ mod idle_timeout {
         let handler = tower::service_fn(|req: Request<RequestBody<Fed>>| async move {
             let started = Instant::now();
             let error = within_an_hour(req.into_body().collect()).await.unwrap_err();
-            Ok::<_, Infallible>((timeout_of(&error), started.elapsed()))
+            let answer = (timeout_of(&error), started.elapsed());
+            Ok::<_, Infallible>(http::Response::new(answer))
         });
         // No `CancellationLayer`: no scope in the extensions.
         let (timeout, took) =
             tower::ServiceExt::oneshot(layer.layer(handler), Request::new(feed.body()))
                 .await
-                .unwrap();
+                .unwrap()
+                .into_body();
         assert_eq!((timeout.idle(), took), (IDLE, IDLE));
     }
 
@@ -948,12 +950,13 @@ mod idle_timeout {
         let handler = tower::service_fn(|req: Request<RequestBody<Fed>>| async move {
             let mut body = req.into_body();
             let waited = tokio::time::timeout(Duration::from_secs(3600), body.frame()).await;
-            Ok::<_, Infallible>(waited.is_err())
+            Ok::<_, Infallible>(http::Response::new(waited.is_err()))
         });
         assert!(
             tower::ServiceExt::oneshot(layer.layer(handler), request)
                 .await
                 .unwrap()
+                .into_body()
         );
     }
 
@@ -977,9 +980,10 @@ mod idle_timeout {
                         Some(Ok(frame)) => got.push(frame.into_data().unwrap()),
                         Some(Err(error)) => {
                             waited.push(started.elapsed());
-                            return Ok::<_, Infallible>((got, Some(timeout_of(&error)), waited));
+                            let answer = (got, Some(timeout_of(&error)), waited);
+                            return Ok::<_, Infallible>(http::Response::new(answer));
                         }
-                        None => return Ok((got, None, waited)),
+                        None => return Ok(http::Response::new((got, None, waited))),
                     }
                     waited.push(started.elapsed());
                 }
@@ -998,7 +1002,7 @@ mod idle_timeout {
             let mut request = Request::new(feed.body());
             request.extensions_mut().insert(rc.clone());
             let mut svc = layer.layer(handler);
-            let (got, timeout, waited) = svc.call(request).await.unwrap();
+            let (got, timeout, waited) = svc.call(request).await.unwrap().into_body();
             let zero = Duration::ZERO;
             if steady {
                 // What was read ahead comes as one chunk.
@@ -1015,6 +1019,111 @@ mod idle_timeout {
                 assert_eq!(timeout.map(|t| t.idle()), Some(IDLE));
                 assert_eq!(waited, [zero, IDLE], "read ahead: at once; then the clock");
                 assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+            }
+        }
+    }
+
+    /// The handler's answer, once it has read its body (`read`) and the body has (`stalled`) or
+    /// has not timed out: what the layer hands on.
+    async fn answer(
+        read: bool,
+        stalled: bool,
+        status: http::StatusCode,
+        version: http::Version,
+    ) -> (http::Response<&'static str>, RequestCancellation) {
+        let rc = RequestCancellation::for_test();
+        let feed = Feed::default();
+        feed.data("half");
+        if !stalled {
+            feed.end();
+        }
+        let handler = tower::service_fn(move |req: Request<RequestBody<Fed>>| async move {
+            if read {
+                let started = Instant::now();
+                let read = within_an_hour(req.into_body().collect()).await;
+                let waited = if stalled { IDLE } else { Duration::ZERO };
+                assert_eq!((read.is_err(), started.elapsed()), (stalled, waited));
+            }
+            let response = http::Response::builder()
+                .status(status)
+                .header("content-type", "text/plain")
+                .header("content-length", "4")
+                .body("kept")
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let mut request = Request::new(feed.body());
+        *request.version_mut() = version;
+        request.extensions_mut().insert(rc.clone());
+        let layer = RequestBodyLayer::new().idle_timeout(IDLE);
+        let response = tower::ServiceExt::oneshot(layer.layer(handler), request).await;
+        (response.unwrap(), rc)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_timeout_a_400_or_500_becomes_408_with_the_handler_s_headers_and_body() {
+        use http::{StatusCode, Version};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Events(Arc::clone(&events)));
+        let _events = tracing::subscriber::set_default(subscriber);
+        let cases = [
+            (StatusCode::BAD_REQUEST, Version::HTTP_11),
+            (StatusCode::INTERNAL_SERVER_ERROR, Version::HTTP_10),
+            (StatusCode::BAD_REQUEST, Version::HTTP_2),
+            (StatusCode::INTERNAL_SERVER_ERROR, Version::HTTP_3),
+        ];
+        for (status, version) in cases {
+            let (response, rc) = answer(true, true, status, version).await;
+            assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT, "{status}");
+            // The handler's headers and body: the length stays true.
+            assert_eq!(response.headers()["content-length"], "4");
+            assert_eq!(response.headers()["content-type"], "text/plain");
+            assert_eq!(*response.body(), "kept");
+            // RFC 9110 §15.5.9 over HTTP/1.x; a connection header is not HTTP/2's or 3's.
+            let connection = response.headers().get("connection");
+            if version <= Version::HTTP_11 {
+                assert_eq!(connection.unwrap(), "close", "{version:?}");
+            } else {
+                assert_eq!(connection, None, "{version:?}");
+            }
+            // The recorded cancellation is the read's, unchanged.
+            assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+            assert_eq!(rc.record().phase(), Phase::Handler);
+        }
+        let answered: Vec<_> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.contains("408"))
+            .cloned()
+            .collect();
+        let event = "DEBUG tower_cancel the request body's idle timeout fired: answering 408 \
+                     Request Timeout in place of the handler's status";
+        assert_eq!(answered, [event; 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_other_answer_and_any_answer_without_a_timeout_pass_unchanged() {
+        use http::{StatusCode, Version};
+
+        // After the timeout: statuses the handler chose for a reason of its own, its own 408
+        // (no `connection` added), and success.
+        for status in [200, 204, 302, 408, 413, 415, 422, 429, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (response, rc) = answer(true, true, status, Version::HTTP_11).await;
+            assert_eq!(response.status(), status);
+            assert_eq!(response.headers().get("connection"), None, "{status}");
+            assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+        }
+        // No timeout: a handler that answered before reading, and one whose body came whole.
+        for (read, stalled) in [(false, true), (true, false)] {
+            for status in [StatusCode::BAD_REQUEST, StatusCode::INTERNAL_SERVER_ERROR] {
+                let (response, rc) = answer(read, stalled, status, Version::HTTP_11).await;
+                assert_eq!(response.status(), status, "read {read}, stalled {stalled}");
+                assert_eq!(response.headers().get("connection"), None);
+                assert_eq!(rc.reason(), None);
             }
         }
     }
