@@ -465,3 +465,30 @@ both_flavours!(
     a_body_cut_short_is_reset_never_finished,
     a_graceful_shutdown_sends_goaway_cancels_with_shutdown_and_drains,
 );
+
+#[tokio::test]
+async fn connection_specific_headers_never_reach_the_client() {
+    // RFC 9114 §4.2: `connection`, `keep-alive`, `transfer-encoding`, `upgrade` make an HTTP/3
+    // message malformed. A handler written for HTTP/1.1 (or a layer answering for it) may set
+    // them: the server strips them, as hyper does for HTTP/2.
+    let svc = tower::service_fn(|_: Request<tower_cancel::http3::IncomingBody>| async {
+        let response = http::Response::builder()
+            .header("connection", "close")
+            .header("keep-alive", "timeout=5")
+            .header("transfer-encoding", "chunked")
+            .header("x-kept", "yes")
+            .body(http_body_util::Full::new(Bytes::from_static(b"hi")))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let server = H3Server::start(svc, CancellationToken::new(), Duration::from_secs(1)).await;
+    let mut client = H3Client::connect(&server).await;
+    let mut stream = client.get("/").await;
+    let response = stream.recv_response().await.unwrap();
+    let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["x-kept"], "{response:?}");
+    assert_eq!(
+        read_body(&mut stream).await,
+        (b"hi".to_vec(), Ending::Finished)
+    );
+}

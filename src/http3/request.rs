@@ -85,7 +85,8 @@ pub(crate) async fn serve_request<S, B>(
         }
     };
 
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    strip_connection_headers(&mut parts.headers);
     // As over HTTP/1.1 and HTTP/2, these responses have no content whatever the body says.
     let bodiless = has_no_content(&method, parts.status);
     let head = Response::from_parts(parts, ());
@@ -161,4 +162,41 @@ pub(crate) async fn serve_request<S, B>(
 /// The client left: what is dropped on return is the handler's future or the body.
 fn left(gone: Gone, during: &'static str) {
     tracing::debug!(target: TARGET, ?gone, during, "HTTP/3 client left the request");
+}
+
+/// Removes the connection-specific header fields, which make an HTTP/3 message malformed
+/// (RFC 9114 §4.2), as hyper does for HTTP/2: a handler written for HTTP/1.1 may set them
+/// (`connection: close`, `keep-alive`), and so may a layer that answers for it.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    // `te` is allowed in requests only ("trailers"); a response has no use for it.
+    headers.remove(TE);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connection_specific_headers_are_stripped() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.insert(name, value.parse().unwrap());
+        }
+        super::strip_connection_headers(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+    }
 }
