@@ -73,7 +73,8 @@
 //! ```
 //!
 //! With hyper, axum or tonic the layer goes around the service you serve: hyper's
-//! `TowerToHyperService`, axum's `Router::layer`, tonic's `Server::builder().layer(..)`. The
+//! `TowerToHyperService`, axum's `Router::layer`, tonic's `Server::builder().layer(..)` (or,
+//! for one service of the server, `add_service(layer.layer(..))`: feature `tonic`). The
 //! repository's `examples/` have a complete server for each, and a graceful shutdown.
 //!
 //! # Features
@@ -82,7 +83,9 @@
 //!   `OptionalFromRequestParts` for `Option<RequestCancellation>`).
 //! * `tonic`: [`CancelReason`] and [`MissingCancellationLayer`] convert into `tonic::Status`,
 //!   so that a tonic method can answer `Err(reason.into())` and use `?` on
-//!   [`RequestCancellation::from_extensions`].
+//!   [`RequestCancellation::from_extensions`]; the layers' services are tonic `NamedService`s,
+//!   so a layer can wrap one service of a server, with its own deadline
+//!   (`add_service(CancellationLayer::new().timeout(..).layer(ReportsServer::new(..)))`).
 //! * `socket2`: `tcp::detect_vanished(&stream, bound)` sets TCP keepalive and
 //!   `TCP_USER_TIMEOUT` on an accepted connection, so that a client that vanishes without FIN
 //!   or RST is noticed within `bound`.
