@@ -6,6 +6,12 @@
 //! that the connection fails within that bound, hyper drops the request, and the layer cancels
 //! it with [`Disconnected`](crate::CancelReason::Disconnected).
 //!
+//! ```toml
+//! [dependencies]
+//! tower-cancel = { version = "0.1", features = ["socket2"] }
+//! tokio = { version = "1", features = ["net"] }
+//! ```
+//!
 //! ```no_run
 //! use std::time::Duration;
 //!

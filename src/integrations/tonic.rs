@@ -20,7 +20,7 @@ use crate::server::CancellationService;
 /// tonic = "0.14"
 /// tower = "0.5"
 /// tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
-/// # and what the generated services use: prost, tonic-prost
+/// # and what the code tonic-build generates uses: prost = "0.14", tonic-prost = "0.14"
 /// ```
 ///
 /// ```no_run
@@ -99,6 +99,13 @@ impl<S: NamedService> NamedService for RequestBodyService<S> {
 /// `CANCELLED` "Timeout expired", discarding the method's answer: `DEADLINE_EXCEEDED` from a
 /// method reaches the client when the layer's own [`timeout`](crate::CancellationLayer::timeout)
 /// is the shorter deadline.
+///
+/// ```toml
+/// [dependencies]
+/// tower-cancel = { version = "0.1", features = ["tonic"] }
+/// tonic = "0.14"
+/// tokio = { version = "1", features = ["macros", "time"] }
+/// ```
 ///
 /// ```
 /// use tonic::{Code, Request, Response, Status};
