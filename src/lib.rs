@@ -92,6 +92,12 @@
 //! * `metrics`: counters of cancellations (by reason and phase) and of async cleanups (run,
 //!   refused, overrun), and a histogram of how long cancelled work ran on after its
 //!   cancellation, on the `metrics` facade; see [`CancellationLayer`]'s "Metrics".
+//! * `http3`: `http3::serve` serves any tower `Service` (an axum `Router`, a stack with
+//!   [`CancellationLayer`]) over HTTP/3 on a `quinn::Endpoint`, with the `h3` crate; a client's
+//!   `STOP_SENDING` or `RESET_STREAM` reaches the layer at once, as hyper's drops do, and a
+//!   response cut short is reset, never finished. It adds quinn, rustls and ring to the build.
+//!
+//! No feature is on by default. On docs.rs every item a feature gates says which.
 //!
 //! # Semantics
 //!
@@ -186,6 +192,10 @@
 //! [`CancellationToken`]: tokio_util::sync::CancellationToken
 
 #![forbid(unsafe_code)]
+// docs.rs (`--cfg docsrs`, nightly): "Available on crate feature ... only" on what a feature
+// gates. Since nightly 1.92 `doc_cfg` also derives those notes from the `cfg`s themselves
+// (`doc_auto_cfg` was folded into it).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod event;
 mod handle;

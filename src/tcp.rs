@@ -73,6 +73,9 @@ fn keepalive(bound: Duration) -> (Duration, Duration) {
 ///
 /// The error of the first socket option the system refused.
 #[cfg(unix)]
+// One function on Unix and one on Windows (below): the docs, built on Linux, name both (an
+// explicit `doc(cfg)` replaces the derived one, so it repeats the feature).
+#[cfg_attr(docsrs, doc(cfg(all(feature = "socket2", any(unix, windows)))))]
 pub fn detect_vanished<S: std::os::fd::AsFd>(stream: &S, bound: Duration) -> io::Result<()> {
     apply(&SockRef::from(stream), bound)
 }
