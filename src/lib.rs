@@ -74,7 +74,8 @@
 //! ```
 //!
 //! With hyper, axum or tonic the layer goes around the service you serve: hyper's
-//! `TowerToHyperService`, axum's `Router::layer`, tonic's `Server::builder().layer(..)`. The
+//! `TowerToHyperService`, axum's `Router::layer`, tonic's `Server::builder().layer(..)` (or,
+//! for one service of the server, `add_service(layer.layer(..))`: feature `tonic`). The
 //! repository's `examples/` have a complete server for each, and a graceful shutdown.
 //!
 //! # Features
@@ -83,16 +84,24 @@
 //!   `OptionalFromRequestParts` for `Option<RequestCancellation>`).
 //! * `tonic`: [`CancelReason`] and [`MissingCancellationLayer`] convert into `tonic::Status`,
 //!   so that a tonic method can answer `Err(reason.into())` and use `?` on
-//!   [`RequestCancellation::from_extensions`].
+//!   [`RequestCancellation::from_extensions`]; the layers' services are tonic `NamedService`s,
+//!   so a layer can wrap one service of a server, with its own deadline
+//!   (`add_service(CancellationLayer::new().timeout(..).layer(ReportsServer::new(..)))`).
 //! * `socket2`: `tcp::detect_vanished(&stream, bound)` sets TCP keepalive and
 //!   `TCP_USER_TIMEOUT` on an accepted connection, so that a client that vanishes without FIN
 //!   or RST is noticed within `bound`.
 //! * `metrics`: counters of cancellations (by reason and phase) and of async cleanups (run,
 //!   refused, overrun), and a histogram of how long cancelled work ran on after its
 //!   cancellation, on the `metrics` facade; see [`CancellationLayer`]'s "Metrics".
+//! * `http3`: `http3::serve` serves any tower `Service` (an axum `Router`, a stack with
+//!   [`CancellationLayer`]) over HTTP/3 on a `quinn::Endpoint`, with the `h3` crate; a client's
+//!   `STOP_SENDING` or `RESET_STREAM` reaches the layer at once, as hyper's drops do, and a
+//!   response cut short is reset, never finished. It adds quinn, rustls and ring to the build.
 //! * `test-util`: `RequestCancellation::for_test()`, a handle no layer serves, and
 //!   `cancel_with(reason)`, to unit-test a handler that takes a [`RequestCancellation`]
 //!   without a server.
+//!
+//! No feature is on by default. On docs.rs every item a feature gates says which.
 //!
 //! # Semantics
 //!
@@ -187,6 +196,10 @@
 //! [`CancellationToken`]: tokio_util::sync::CancellationToken
 
 #![forbid(unsafe_code)]
+// docs.rs (`--cfg docsrs`, nightly): "Available on crate feature ... only" on what a feature
+// gates. Since nightly 1.92 `doc_cfg` also derives those notes from the `cfg`s themselves
+// (`doc_auto_cfg` was folded into it).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod event;
 mod handle;

@@ -6,6 +6,12 @@
 //! that the connection fails within that bound, hyper drops the request, and the layer cancels
 //! it with [`Disconnected`](crate::CancelReason::Disconnected).
 //!
+//! ```toml
+//! [dependencies]
+//! tower-cancel = { version = "0.1", features = ["socket2"] }
+//! tokio = { version = "1", features = ["net"] }
+//! ```
+//!
 //! ```no_run
 //! use std::time::Duration;
 //!
@@ -67,6 +73,9 @@ fn keepalive(bound: Duration) -> (Duration, Duration) {
 ///
 /// The error of the first socket option the system refused.
 #[cfg(unix)]
+// One function on Unix and one on Windows (below): the docs, built on Linux, name both (an
+// explicit `doc(cfg)` replaces the derived one, so it repeats the feature).
+#[cfg_attr(docsrs, doc(cfg(all(feature = "socket2", any(unix, windows)))))]
 pub fn detect_vanished<S: std::os::fd::AsFd>(stream: &S, bound: Duration) -> io::Result<()> {
     apply(&SockRef::from(stream), bound)
 }

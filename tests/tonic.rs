@@ -1,10 +1,15 @@
-//! tonic over real sockets: a tonic server with the layer in `Server::builder().layer(..)`, and
-//! a tonic client (`Channel`) that completes, cancels, stops reading a stream, sends a deadline,
-//! or is in flight at shutdown. The service is the example's (no `protoc` needed).
+//! tonic over real sockets: a tonic server with the layer in `Server::builder().layer(..)` or
+//! on one service (`add_service(layer.layer(..))`), and a tonic client (`Channel`) that
+//! completes, cancels, stops reading a stream, sends a deadline, or is in flight at shutdown.
+//! The services are the examples' (no `protoc` needed).
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/tonic/reports.rs"]
 mod reports;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/tonic/payments.rs"]
+mod payments;
 
 mod common;
 
@@ -16,6 +21,9 @@ use std::time::Duration;
 
 use common::{Log, PATIENCE, assert_all_completed, describe};
 use futures_util::{Stream, stream};
+use payments::payments_client::PaymentsClient;
+use payments::payments_server::{Payments, PaymentsServer};
+use payments::{PayRequest, Receipt};
 use reports::reports_client::ReportsClient;
 use reports::reports_server::{Reports, ReportsServer};
 use reports::{Report, ReportRequest, Tick, WatchRequest};
@@ -26,7 +34,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
-use tower_cancel::{CancelReason, CancellationLayer, RequestCancellation};
+use tower::Layer;
+use tower_cancel::{CancelReason, CancellationLayer, RequestBodyLayer, RequestCancellation};
 
 const GENERATE: &str = "/reports.Reports/Generate";
 const WATCH: &str = "/reports.Reports/Watch";
@@ -125,13 +134,16 @@ impl GrpcServer {
     }
 
     async fn client(&self) -> ReportsClient<tonic::transport::Channel> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.addr))
+        ReportsClient::new(self.channel().await)
+    }
+
+    async fn channel(&self) -> tonic::transport::Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .tcp_nodelay(true)
             .connect()
             .await
-            .unwrap();
-        ReportsClient::new(channel)
+            .unwrap()
     }
 
     /// Graceful shutdown: after this every connection was served and dropped, so everything
@@ -406,4 +418,176 @@ async fn a_server_without_the_layer_answers_internal_naming_the_layer() {
     drop(client);
     server.stop().await;
     assert_eq!(log.entries(), Vec::<String>::new());
+}
+
+/// The second service: logs `pay {id} {scope}`, where `scope` says whether a layer gave the call
+/// a scope and a deadline, then takes `millis` to settle. It never looks at a token: the client
+/// leaving drops it (tonic's behaviour), which it logs as `dropped {id}`.
+struct Payer {
+    log: Log,
+}
+
+#[tonic::async_trait]
+impl Payments for Payer {
+    async fn pay(&self, request: Request<PayRequest>) -> Result<Response<Receipt>, Status> {
+        let scope = match request.extensions().get::<RequestCancellation>() {
+            None => "no scope",
+            Some(rc) if rc.deadline().is_some() => "deadline",
+            Some(_) => "no deadline",
+        };
+        let PayRequest { id, millis } = request.into_inner();
+        self.log.push(format!("pay {id} {scope}"));
+        let mut dropped = OnDrop(Some((self.log.clone(), format!("dropped {id}"))));
+        sleep(Duration::from_millis(millis.into())).await;
+        dropped.0 = None;
+        Ok(Response::new(Receipt {
+            text: format!("paid {id}"),
+        }))
+    }
+}
+
+fn payment(id: &str, millis: u32) -> PayRequest {
+    PayRequest {
+        id: id.to_owned(),
+        millis,
+    }
+}
+
+/// The reports service's deadline, set on its layer only.
+const REPORTS_DEADLINE: Duration = Duration::from_millis(50);
+
+/// `add_service(layer.layer(ReportsServer::new(..)))`: the layer (tonic's `NamedService`
+/// forwarded through it) is on the reports service only. Its calls get a scope, the layer's
+/// deadline and the client's cancellation; the payments service beside it, with no layer, gets
+/// none of it: its calls outlive the reports deadline, and a call its client drops is dropped
+/// without a cancellation.
+#[tokio::test]
+async fn a_layer_on_one_service_gives_its_calls_a_deadline_and_the_other_service_none() {
+    let log = Log::default();
+    let reports = log
+        .layer("reports")
+        .timeout(REPORTS_DEADLINE)
+        .layer(ReportsServer::new(Recorder { log: log.clone() }));
+    let payments = PaymentsServer::new(Payer { log: log.clone() });
+    let server = GrpcServer::spawn(|incoming, stop| {
+        Server::builder()
+            .add_service(reports)
+            .add_service(payments)
+            .serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut reports = ReportsClient::new(channel.clone());
+    let mut payments = PaymentsClient::new(channel);
+
+    // Reports: the layer's deadline cancels the call, and the method answers with it.
+    let started = Instant::now();
+    let status = reports
+        .generate(report("late", 30_000))
+        .await
+        .expect_err("the reports deadline passed");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= REPORTS_DEADLINE);
+    // Reports: a call the client drops is cancelled.
+    let mut call = Box::pin(reports.generate(report("gone", 30_000)));
+    tokio::select! {
+        result = &mut call => panic!("the call returned: {result:?}"),
+        () = log.wait_for("start gone") => {}
+    }
+    drop(call);
+    log.wait_for(&format!("reports {GENERATE} disconnected handler"))
+        .await;
+
+    // Payments: no scope, no deadline; four times the reports deadline, and it completes.
+    let receipt = payments.pay(payment("p1", 200)).await.unwrap();
+    assert_eq!(receipt.into_inner().text, "paid p1");
+    // Payments: a call the client drops is dropped, and nothing is cancelled.
+    let mut call = Box::pin(payments.pay(payment("p2", 30_000)));
+    tokio::select! {
+        result = &mut call => panic!("the call returned: {result:?}"),
+        () = log.wait_for("pay p2 no scope") => {}
+    }
+    drop(call);
+    log.wait_for("dropped p2").await;
+
+    drop((reports, payments));
+    server.stop().await;
+    assert_eq!(
+        cancellations(&log),
+        [
+            format!("handler {GENERATE} deadline_exceeded handler"),
+            format!("reports {GENERATE} deadline_exceeded handler"),
+            "dropped gone".to_owned(),
+            format!("handler {GENERATE} disconnected handler"),
+            format!("reports {GENERATE} disconnected handler"),
+            "pay p1 no scope".to_owned(),
+            "pay p2 no scope".to_owned(),
+            "dropped p2".to_owned(),
+        ]
+    );
+    let handles = log.handles();
+    assert_eq!(handles.len(), 2);
+    for rc in &handles {
+        assert!(rc.deadline().is_some());
+    }
+    assert_eq!(handles[0].reason(), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(handles[1].reason(), Some(CancelReason::Disconnected));
+}
+
+/// A server-wide layer for every service, and a deadline on one: the service's layer joins the
+/// scope the server's layer created, so the reports calls get the deadline and both layers'
+/// callbacks (innermost first); the payments calls get a scope without a deadline.
+#[tokio::test]
+async fn a_deadline_on_one_service_under_a_server_wide_layer() {
+    let log = Log::default();
+    let reports = log
+        .layer("reports")
+        .timeout(REPORTS_DEADLINE)
+        .layer(ReportsServer::new(Recorder { log: log.clone() }));
+    let payments = PaymentsServer::new(Payer { log: log.clone() });
+    let everything = log.layer("server");
+    let server = GrpcServer::spawn(|incoming, stop| {
+        Server::builder()
+            .layer(everything)
+            .add_service(reports)
+            .add_service(payments)
+            .serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut reports = ReportsClient::new(channel.clone());
+    let mut payments = PaymentsClient::new(channel);
+
+    let status = reports
+        .generate(report("late", 30_000))
+        .await
+        .expect_err("the reports deadline passed");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let receipt = payments.pay(payment("p1", 200)).await.unwrap();
+    assert_eq!(receipt.into_inner().text, "paid p1");
+
+    drop((reports, payments));
+    server.stop().await;
+    assert_eq!(
+        cancellations(&log),
+        [
+            format!("handler {GENERATE} deadline_exceeded handler"),
+            format!("reports {GENERATE} deadline_exceeded handler"),
+            format!("server {GENERATE} deadline_exceeded handler"),
+            "pay p1 no deadline".to_owned(),
+        ]
+    );
+}
+
+/// Compiles only if tonic's `add_service` takes the service of every server-side layer of the
+/// crate, alone and stacked: each forwards its service's name (`NamedService`), and its
+/// response body and future are what tonic's router needs.
+fn _every_server_layer_fits_add_service(log: Log) {
+    let detached = CancellationLayer::new()
+        .detached()
+        .layer(ReportsServer::new(Recorder { log: log.clone() }));
+    let stacked = CancellationLayer::new()
+        .timeout(REPORTS_DEADLINE)
+        .layer(RequestBodyLayer::new().layer(PaymentsServer::new(Payer { log })));
+    let _router = Server::builder().add_service(detached).add_service(stacked);
 }

@@ -64,6 +64,16 @@
 //!
 //! # Example
 //!
+//! ```toml
+//! [dependencies]
+//! tower-cancel = { version = "0.1", features = ["http3", "axum"] }
+//! axum = "0.8"
+//! quinn = "0.11"
+//! rustls = { version = "0.23", default-features = false, features = ["ring", "std"] }
+//! tokio = { version = "1", features = ["time"] }
+//! tokio-util = "0.7"
+//! ```
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //!

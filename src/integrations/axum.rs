@@ -17,6 +17,13 @@ use crate::handle::{MissingCancellationLayer, RequestCancellation};
 /// with [`MissingCancellationLayer`]; extract `Option<RequestCancellation>` to make the layer
 /// optional.
 ///
+/// ```toml
+/// [dependencies]
+/// tower-cancel = { version = "0.1", features = ["axum"] }
+/// axum = "0.8"
+/// tokio = { version = "1", features = ["macros", "time"] }
+/// ```
+///
 /// ```
 /// use axum::{Router, routing::get};
 /// use tower_cancel::{CancellationLayer, RequestCancellation};

@@ -1,10 +1,90 @@
-//! tonic integration (feature `tonic`): cancellation outcomes as gRPC statuses.
+//! tonic integration (feature `tonic`): cancellation outcomes as gRPC statuses, and the
+//! middleware as tonic `NamedService`s, so that a layer can wrap one service of a server.
 
+use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::event::TARGET;
 use crate::handle::MissingCancellationLayer;
 use crate::record::{CancelReason, Cancelled};
+use crate::request_body::RequestBodyService;
+use crate::server::CancellationService;
+
+/// The wrapped service's name, so that tonic's `add_service` takes a layered service: one
+/// service of a server gets a layer of its own, its deadline, callbacks or
+/// [`detached`](crate::CancellationLayer::detached) mode, and the others do not.
+///
+/// ```toml
+/// [dependencies]
+/// tower-cancel = { version = "0.1", features = ["tonic"] }
+/// tonic = "0.14"
+/// tower = "0.5"
+/// tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+/// # and what the code tonic-build generates uses: prost = "0.14", tonic-prost = "0.14"
+/// ```
+///
+/// ```no_run
+/// # #[allow(dead_code, unreachable_pub)]
+/// # mod reports { include!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tonic/reports.rs")); }
+/// # #[allow(dead_code, unreachable_pub)]
+/// # mod payments { include!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tonic/payments.rs")); }
+/// # use reports::{Report, ReportRequest, Tick, WatchRequest};
+/// # use reports::reports_server::{Reports, ReportsServer};
+/// # use payments::{PayRequest, Receipt};
+/// # use payments::payments_server::{Payments, PaymentsServer};
+/// use std::time::Duration;
+///
+/// use tonic::transport::Server;
+/// use tower::Layer;
+/// use tower_cancel::{CancellationLayer, Cancelled};
+///
+/// # struct ReportService;
+/// # #[tonic::async_trait]
+/// # impl Reports for ReportService {
+/// #     type WatchStream = futures_util::stream::Empty<Result<Tick, tonic::Status>>;
+/// #     async fn generate(&self, _: tonic::Request<ReportRequest>)
+/// #         -> Result<tonic::Response<Report>, tonic::Status> { unimplemented!() }
+/// #     async fn watch(&self, _: tonic::Request<WatchRequest>)
+/// #         -> Result<tonic::Response<Self::WatchStream>, tonic::Status> { unimplemented!() }
+/// # }
+/// # struct PaymentService;
+/// # #[tonic::async_trait]
+/// # impl Payments for PaymentService {
+/// #     async fn pay(&self, _: tonic::Request<PayRequest>)
+/// #         -> Result<tonic::Response<Receipt>, tonic::Status> { unimplemented!() }
+/// # }
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     // A report nobody waits for is worth nothing: a 5 s deadline, cancelled with
+///     // `DeadlineExceeded` (its method sees the token and answers DEADLINE_EXCEEDED).
+///     let reports = CancellationLayer::new()
+///         .timeout(Duration::from_secs(5))
+///         .on_cancel(|c: &Cancelled| eprintln!("{} cancelled: {}", c.uri().path(), c.reason()))
+///         .layer(ReportsServer::new(ReportService));
+///     Server::builder()
+///         .add_service(reports)
+///         // No layer: no deadline, no `RequestCancellation` in the extensions.
+///         .add_service(PaymentsServer::new(PaymentService))
+///         .serve("127.0.0.1:50051".parse()?)
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+///
+/// A server-wide `Server::builder().layer(CancellationLayer::new()..)` combines with it: the
+/// service's layer joins the scope the server's layer created, and adds its callbacks and its
+/// deadline, which can only shorten the server's. `tests/tonic.rs` runs both over sockets with a
+/// tonic client.
+impl<S: NamedService, M> NamedService for CancellationService<S, M> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The wrapped service's name, so that a [`RequestBodyLayer`](crate::RequestBodyLayer) can wrap
+/// one service of a tonic server (`add_service(layer.layer(..))`), as a
+/// [`CancellationService`] can.
+impl<S: NamedService> NamedService for RequestBodyService<S> {
+    const NAME: &'static str = S::NAME;
+}
 
 /// The gRPC status a method answers when it stops because its request was cancelled.
 ///
@@ -19,6 +99,13 @@ use crate::record::{CancelReason, Cancelled};
 /// `CANCELLED` "Timeout expired", discarding the method's answer: `DEADLINE_EXCEEDED` from a
 /// method reaches the client when the layer's own [`timeout`](crate::CancellationLayer::timeout)
 /// is the shorter deadline.
+///
+/// ```toml
+/// [dependencies]
+/// tower-cancel = { version = "0.1", features = ["tonic"] }
+/// tonic = "0.14"
+/// tokio = { version = "1", features = ["macros", "time"] }
+/// ```
 ///
 /// ```
 /// use tonic::{Code, Request, Response, Status};
