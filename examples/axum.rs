@@ -123,7 +123,7 @@ async fn main() -> std::io::Result<()> {
                 c.elapsed()
             );
         });
-    let tracker = app_layer.tracker().clone();
+    let tracker = app_layer.get_task_tracker().clone();
     let app = Router::new()
         .route("/report", get(report))
         .route("/events", get(events))

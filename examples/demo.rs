@@ -94,7 +94,7 @@ async fn main() {
                 let _ = cleaned.send(());
             }
         });
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
     let svc = ServiceBuilder::new().layer(layer).service_fn(report);
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -92,7 +92,7 @@ async fn main() -> std::io::Result<()> {
                 c.phase()
             );
         });
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
     let app = Router::new().route("/ws", any(ws)).layer(layer);
 
     let port: u16 = std::env::var("PORT")

@@ -224,7 +224,7 @@ pub use propagate::{InboundCancelled, PropagateLayer};
 pub use record::{CancelReason, Cancelled, Phase};
 pub use request_body::{RequestBody, RequestBodyLayer};
 pub use runtime::cleanup::{CleanupCounts, CleanupsOverran};
-pub use server::{CancellationLayer, Detached};
+pub use server::{Attached, CancellationLayer, Detached};
 pub use upgrade::UpgradeGuard;
 
 /// The number of request scopes alive in this process, in debug builds only: a leak check for

@@ -28,7 +28,7 @@ use crate::scope::Scope;
 /// connection properly (a WebSocket close frame `1001 going away`). The guard is counted by
 /// the [`TaskTracker`](tokio_util::task::TaskTracker) of the outermost
 /// [`CancellationLayer`](crate::CancellationLayer) (see
-/// [`CancellationLayer::tracker`](crate::CancellationLayer::tracker)), so a graceful shutdown
+/// [`CancellationLayer::get_task_tracker`](crate::CancellationLayer::get_task_tracker)), so a graceful shutdown
 /// that waits on that tracker waits for upgraded connections too.
 ///
 /// Dropping the guard once the response is over completes the request: nothing is cancelled,

@@ -238,7 +238,7 @@ fn async_cleanup_runs_on_the_runtime_the_request_arrived_on() {
             tx.send((id, c.reason())).unwrap();
         }
     });
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
     let mut svc = layer.layer_svc(service_fn(|_: Request<()>| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Ok::<_, std::convert::Infallible>(Response::new(String::new()))

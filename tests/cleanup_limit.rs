@@ -57,7 +57,7 @@ async fn ten_thousand_cancellations_against_a_limit_of_sixteen() {
                 ran.fetch_add(1, Ordering::SeqCst);
             }
         });
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
 
     let started = Arc::new(AtomicUsize::new(0));
     let all_started = Arc::new(Notify::new());

@@ -89,7 +89,7 @@ async fn serve_limited(
     // The app-wide layer creates every request's scope: its tracker tracks the detached
     // handler (where a graceful shutdown waits), not the route layer's own.
     let app_layer = log.layer("layer");
-    let tracker = app_layer.tracker().clone();
+    let tracker = app_layer.get_task_tracker().clone();
     let svc = ServiceBuilder::new().layer(app_layer).service(router);
     (Server::start(svc).await, tracker, layer)
 }

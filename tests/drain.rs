@@ -251,7 +251,11 @@ async fn a_per_route_layer_s_cleanup_is_drained_by_the_outermost_layer() {
     })
     .await;
     assert_eq!(route.cleanup_counts().running, 0, "not the route layer's");
-    assert_eq!(app.tracker().len(), 1, "tracked by the outermost layer");
+    assert_eq!(
+        app.get_task_tracker().len(),
+        1,
+        "tracked by the outermost layer"
+    );
     let counts = app.drain_cleanups(Duration::from_secs(5)).await.unwrap();
     assert_eq!(counts.completed, 1);
     assert_eq!(*done.lock().unwrap(), ["route cleanup"]);

@@ -330,7 +330,7 @@ async fn a_detached_handler_runs_on_after_its_client_left() {
     let observed = observe();
     let log = Log::default();
     let route = CancellationLayer::new().detached();
-    let tracker = route.tracker().clone();
+    let tracker = route.get_task_tracker().clone();
     let l = log.clone();
     let svc = ServiceBuilder::new().layer(log.layer("layer")).service(
         route

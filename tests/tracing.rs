@@ -164,7 +164,7 @@ async fn panics_are_reported_as_errors() {
     let layer = CancellationLayer::new()
         .on_cancel(|_: &Cancelled| panic!("sync boom"))
         .on_cancel_async(|_: Cancelled| async { panic!("async boom") });
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
     let mut svc = tower::Layer::layer(
         &layer,
         service_fn(|_: Request<()>| async {
@@ -320,4 +320,29 @@ async fn a_token_of_the_application_in_the_extensions_is_replaced_with_a_warning
         .collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("replaced it with the request's own token"));
+}
+
+#[tokio::test]
+async fn a_request_body_layer_without_a_cancellation_layer_says_so_once() {
+    // It has no scope to act on: a client leaving mid-upload would go unrecorded. One `error`
+    // event, at the first request, naming the layer to add; none for the requests after.
+    let capture = events();
+    let layer = tower_cancel::RequestBodyLayer::new().read_ahead(1024);
+    let svc = tower::Layer::layer(
+        &layer,
+        service_fn(|_: Request<tower_cancel::RequestBody<String>>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+        }),
+    );
+    for _ in 0..3 {
+        let request = Request::post("/no-scope").body("x".to_owned()).unwrap();
+        svc.clone().oneshot(request).await.unwrap();
+    }
+    let errors: Vec<_> = events_for(&capture, "/no-scope")
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::ERROR)
+        .map(|e| e.fields["message"].clone())
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("CancellationLayer"), "{errors:?}");
 }

@@ -211,7 +211,7 @@ async fn dropping_the_guard_completes_the_request() {
     let log = Log::default();
     let shutdown = CancellationToken::new();
     let layer = log.layer("layer").shutdown_token(shutdown.clone());
-    let tracker = layer.tracker().clone();
+    let tracker = layer.get_task_tracker().clone();
     let server = serve(&log, layer).await;
     let mut client = upgrade(&server, "/upgrade").await;
     say(&mut client, "ping").await;

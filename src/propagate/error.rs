@@ -57,6 +57,11 @@ impl fmt::Display for InboundCancelled {
     }
 }
 
+/// The source is the call's gRPC status when the crate's `tonic` feature is on, and none
+/// without it: tonic looks for a `tonic::Status` in an error's source chain to answer a call
+/// with the right code, and the status only exists with the feature. Code that walks the chain
+/// should look for this type itself (`downcast_ref::<InboundCancelled>()`), which is there either
+/// way; [`reason`](InboundCancelled::reason) says why.
 impl Error for InboundCancelled {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         #[cfg(feature = "tonic")]

@@ -90,7 +90,8 @@ use self::read_ahead::{Budget, ReadAhead};
 ///
 /// Put it inside (after) a [`CancellationLayer`](crate::CancellationLayer): it acts on that
 /// layer's scope, found in the request extensions. Without one it only passes the body
-/// through. The handler receives a [`RequestBody`], which yields the same bytes and trailers,
+/// through (an idle timeout still fails the read), and an `error` event (target
+/// `tower_cancel`) says so at the first such request, once per layer. The handler receives a [`RequestBody`], which yields the same bytes and trailers,
 /// in the same order, whether or not they were read ahead.
 ///
 /// Any error the request body reports counts as the client leaving: hyper only fails a
@@ -203,10 +204,12 @@ impl RequestBodyLayer {
     /// A request's bytes return to the budget as its handler reads them, and when the request
     /// ends, however it ends (completed, dropped, panicked).
     ///
-    /// Each call starts a new budget, shared by this layer and the clones made from it
-    /// afterwards. `0` turns read-ahead off.
-    pub fn read_ahead_total(mut self, bytes: usize) -> Self {
-        self.budget = Arc::new(Budget::new(bytes));
+    /// There is one budget per [`RequestBodyLayer::new`]: this layer and all its clones share
+    /// it, made before or after this call, and this sets its total for all of them (a clone
+    /// made earlier is not left on the old total). For routes with budgets of their own, build
+    /// a layer for each with `new()`. `0` turns read-ahead off.
+    pub fn read_ahead_total(self, bytes: usize) -> Self {
+        self.budget.total.store(bytes, Ordering::Relaxed);
         self
     }
 
@@ -404,6 +407,18 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let request = req.extensions().get::<RequestCancellation>().cloned();
+        if request.is_none() && !self.budget.reported_no_scope.swap(true, Ordering::Relaxed) {
+            // Without a scope there is nothing to cancel: a client leaving mid-upload, or an
+            // idle timeout, is not recorded, and read-ahead reads for nothing. Once per layer.
+            tracing::error!(
+                target: crate::event::TARGET,
+                method = %req.method(),
+                path = req.uri().path(),
+                "RequestBodyLayer sees a request with no cancellation scope: put it inside \
+                 (after) a CancellationLayer, e.g. ServiceBuilder::new()\
+                 .layer(CancellationLayer::new()).layer(RequestBodyLayer::new())",
+            );
+        }
         let (parts, body) = req.into_parts();
         // A client that sent `Expect: 100-continue` waits for the `100` before it sends its
         // body, and hyper sends it when the body is first polled: reading ahead would answer
@@ -413,7 +428,7 @@ where
             .headers
             .get(http::header::EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let reading_ahead = self.read_ahead > 0 && self.budget.total > 0 && !expects_continue;
+        let reading_ahead = self.read_ahead > 0 && self.budget.total() > 0 && !expects_continue;
         // The body's clock and the response future share whether the timeout fired.
         let (idle, timed_out) = self
             .idle_timeout

@@ -11,7 +11,7 @@ use std::fmt;
 use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
@@ -29,8 +29,11 @@ pub(crate) struct Budget {
     pub(crate) held: AtomicUsize,
     /// The highest `held` so far.
     pub(crate) peak: AtomicUsize,
-    /// A request reads a frame ahead only while `held < total`.
-    pub(crate) total: usize,
+    /// A request reads a frame ahead only while `held < total`. Set by every clone of the layer
+    /// alike ([`RequestBodyLayer::read_ahead_total`](super::RequestBodyLayer::read_ahead_total)).
+    pub(crate) total: AtomicUsize,
+    /// Set once a request without a `CancellationLayer` outside was reported.
+    pub(crate) reported_no_scope: AtomicBool,
 }
 
 impl Budget {
@@ -38,12 +41,17 @@ impl Budget {
         Self {
             held: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
-            total,
+            total: AtomicUsize::new(total),
+            reported_no_scope: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn spent(&self) -> bool {
-        self.held.load(Ordering::Acquire) >= self.total
+        self.held.load(Ordering::Acquire) >= self.total()
+    }
+
+    pub(crate) fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Takes up to `want` bytes of what is left, at once (a compare-and-swap: requests reading
@@ -54,7 +62,7 @@ impl Budget {
         let taken = self
             .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                granted = want.min(self.total.saturating_sub(held));
+                granted = want.min(self.total().saturating_sub(held));
                 (granted > 0).then_some(held + granted)
             });
         match taken {
@@ -263,7 +271,7 @@ impl<B: Body> ReadAhead<B> {
                 }
                 let budget = Arc::clone(&state.held.budget);
                 if budget.spent() {
-                    let (held, total) = (budget.held.load(Ordering::Relaxed), budget.total);
+                    let (held, total) = (budget.held.load(Ordering::Relaxed), budget.total());
                     drop(state);
                     tracing::debug!(
                         target: TARGET,

@@ -663,18 +663,27 @@ fn a_request_that_read_while_another_spent_the_budget_takes_no_more_than_its_fra
 }
 
 #[test]
-fn the_budget_is_shared_by_clones_and_renewed_by_read_ahead_total() {
+fn one_budget_per_layer_shared_by_every_clone_before_and_after_read_ahead_total() {
     let layer = RequestBodyLayer::new().read_ahead(10);
-    let clone = layer.clone();
-    let fresh = layer.clone().read_ahead_total(100);
-    assert!(Arc::ptr_eq(&layer.budget, &clone.budget));
+    let earlier = layer.clone();
+    let later = layer.clone().read_ahead_total(100);
+    assert!(Arc::ptr_eq(&layer.budget, &earlier.budget));
+    assert!(Arc::ptr_eq(&layer.budget, &later.budget));
     assert!(Arc::ptr_eq(&layer.budget, &layer.layer(()).budget));
-    assert!(!Arc::ptr_eq(&layer.budget, &fresh.budget));
     assert_eq!(
-        layer.budget.total,
+        earlier.budget.total(),
+        100,
+        "a clone made earlier follows the new total"
+    );
+    let other = RequestBodyLayer::new();
+    assert!(
+        !Arc::ptr_eq(&layer.budget, &other.budget),
+        "new() makes a budget of its own"
+    );
+    assert_eq!(
+        other.budget.total(),
         RequestBodyLayer::DEFAULT_READ_AHEAD_TOTAL
     );
-    assert_eq!(fresh.budget.total, 100);
     assert_eq!(RequestBodyLayer::DEFAULT_READ_AHEAD_TOTAL, 64 << 20);
 }
 

@@ -38,7 +38,7 @@ use crate::timeout_header::Conventions;
 /// # Which layer counts a request's tasks
 ///
 /// One rule: the layer that creates a request's scope, the outermost `CancellationLayer` of
-/// the request, counts every task the request leaves running. Its [`tracker`](Self::tracker)
+/// the request, counts every task the request leaves running. Its [tracker](Self::get_task_tracker)
 /// tracks the [`detached`](Self::detached) handler of a per-route layer, an upgraded
 /// connection held with [`hold_for_upgrade`](crate::RequestCancellation::hold_for_upgrade),
 /// and the async cleanups of every layer of the request, which run under its
@@ -124,6 +124,15 @@ pub struct CancellationLayer<M = Attached> {
 
 impl CancellationLayer {
     /// A layer with no callbacks, no shutdown token, no deadline and its own [`TaskTracker`].
+    ///
+    /// A layer, and each builder method's result, must be used: a dropped result configures
+    /// nothing, which is a warning.
+    ///
+    /// ```compile_fail
+    /// #![deny(unused_must_use)]
+    /// let layer = tower_cancel::CancellationLayer::new();
+    /// layer.clone().on_cancel(|_| {}); // error: the callback is added to a layer nobody uses
+    /// ```
     ///
     /// Even with no callbacks it is useful: handlers get a token that is cancelled when
     /// their client leaves.
@@ -467,7 +476,7 @@ impl<M> CancellationLayer<M> {
     /// unfinished cleanup is reported with a `warn` event (target `tower_cancel`) naming its
     /// request, and the error counts them.
     ///
-    /// Unlike waiting on the [`tracker`](Self::tracker), this waits for cleanups only, not for
+    /// Unlike waiting on the [tracker](Self::get_task_tracker), this waits for cleanups only, not for
     /// [`detached`](Self::detached) handlers or other tasks sharing the tracker.
     ///
     /// ```
@@ -491,28 +500,22 @@ impl<M> CancellationLayer<M> {
         self.config.limiter.drain(timeout).await
     }
 
-    /// The tracker async cleanups are spawned on: the one given to
-    /// [`task_tracker`](Self::task_tracker), or the layer's own.
+    /// The tracker of the tasks this layer counts (see "Which layer counts a request's tasks"):
+    /// the one given to [`task_tracker`](Self::task_tracker), or the layer's own. Named as
+    /// std's `Command::get_*` getters are, beside the builder method of the same name.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
     /// let layer = tower_cancel::CancellationLayer::new();
-    /// let tracker = layer.tracker().clone();
+    /// let tracker = layer.get_task_tracker().clone();
     /// // ... serve, then at shutdown:
     /// tracker.close();
     /// tracker.wait().await;
     /// # }
     /// ```
-    pub fn tracker(&self) -> &TaskTracker {
+    pub fn get_task_tracker(&self) -> &TaskTracker {
         &self.config.tracker
-    }
-}
-
-impl<S> CancellationService<S> {
-    /// A [`CancellationLayer`] to configure, for use with `ServiceBuilder`.
-    pub fn layer() -> CancellationLayer {
-        CancellationLayer::new()
     }
 }
 
