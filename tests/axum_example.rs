@@ -9,26 +9,10 @@ mod process;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use process::{KillOnDrop, Output, PATIENCE, example};
 
 #[test]
 fn sigterm_during_a_payment_exits_only_after_the_payment_committed() {
-    let mut child = KillOnDrop(
-        Command::new(example("axum"))
-            .env("PORT", "0")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the example starts"),
-    );
-    let mut output = Output::new(&mut child.0);
-    let listening = output.wait_for("listening on http://");
-    let addr = listening
-        .trim_start_matches("listening on http://")
-        .to_owned();
-
+    let (mut child, mut output, addr) = process::start("axum");
     let mut client = TcpStream::connect(&addr).unwrap();
     client
         .write_all(b"POST /pay HTTP/1.1\r\nhost: example\r\ncontent-length: 0\r\n\r\n")
@@ -37,19 +21,7 @@ fn sigterm_during_a_payment_exits_only_after_the_payment_committed() {
     drop(client); // the client leaves: the detached payment keeps running
     output.wait_for("layer: POST /pay cancelled: disconnected");
 
-    let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    let exit = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(signalled.elapsed() < PATIENCE, "the example did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (exit, took) = process::terminate(&mut child);
     assert!(exit.success(), "{exit}");
     let lines = output.rest();
     let position = |prefix: &str| {
@@ -65,5 +37,5 @@ fn sigterm_during_a_payment_exits_only_after_the_payment_committed() {
         position("shutdown: done"),
     ];
     assert!(steps.is_sorted(), "steps out of order: {lines:#?}");
-    println!("exited {:?} after SIGTERM: {lines:#?}", signalled.elapsed());
+    println!("exited {took:?} after SIGTERM: {lines:#?}");
 }

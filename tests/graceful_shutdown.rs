@@ -8,25 +8,13 @@ mod process;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use process::{KillOnDrop, Output, PATIENCE, example};
+use process::PATIENCE;
 
 #[test]
 fn sigterm_drains_a_30_second_request_in_well_under_a_second() {
-    let mut child = KillOnDrop(
-        Command::new(example("graceful_shutdown"))
-            .env("PORT", "0")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the example starts"),
-    );
-    let mut output = Output::new(&mut child.0);
-    let listening = output.wait_for("listening on http://");
-    let addr = listening
-        .trim_start_matches("listening on http://")
-        .to_owned();
+    let (mut child, mut output, addr) = process::start("graceful_shutdown");
 
     let mut client = TcpStream::connect(&addr).unwrap();
     client
@@ -34,12 +22,10 @@ fn sigterm_drains_a_30_second_request_in_well_under_a_second() {
         .unwrap();
     output.wait_for("report: started");
 
-    let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    let terminated = std::thread::spawn(move || {
+        let exit = process::terminate(&mut child);
+        (exit, child)
+    });
 
     // The client gets the handler's own answer, not a reset.
     client.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -51,14 +37,7 @@ fn sigterm_drains_a_30_second_request_in_well_under_a_second() {
         "{response}"
     );
 
-    let exit = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(signalled.elapsed() < PATIENCE, "the example did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let took = signalled.elapsed();
+    let ((exit, took), _child) = terminated.join().unwrap();
     assert!(exit.success(), "{exit}");
     let lines = output.rest();
     println!("shutdown took {took:?}; output: {lines:#?}");

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -82,5 +82,41 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Starts example `name` on a port of its own (`PORT=0`) and waits for its
+/// `listening on http://ADDR` line: the process, its output, and `ADDR`.
+pub fn start(name: &str) -> (KillOnDrop, Output, String) {
+    let mut child = KillOnDrop(
+        Command::new(example(name))
+            .env("PORT", "0")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the example starts"),
+    );
+    let mut output = Output::new(&mut child.0);
+    let listening = output.wait_for("listening on http://");
+    let addr = listening
+        .trim_start_matches("listening on http://")
+        .to_owned();
+    (child, output, addr)
+}
+
+/// Sends SIGTERM and waits (at most [`PATIENCE`]) for the process to exit: its status, and the
+/// time from the signal to the exit.
+pub fn terminate(child: &mut KillOnDrop) -> (ExitStatus, Duration) {
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return (status, signalled.elapsed());
+        }
+        assert!(signalled.elapsed() < PATIENCE, "the example did not exit");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
