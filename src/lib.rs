@@ -78,6 +78,11 @@
 //! for one service of the server, `add_service(layer.layer(..))`: feature `tonic`). The
 //! repository's `examples/` have a complete server for each, and a graceful shutdown.
 //!
+//! The [`guide`] puts the pieces together: [serving with hyper](guide::servers) (HTTPS, a
+//! graceful shutdown), [frameworks](guide::frameworks) (axum, tonic, tower-http), and the
+//! measured pages: [what the transport can see](guide::transport),
+//! [reliability](guide::reliability) and [performance](guide::performance).
+//!
 //! # Features
 //!
 //! * `axum`: [`RequestCancellation`] is an axum extractor (`FromRequestParts`, and
@@ -177,9 +182,18 @@
 //! | HTTP/3: time for a request head to complete | 30 s | `http3::Serve::header_read_timeout` |
 //! | HTTP/3: a decoded header section | 16 KiB | `http3::Serve::max_field_section_size` |
 //! | HTTP/3: requests per connection | 10 000 | `http3::Serve::max_requests_per_connection` |
+//! | HTTP/3: requests still running at shutdown (then dropped and reset) | 10 s | `http3::Serve::drain` |
 //!
-//! Header sizes, streams per connection, connections and keep-alive are the transport's
-//! (hyper's and quinn's builders).
+//! A request in flight holds one scope (about 256 B) and one registry entry (two words), freed
+//! when it ends. Header sizes, streams per connection, connections and keep-alive are the
+//! transport's (hyper's and quinn's builders), unchanged by the layer. Two of those need a line
+//! of yours on a server facing the open internet: hyper's HTTP/1.1 `header_read_timeout` (30 s)
+//! applies only with a timer (`auto::Builder::new(..).http1().timer(TokioTimer::new())`;
+//! without one, a head that never completes holds its connection for good), and quinn buffers
+//! up to `stream_receive_window` (1.25 MB) per stream before it is read, with no
+//! connection-wide `receive_window` unless set (`quinn::TransportConfig`). `tests/attack.rs`,
+//! `tests/http3_hostile.rs` and `tests/http3_abort.rs` measure each bound against bare hyper
+//! in the same run (figures in [`guide::reliability`]).
 //!
 //! # What the transport can and cannot see
 //!
@@ -192,6 +206,9 @@
 //! * Work that never reaches an `.await` (a CPU loop) cannot be interrupted by a drop: it
 //!   must poll [`RequestCancellation::is_cancelled`].
 //!
+//! Every way a client can leave, with what hyper does alone and the measured latencies, is in
+//! [`guide::transport`].
+//!
 //! [tower]: https://docs.rs/tower
 //! [`CancellationToken`]: tokio_util::sync::CancellationToken
 
@@ -202,6 +219,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod event;
+pub mod guide;
 mod handle;
 #[cfg(feature = "http3")]
 pub mod http3;

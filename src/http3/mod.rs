@@ -103,6 +103,81 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # A complete server
+//!
+//! The certificate from PEM files, TLS 1.3 (QUIC's only version), the shutdown on Ctrl-C and a
+//! bounded drain:
+//!
+//! ```toml
+//! [dependencies]
+//! tower-cancel = { version = "0.1", features = ["http3", "axum"] }
+//! axum = "0.8"
+//! quinn = "0.11"
+//! rustls = { version = "0.23", default-features = false, features = ["ring", "std"] }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread", "signal", "time"] }
+//! tokio-util = "0.7"
+//! ```
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use axum::{Router, routing::get};
+//! use rustls::pki_types::pem::PemObject;
+//! use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+//! use tokio_util::sync::CancellationToken;
+//! use tower_cancel::{CancellationLayer, RequestCancellation};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let shutdown = CancellationToken::new();
+//!     let app = Router::new()
+//!         .route("/slow", get(|cancel: RequestCancellation| async move {
+//!             match cancel.run(tokio::time::sleep(Duration::from_secs(10))).await {
+//!                 Ok(()) => "done".to_owned(),
+//!                 Err(cancelled) => cancelled.to_string(),
+//!             }
+//!         }))
+//!         .layer(CancellationLayer::new().shutdown_token(shutdown.clone()));
+//!
+//!     let chain = CertificateDer::pem_file_iter("cert.pem")?.collect::<Result<Vec<_>, _>>()?;
+//!     let key = PrivateKeyDer::from_pem_file("key.pem")?;
+//!     let provider = Arc::new(rustls::crypto::ring::default_provider());
+//!     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+//!         .with_protocol_versions(&[&rustls::version::TLS13])? // QUIC is TLS 1.3 only
+//!         .with_no_client_auth()
+//!         .with_single_cert(chain, key)?;
+//!     tls.alpn_protocols = vec![b"h3".to_vec()];
+//!     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+//!     let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+//!     let endpoint = quinn::Endpoint::server(config, "0.0.0.0:4433".parse()?)?;
+//!
+//!     // GOAWAY, requests cancelled with `Shutdown`, a bounded drain, then the endpoint closed.
+//!     let signal = shutdown.clone();
+//!     tokio::spawn(async move {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!         signal.cancel();
+//!     });
+//!     tower_cancel::http3::serve(endpoint, app)
+//!         .with_graceful_shutdown(shutdown.cancelled_owned())
+//!         .drain(Duration::from_secs(10))
+//!         .await?; // an error if the endpoint stops accepting without the shutdown
+//!     Ok(())
+//! }
+//! ```
+//!
+//! `cargo run --example http3` serves one router over TCP (HTTPS, HTTP/1.1 and HTTP/2,
+//! advertising `alt-svc: h3`) and over QUIC, and prints the timeline of an HTTP/3 client giving
+//! up. The tests drive [`serve`] with h3's client, Python's aioquic and headless Chromium over
+//! QUIC (`tests/http3.rs`, `tests/http3_aioquic.rs`, `tests/http3_browser.rs`); the
+//! [transport page](crate::guide::transport) has their figures.
+//!
+//! # Build cost
+//!
+//! The feature costs build time, not the default build: a clean debug build of the crate took
+//! 7.5 s with 27 crates, 23 s with 74 crates with `http3` (2-core VM; `cargo build` vs
+//! `cargo build --features http3`, each in an empty target directory).
 
 mod body;
 mod frames;

@@ -21,6 +21,69 @@
 //! let state = State { backend: PropagateLayer::new().layer(Backend) };
 //! # let _ = state.backend.get_ref();
 //! ```
+//!
+//! # A chain
+//!
+//! Real deployments are chains: browser → proxy → service A → service B (gRPC) → service C. When
+//! the browser leaves, every hop should stop, and a deadline set at the edge should bound every
+//! hop behind it. Two pieces do it: [`PropagateLayer`] on the outbound client (see it for what a
+//! call carries and when it is abandoned), and
+//! [`RequestCancellation::run`](crate::RequestCancellation::run), which binds any future to the
+//! request: `Ok(output)`, or `Err(Cancelled)` once the request is cancelled (the work is dropped
+//! at its current `.await`). `Cancelled` is an error type and (feature `tonic`) converts into a
+//! tonic `Status`, so `rc.run(query).await?` is one line.
+//!
+//! ```toml
+//! [dependencies]
+//! tower-cancel = { version = "0.1", features = ["tonic"] } # tonic: `?` on `Cancelled`
+//! tonic = "0.14"
+//! tower = "0.5"
+//! ```
+//!
+//! ```
+//! use tonic::transport::Channel;
+//! use tower::Layer;
+//! use tower_cancel::{PropagateLayer, RequestCancellation};
+//!
+//! # #[allow(dead_code, unreachable_pub)]
+//! # mod reports { include!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tonic/reports.rs")); }
+//! # use reports::{ReportRequest, reports_client::ReportsClient};
+//! // Once, at start-up: the client to service B, behind the layer.
+//! fn client_for_b(channel: Channel) -> ReportsClient<tower_cancel::propagate::PropagateService<Channel>> {
+//!     ReportsClient::new(PropagateLayer::new().layer(channel))
+//! }
+//!
+//! // In a handler of service A: the call carries A's cancellation and deadline.
+//! async fn call_b(
+//!     b: &mut ReportsClient<tower_cancel::propagate::PropagateService<Channel>>,
+//!     inbound: &RequestCancellation,
+//! ) -> Result<String, tonic::Status> {
+//!     let mut call = tonic::Request::new(ReportRequest { name: "q3".into(), millis: 0 });
+//!     call.extensions_mut().insert(inbound.clone());
+//!     let report = b.generate(call).await?.into_inner();
+//!     // Local work, bound to the request the same way.
+//!     let summary = inbound.run(async move { report.text.to_uppercase() }).await?;
+//!     Ok(summary)
+//! }
+//! ```
+//!
+//! Turn `TCP_NODELAY` on for outbound clients (hyper-util: `HttpConnector::set_nodelay(true)`;
+//! tonic's `Endpoint` has it on): without it, the lone `RST_STREAM` that abandons a call can wait
+//! about 40 ms for a delayed ACK (measured here: B → C went from 42 ms to 0.15 ms).
+//!
+//! `examples/chain.rs` runs client → A (plain hyper, HTTP/1.1) → B (tonic) → C (axum, called
+//! over Connect) on loopback and prints the timeline (`cargo run --example chain`); `tests/chain.rs` asserts it:
+//!
+//! | scenario | what happens | measured |
+//! |---|---|---|
+//! | the client closes its connection to A | A, B, C cancelled with `Disconnected`, B then C (B's reset leaves as A's handler is dropped, a hair before A's callback runs), each cleanup once | A → B 0.18–0.28 ms, B → C 0.12–0.19 ms, client close → A 0.11–0.18 ms (12 runs, debug build) |
+//! | A has `timeout(600 ms)` | B receives `grpc-timeout: 599937u`, C `connect-timeout-ms: 599` (each hop takes its share off, rounded down); B and C cancelled once each, with `DeadlineExceeded` (or `Disconnected` if the reset from the hop before came more than 20 ms early); A answers 503 | — |
+//! | A's server shuts down mid-call | A's handler keeps running; its call fails with `InboundCancelled` (tonic: `UNAVAILABLE` "the outbound call was abandoned: the inbound request was cancelled (shutdown)"); B and C cancelled with `Disconnected` | — |
+//!
+//! At A, a deadline is enforced twice when the client is tonic: by A's layer, and by tonic's
+//! client, which enforces the `grpc-timeout` the layer set (a hair shorter, since time passed).
+//! Whichever fires first, the handler's call fails and A answers; if tonic's fired first, A's
+//! request completes (answered) just before its own deadline instead of being cancelled at it.
 
 use std::fmt;
 use std::future::Future;
@@ -75,7 +138,8 @@ pub use self::future::PropagateFuture;
 ///   down, its deadline passed, or the token was cancelled), the outbound call is abandoned:
 ///   its response future, or its response body if the call already answered, is dropped, so
 ///   the downstream server sees `RST_STREAM` (HTTP/2) or a closed connection (HTTP/1.1) and
-///   its own scope is cancelled. The call then fails with [`InboundCancelled`], which says why.
+///   its own scope is cancelled (`Disconnected`, or `DeadlineExceeded` when the reset comes at
+///   the deadline it was given). The call then fails with [`InboundCancelled`], which says why.
 ///
 /// Without an inbound `RequestCancellation` the request passes through unchanged. The time
 /// that remains is measured when the call is made (`call`), not when its headers are written:

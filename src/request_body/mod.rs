@@ -51,6 +51,44 @@
 //! assert_eq!(layer.read_ahead_held(), 0);
 //! # }
 //! ```
+//!
+//! # Where it goes
+//!
+//! Inside a [`CancellationLayer`](crate::CancellationLayer), on the routes that take uploads.
+//! The handler's body type becomes [`RequestBody<B>`](RequestBody) (axum and tonic accept any
+//! body type), and it must answer an `http::Response` (any body type). Any error from the body
+//! itself counts as the client leaving, so put layers that make request-body errors of their
+//! own (limits, timeouts) inside this one.
+//!
+//! ```
+//! use tower::ServiceBuilder;
+//! use tower_cancel::{CancellationLayer, RequestBodyLayer};
+//!
+//! # let upload = tower::service_fn(|_: http::Request<tower_cancel::RequestBody<String>>| async {
+//! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//! # });
+//! let svc = ServiceBuilder::new()
+//!     .layer(CancellationLayer::new())
+//!     // per route is enough; the total is shared by every request of this layer and its clones
+//!     .layer(RequestBodyLayer::new().read_ahead(2 * 1024 * 1024).read_ahead_total(64 * 1024 * 1024))
+//!     .service(upload);
+//! ```
+//!
+//! # Tested
+//!
+//! * With read-ahead, hyper keeps reading the socket and sees a client leave an unread upload
+//!   (about 0.3 ms here); without, it does not (`tests/uploads.rs`, which prints the figure).
+//!   The handler then reads the same bytes, in order
+//!   (`read_ahead_hands_the_handler_the_exact_bytes`, and a property test over arbitrary frame
+//!   splits).
+//! * The idle timeout answers `408` over HTTP/1.1, HTTP/2 and HTTP/3, with and without
+//!   read-ahead, behind axum's `Bytes`, `String` and `Json` (`tests/idle_timeout.rs`); the
+//!   `/upload` route of `examples/axum.rs` answers 400 for any failed read and the client gets
+//!   408.
+//! * [`read_ahead_held`](RequestBodyLayer::read_ahead_held) and
+//!   [`read_ahead_peak`](RequestBodyLayer::read_ahead_peak) report the memory held, for
+//!   metrics; the bound for the whole layer is measured in [the reliability
+//!   page](crate::guide::reliability) and against bare hyper in `tests/attack.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
