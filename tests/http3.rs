@@ -492,3 +492,39 @@ async fn connection_specific_headers_never_reach_the_client() {
         (b"hi".to_vec(), Ending::Finished)
     );
 }
+
+#[tokio::test]
+async fn a_handler_or_body_that_panics_is_recorded_as_panicked_not_disconnected() {
+    // The request task panics (the handler, or the response body after its first chunk): the
+    // server failed, the client did not leave. The stream is reset, the connection serves on.
+    let (log, server, in_flight) = start(Duration::from_secs(1)).await;
+    let mut client = H3Client::connect(&server).await;
+    for (path, phase) in [("/panic", "handler"), ("/panic-body", "body")] {
+        let mut stream = client.get(path).await;
+        let ending = match stream.recv_response().await {
+            Ok(_) => read_body(&mut stream).await.1,
+            Err(error) => ending(&error),
+        };
+        assert_ne!(
+            ending,
+            Ending::Finished,
+            "{path}: never a complete response"
+        );
+        log.wait_for(&format!("layer {path} panicked {phase}"))
+            .await;
+    }
+    in_flight.wait_for_none().await;
+    assert_eq!(
+        log.with_prefix("layer "),
+        [
+            "layer /panic panicked handler",
+            "layer /panic-body panicked body"
+        ]
+    );
+    let mut stream = client.get("/full").await;
+    stream.recv_response().await.unwrap();
+    assert_eq!(
+        read_body(&mut stream).await,
+        (b"hello".to_vec(), Ending::Finished)
+    );
+}

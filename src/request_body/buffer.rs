@@ -94,6 +94,9 @@ impl Tail {
 #[derive(Debug, Default)]
 pub(crate) struct Buffer {
     full: VecDeque<Bytes>,
+    /// The bytes in `full` (each block is full: its length is its capacity), kept so that
+    /// [`memory`](Self::memory), asked after every frame, does not walk the blocks.
+    full_memory: usize,
     /// `None` while checked out.
     tail: Option<Tail>,
     pub(crate) trailers: Option<HeaderMap>,
@@ -111,7 +114,7 @@ impl Buffer {
 
     /// The memory held: what the budget counts.
     pub(crate) fn memory(&self) -> usize {
-        self.full.iter().map(Bytes::len).sum::<usize>() + self.tail.as_ref().map_or(0, Tail::memory)
+        self.full_memory + self.tail.as_ref().map_or(0, Tail::memory)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -125,6 +128,7 @@ impl Buffer {
 
     /// Puts the tail back; queues the blocks it filled and counts the bytes it copied.
     pub(crate) fn put_back(&mut self, mut tail: Tail) {
+        self.full_memory += tail.filled.iter().map(Bytes::len).sum::<usize>();
         self.full.extend(tail.filled.drain(..));
         self.len += mem::take(&mut tail.copied);
         self.tail = Some(tail);
@@ -135,6 +139,7 @@ impl Buffer {
         let data = match self.full.pop_front() {
             Some(block) => {
                 let memory = block.len();
+                self.full_memory -= memory;
                 (block, memory)
             }
             None => {

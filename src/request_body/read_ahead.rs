@@ -454,7 +454,10 @@ impl<B: Body> CheckedOut<'_, B> {
         let tail = self.tail.as_mut().expect("checked out");
         let spare = tail.spare();
         let needed = tail.block_for(data.remaining(), room);
-        self.reserved = budget.reserve(needed);
+        // Most frames fit in the block being filled: no new block, nothing to reserve.
+        if needed > 0 {
+            self.reserved = budget.reserve(needed);
+        }
         tail.copy(data, room.min(spare + self.reserved));
     }
 
