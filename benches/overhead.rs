@@ -14,10 +14,14 @@
 //!   per request a new `CancellationToken` in the request extensions and a `DropGuard` held by
 //!   the response future, disarmed when the handler completes (no reason, no body guard, no
 //!   shutdown, no deadline);
-//! - `contract_floor`: `hand_written` plus what the crate's contract adds before any logic: a
-//!   second extensions entry, a handle to per-request state shared through an `Arc` (the
-//!   layer's `RequestCancellation`). Same allocations as the layer (six), none of its work: a
-//!   floor for any implementation of the contract on this allocator;
+//! - `two_entries`: `hand_written` plus a second extensions entry, a handle to per-request
+//!   state shared through an `Arc` (the floor of earlier runs);
+//! - `contract_floor`: what any implementation of the contract must do for a request that
+//!   completes and no more (`support/floor.rs` names the clause behind each piece): the token
+//!   and the shared state in the extensions, the state holding the start time, the method and
+//!   URI (what `Cancelled` reports) and a reference to the layer's configuration, a guard that
+//!   moves from the future into the body, one compare-and-swap when the handler returns and
+//!   one when the body ends. Same allocations as the layer (six);
 //! - `layer`: `CancellationLayer::new()`;
 //! - `layer_shutdown`: with `.shutdown_token(..)` (never cancelled);
 //! - `layer_deadline`: with `.timeout(30 s)` (never fires);
@@ -47,7 +51,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use criterion::{BenchmarkGroup, Criterion, Throughput, measurement::WallTime};
+use criterion::{Criterion, Throughput};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame};
 use http_body_util::Full;
@@ -142,163 +146,224 @@ impl Body for Streamed {
 struct Row {
     body: &'static str,
     variant: &'static str,
-    ns_per_request: f64,
+    /// Median over criterion's samples, if criterion measured this variant in full.
+    criterion: Option<f64>,
+    /// Median over the interleaved rounds.
+    interleaved: Option<f64>,
 }
 
-/// Benchmarks `svc` as `<body>/<name>` and, if criterion measured it in full, appends its
-/// median ns/request to `rows`.
-fn bench_variant<S, B>(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    rows: &mut Vec<Row>,
-    body: &'static str,
-    name: &'static str,
-    mut svc: S,
-) where
-    S: Service<Request<()>, Response = Response<B>>,
+/// Runs one whole request of a variant.
+type Runner = Box<dyn FnMut(Request<()>, &mut Context<'_>)>;
+
+fn runner<S, B>(mut svc: S) -> Runner
+where
+    S: Service<Request<()>, Response = Response<B>> + 'static,
     S::Error: std::fmt::Debug,
     B: Body,
     B::Error: std::fmt::Debug,
 {
-    // ns/request of every call of the routine: criterion's warm-up calls first, then exactly
-    // `SAMPLE_SIZE` measurement samples.
-    let mut per_call = Vec::new();
-    group.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut cx = Context::from_waker(Waker::noop());
-            let read_buffer = read_buffer();
-            let start = Instant::now();
-            for _ in 0..iters {
-                support::one_request(&mut svc, request(&read_buffer), &mut cx);
-            }
-            let elapsed = start.elapsed();
-            per_call.push(elapsed.as_nanos() as f64 / iters as f64);
-            elapsed
-        });
-    });
-    // Filtered out, or run once by `cargo test --benches`: nothing to report.
-    if per_call.len() < SAMPLE_SIZE {
-        return;
-    }
-    let mut samples = per_call.split_off(per_call.len() - SAMPLE_SIZE);
-    samples.sort_by(f64::total_cmp);
-    let ns_per_request = (samples[SAMPLE_SIZE / 2 - 1] + samples[SAMPLE_SIZE / 2]) / 2.0;
-    rows.push(Row {
-        body,
-        variant: name,
-        ns_per_request,
-    });
+    Box::new(move |request, cx| support::one_request(&mut svc, request, cx))
 }
 
-/// Every variant around the inner service whose body `make_body` builds.
+/// Every variant around the inner service whose body `make_body` builds, in table order.
+fn variants<B, F>(make_body: F) -> Vec<(&'static str, Runner)>
+where
+    B: Body + 'static,
+    B::Error: std::fmt::Debug,
+    F: Fn() -> B + Clone + 'static,
+{
+    let svc = inner(make_body);
+    let on_early_drop = OnEarlyDropLayer::builder()
+        .on_future_drop(|_: &Request<()>| || {})
+        .on_body_drop(OnBodyDropFn::new(|_: &Request<()>| {
+            |_: &http::response::Parts| || {}
+        }));
+    let deadline = Duration::from_secs(30);
+    vec![
+        ("bare", runner(svc.clone())),
+        ("on_early_drop", runner(on_early_drop.layer(svc.clone()))),
+        (
+            "hand_written",
+            runner(
+                support::HandWrittenLayer {
+                    shared_handle: false,
+                }
+                .layer(svc.clone()),
+            ),
+        ),
+        (
+            "two_entries",
+            runner(
+                support::HandWrittenLayer {
+                    shared_handle: true,
+                }
+                .layer(svc.clone()),
+            ),
+        ),
+        (
+            "contract_floor",
+            runner(support::FloorLayer::default().layer(svc.clone())),
+        ),
+        ("layer", runner(CancellationLayer::new().layer(svc.clone()))),
+        (
+            "layer_shutdown",
+            runner(
+                CancellationLayer::new()
+                    .shutdown_token(CancellationToken::new())
+                    .layer(svc.clone()),
+            ),
+        ),
+        (
+            "layer_deadline",
+            runner(
+                CancellationLayer::new()
+                    .timeout(deadline)
+                    .layer(svc.clone()),
+            ),
+        ),
+        (
+            "layer_shutdown_deadline",
+            runner(
+                CancellationLayer::new()
+                    .shutdown_token(CancellationToken::new())
+                    .timeout(deadline)
+                    .layer(svc),
+            ),
+        ),
+    ]
+}
+
+/// `iters` requests through `run`; returns the time they took.
+fn time_requests(run: &mut Runner, iters: u64) -> Duration {
+    let mut cx = Context::from_waker(Waker::noop());
+    let read_buffer = read_buffer();
+    let start = Instant::now();
+    for _ in 0..iters {
+        run(request(&read_buffer), &mut cx);
+    }
+    start.elapsed()
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    }
+}
+
+/// Benchmarks every variant of one body with criterion (`<body>/<variant>`), then, unless
+/// filtered, runs them side by side: `ROUNDS` rounds, each running every variant for
+/// `ROUND_REQUESTS` requests, in turn, so that the machine's drifts hit every variant alike.
 fn bench_body<B, F>(c: &mut Criterion, rows: &mut Vec<Row>, body: &'static str, make_body: F)
 where
-    B: Body,
+    B: Body + 'static,
     B::Error: std::fmt::Debug,
-    F: Fn() -> B + Clone,
+    F: Fn() -> B + Clone + 'static,
 {
+    let mut variants = variants(make_body);
     let mut group = c.benchmark_group(body);
     group
         .throughput(Throughput::Elements(1))
         .sample_size(SAMPLE_SIZE)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-
-    let svc = inner(make_body);
-    bench_variant(&mut group, rows, body, "bare", svc.clone());
-
-    let on_early_drop = OnEarlyDropLayer::builder()
-        .on_future_drop(|_: &Request<()>| || {})
-        .on_body_drop(OnBodyDropFn::new(|_: &Request<()>| {
-            |_: &http::response::Parts| || {}
-        }));
-    bench_variant(
-        &mut group,
-        rows,
-        body,
-        "on_early_drop",
-        on_early_drop.layer(svc.clone()),
-    );
-
-    bench_variant(
-        &mut group,
-        rows,
-        body,
-        "hand_written",
-        support::HandWrittenLayer {
-            shared_handle: false,
-        }
-        .layer(svc.clone()),
-    );
-
-    bench_variant(
-        &mut group,
-        rows,
-        body,
-        "contract_floor",
-        support::HandWrittenLayer {
-            shared_handle: true,
-        }
-        .layer(svc.clone()),
-    );
-
-    let deadline = Duration::from_secs(30);
-    let layers = [
-        ("layer", CancellationLayer::new()),
-        (
-            "layer_shutdown",
-            CancellationLayer::new().shutdown_token(CancellationToken::new()),
-        ),
-        ("layer_deadline", CancellationLayer::new().timeout(deadline)),
-        (
-            "layer_shutdown_deadline",
-            CancellationLayer::new()
-                .shutdown_token(CancellationToken::new())
-                .timeout(deadline),
-        ),
-    ];
-    for (name, layer) in layers {
-        bench_variant(&mut group, rows, body, name, layer.layer(svc.clone()));
+    let mut measured = Vec::new();
+    for (name, run) in &mut variants {
+        // ns/request of every call of the routine: criterion's warm-up calls first, then
+        // exactly `SAMPLE_SIZE` measurement samples.
+        let mut per_call = Vec::new();
+        group.bench_function(*name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = time_requests(run, iters);
+                per_call.push(elapsed.as_nanos() as f64 / iters as f64);
+                elapsed
+            });
+        });
+        // Filtered out, or run once by `cargo test --benches`: nothing to report.
+        let criterion = (per_call.len() >= SAMPLE_SIZE)
+            .then(|| median(per_call.split_off(per_call.len() - SAMPLE_SIZE)));
+        measured.push(criterion.is_some());
+        rows.push(Row {
+            body,
+            variant: name,
+            criterion,
+            interleaved: None,
+        });
     }
-
     group.finish();
+
+    let first = rows.len() - variants.len();
+    let mut rounds = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, run)) in variants.iter_mut().enumerate() {
+            if measured[i] {
+                let elapsed = time_requests(run, ROUND_REQUESTS);
+                rounds[i].push(elapsed.as_nanos() as f64 / ROUND_REQUESTS as f64);
+            }
+        }
+    }
+    for (row, samples) in rows[first..].iter_mut().zip(rounds) {
+        if !samples.is_empty() {
+            row.interleaved = Some(median(samples));
+        }
+    }
 }
 
-/// Prints the rows as a Markdown table, with each variant's cost above `bare` and its ratio
-/// to `hand_written` in the same body.
+/// Interleaved rounds after criterion's runs, and requests per variant in each.
+const ROUNDS: usize = 7;
+const ROUND_REQUESTS: u64 = 100_000;
+
+/// Prints the rows as a Markdown table: each variant's median ns/request (criterion's, and
+/// the interleaved rounds'), and, from the interleaved rounds, its cost above `bare` and its
+/// ratio to `contract_floor` and to `hand_written` in the same body.
 fn print_summary(rows: &[Row]) {
-    if rows.is_empty() {
+    if rows.is_empty() || rows.iter().all(|row| row.criterion.is_none()) {
         return;
     }
     let find = |body: &str, variant: &str| {
         rows.iter()
             .find(|row| row.body == body && row.variant == variant)
-            .map(|row| row.ns_per_request)
+            .and_then(|row| row.interleaved)
+    };
+    let show = |value: Option<f64>, format: &dyn Fn(f64) -> String| {
+        value.map_or_else(|| "—".to_owned(), format)
     };
     println!();
     println!(
-        "Per-request overhead, one thread, in process (median of {SAMPLE_SIZE} criterion samples):"
+        "Per-request cost, one thread, in process: criterion's median over {SAMPLE_SIZE} \
+         samples, then {ROUNDS} interleaved rounds of {ROUND_REQUESTS} requests per variant \
+         (median), from which the last three columns are computed:"
     );
     println!();
     println!(
-        "| {:<8} | {:<23} | {:>10} | {:>10} | {:>14} |",
-        "body", "variant", "ns/request", "above bare", "÷ hand_written"
+        "| {:<8} | {:<23} | {:>9} | {:>11} | {:>10} | {:>7} | {:>14} |",
+        "body", "variant", "criterion", "interleaved", "above bare", "÷ floor", "÷ hand_written"
     );
     println!(
-        "|{:-<10}|{:-<25}|{:->11}:|{:->11}:|{:->15}:|",
-        "", "", "", "", ""
+        "|{:-<10}|{:-<25}|{:->10}:|{:->12}:|{:->11}:|{:->8}:|{:->15}:|",
+        "", "", "", "", "", "", ""
     );
-    for row in rows {
-        let above_bare = find(row.body, "bare").map_or_else(
-            || "—".to_owned(),
-            |bare| format!("{:+.1}", row.ns_per_request - bare),
-        );
-        let ratio = find(row.body, "hand_written").map_or_else(
-            || "—".to_owned(),
-            |hand_written| format!("{:.2}", row.ns_per_request / hand_written),
-        );
+    for row in rows.iter().filter(|row| row.criterion.is_some()) {
+        let ns = row.interleaved;
+        let above_bare = ns.zip(find(row.body, "bare")).map(|(ns, bare)| ns - bare);
+        let floor = ns
+            .zip(find(row.body, "contract_floor"))
+            .map(|(ns, floor)| ns / floor);
+        let hand = ns
+            .zip(find(row.body, "hand_written"))
+            .map(|(ns, hand)| ns / hand);
         println!(
-            "| {:<8} | {:<23} | {:>10.1} | {:>10} | {:>14} |",
-            row.body, row.variant, row.ns_per_request, above_bare, ratio
+            "| {:<8} | {:<23} | {:>9} | {:>11} | {:>10} | {:>7} | {:>14} |",
+            row.body,
+            row.variant,
+            show(row.criterion, &|v| format!("{v:.1}")),
+            show(ns, &|v| format!("{v:.1}")),
+            show(above_bare, &|v| format!("{v:+.1}")),
+            show(floor, &|v| format!("{v:.2}")),
+            show(hand, &|v| format!("{v:.2}")),
         );
     }
 }

@@ -155,13 +155,13 @@ impl RequestCancellation {
     /// with the request.
     ///
     /// To cancel the request yourself, call [`cancel`](Self::cancel). Cancelling the token
-    /// directly (`token.cancel()`, as code that only knows the token does) also cancels the
-    /// request, with [`CancelReason::Explicit`], but the layer learns of it later: the token
-    /// and everything waiting on it fire at once, and [`reason`](Self::reason) reports
-    /// `Explicit` from then on, but the layer records the cancellation and runs the callbacks
-    /// only when it next polls the handler future or the response body and finds them
-    /// pending, or when the request ends, whichever comes first. A token cancelled after the
-    /// request completed cancels nothing.
+    /// directly (`token.cancel()`, as code that only knows the token does) fires the token
+    /// and everything waiting on it at once, and [`reason`](Self::reason) reports
+    /// [`CancelReason::Explicit`] from then on; the layer records the cancellation and runs
+    /// the callbacks when it next finds the handler future or the response body pending, or
+    /// when either is dropped. It never asks the token on a request's way to completion (the
+    /// token's `is_cancelled` takes a mutex): a request that reaches its end first, such as a
+    /// handler that cancels its token and answers at once, completed, and no callback runs.
     pub fn token(&self) -> &CancellationToken {
         self.scope.token()
     }

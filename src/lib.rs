@@ -145,10 +145,11 @@
 //!   `DeadlineExceeded`, not `Disconnected`.
 //! * **Explicit cancellation.** [`RequestCancellation::cancel`] cancels the request with
 //!   [`CancelReason::Explicit`] and runs its callbacks before it returns. Cancelling the token
-//!   directly does too, but the layer records it (and runs the callbacks) only when the handler
-//!   or body is next polled pending, or when the request ends; meanwhile the getters report
-//!   `Explicit`. The getters (`is_cancelled`, `reason`, `deadline`) are pure queries: they
-//!   never record anything nor run a callback.
+//!   directly cancels the request too if the layer finds the handler or body waiting (pending)
+//!   afterwards, or dropped: it never asks the token on a request's way to completion (the
+//!   token's `is_cancelled` takes a mutex), so a request that reaches its end first completed.
+//!   The getters report `Explicit` as soon as the token is cancelled. They (`is_cancelled`,
+//!   `reason`, `deadline`) are pure queries: they never record anything nor run a callback.
 //! * **A panic is not a client leaving.** A handler future or response body whose poll panics,
 //!   the panic unwinding through the layer, is recorded as [`CancelReason::Panicked`] when it
 //!   is dropped (by Tokio's task, hyper, or a `CatchPanicLayer` outside the layer). A panic

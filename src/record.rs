@@ -40,7 +40,11 @@ pub enum CancelReason {
     /// or at most 1 ms before a deadline the server chose, or at most 20 ms before one the
     /// client chose (its clock started before the request reached the server).
     DeadlineExceeded,
-    /// Application code cancelled the request's [`CancellationToken`] directly.
+    /// Application code cancelled the request:
+    /// [`RequestCancellation::cancel`](crate::RequestCancellation::cancel), or its
+    /// [`CancellationToken`] cancelled directly, noticed when the layer next found the handler
+    /// or body pending, or dropped (see
+    /// [`RequestCancellation::token`](crate::RequestCancellation::token)).
     ///
     /// [`CancellationToken`]: tokio_util::sync::CancellationToken
     Explicit,

@@ -7,6 +7,10 @@
 // Each bench uses only part of this module.
 #![allow(dead_code)]
 
+mod floor;
+
+pub(crate) use floor::FloorLayer;
+
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::{Pin, pin};
@@ -59,7 +63,9 @@ where
 /// tonic's cancellation example as a tower layer: a token per request in the extensions,
 /// cancelled if the response future is dropped before the handler completes.
 ///
-/// With `shared_handle`, it also inserts a [`SharedHandle`]: the `contract_floor` variant.
+/// With `shared_handle`, it also inserts a [`SharedHandle`]: the `two_entries` variant (the
+/// floor of earlier runs, which guards neither the body nor keeps what `Cancelled` reports;
+/// see [`FloorLayer`] for the contract floor).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HandWrittenLayer {
     pub(crate) shared_handle: bool,

@@ -164,51 +164,69 @@ impl Bound {
         &self.config
     }
 
-    /// Runs every callback of the layer, in order, once. Async cleanups go through `owner`'s
-    /// cleanup limit and tracker: the configuration of the layer that created the request's
-    /// scope (the outermost), which counts every task a request leaves running.
+    /// The configuration and the runtime, apart (the scope keeps the runtime aside: most
+    /// layers have no async callback and capture none).
+    pub(crate) fn into_parts(self) -> (Arc<Config>, Option<Handle>) {
+        (self.config, self.runtime)
+    }
+
+    /// Runs every callback of the layer, in order, once: see [`run`].
     pub(crate) fn run(&self, cancelled: &Cancelled, span: &Span, owner: &Config) {
-        for callback in &self.config.callbacks {
-            match callback {
-                Callback::Sync(f) => {
-                    contain("on_cancel callback", cancelled, || f(cancelled));
-                }
-                Callback::Async(f) => {
-                    let Some(future) = contain("on_cancel_async callback", cancelled, || {
-                        f(cancelled.clone())
-                    }) else {
-                        continue;
-                    };
-                    self.spawn(future, cancelled, span, owner);
-                }
+        run(&self.config, self.runtime.as_ref(), cancelled, span, owner);
+    }
+}
+
+/// Runs every callback of the layer configured with `config`, in order, once; async cleanups
+/// are spawned on `runtime` (the one the request arrived on), else on the current one. They
+/// go through `owner`'s cleanup limit and tracker: the configuration of the layer that created
+/// the request's scope (the outermost), which counts every task a request leaves running.
+pub(crate) fn run(
+    config: &Config,
+    runtime: Option<&Handle>,
+    cancelled: &Cancelled,
+    span: &Span,
+    owner: &Config,
+) {
+    for callback in &config.callbacks {
+        match callback {
+            Callback::Sync(f) => {
+                contain("on_cancel callback", cancelled, || f(cancelled));
+            }
+            Callback::Async(f) => {
+                let Some(future) = contain("on_cancel_async callback", cancelled, || {
+                    f(cancelled.clone())
+                }) else {
+                    continue;
+                };
+                spawn(runtime, future, cancelled, span, owner);
             }
         }
     }
+}
 
-    fn spawn(
-        &self,
-        future: Pin<Box<dyn Future<Output = ()> + Send>>,
-        cancelled: &Cancelled,
-        span: &Span,
-        owner: &Config,
-    ) {
-        let runtime = match &self.runtime {
-            Some(handle) => handle.clone(),
-            None => match Handle::try_current() {
-                Ok(handle) => handle,
-                Err(_) => {
-                    request_event!(
-                        error,
-                        cancelled,
-                        "no Tokio runtime was reachable to run an async cancellation cleanup; it did not run",
-                    );
-                    return;
-                }
-            },
-        };
-        let job = contain_async(future, cancelled, span);
-        owner
-            .limiter
-            .submit(job, &owner.tracker, &runtime, cancelled);
-    }
+fn spawn(
+    runtime: Option<&Handle>,
+    future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    cancelled: &Cancelled,
+    span: &Span,
+    owner: &Config,
+) {
+    let runtime = match runtime {
+        Some(handle) => handle.clone(),
+        None => match Handle::try_current() {
+            Ok(handle) => handle,
+            Err(_) => {
+                request_event!(
+                    error,
+                    cancelled,
+                    "no Tokio runtime was reachable to run an async cancellation cleanup; it did not run",
+                );
+                return;
+            }
+        },
+    };
+    let job = contain_async(future, cancelled, span);
+    owner
+        .limiter
+        .submit(job, &owner.tracker, &runtime, cancelled);
 }

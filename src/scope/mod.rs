@@ -26,6 +26,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{Method, Uri};
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
@@ -41,7 +42,7 @@ use crate::runtime::metrics;
 use crate::runtime::shutdown::{InFlight, Slot};
 
 use self::callbacks::{Callbacks, Lists};
-use self::config::Bound;
+use self::config::{Bound, Config};
 use self::state::{
     ARMED_BODY, ARMED_HANDLER, ARMED_UPGRADED, COMPLETED, HELD, NO_DEADLINE, REGISTERED, base,
     decode, encode, is_armed, is_completed,
@@ -64,6 +65,9 @@ struct Extras {
     /// The span that was current when the layer saw the request.
     span: Option<Span>,
     recorded: Option<Arc<Recorded>>,
+    /// The runtime the request arrived on, where the creator's async callbacks run (captured
+    /// only when it has some).
+    runtime: Option<Handle>,
 }
 
 pub(crate) struct Scope {
@@ -80,7 +84,7 @@ pub(crate) struct Scope {
     /// What only some requests carry, boxed (most carry none, and a `Span` alone is 40 bytes).
     extras: Option<Box<Extras>>,
     /// The configuration of the layer that created the scope (the outermost one).
-    creator: Bound,
+    creator: Arc<Config>,
     /// Where the creator's shutdown registry holds this scope, once registered.
     registration: Slot,
     callbacks: Mutex<Callbacks>,
@@ -97,10 +101,12 @@ impl Scope {
         recorded: Option<Recorded>,
     ) -> Arc<Self> {
         let span = tracing::enabled!(target: TARGET, tracing::Level::DEBUG).then(Span::current);
-        let extras = (span.is_some() || recorded.is_some()).then(|| {
+        let (creator, runtime) = creator.into_parts();
+        let extras = (span.is_some() || recorded.is_some() || runtime.is_some()).then(|| {
             Box::new(Extras {
                 span,
                 recorded: recorded.map(Arc::new),
+                runtime,
             })
         });
         let scope = Arc::new(Self {
@@ -124,7 +130,10 @@ impl Scope {
         // cancel) the scope as soon as it sits in its shard. A watcher that takes the shard
         // before the registration is stored cancels the scope all the same; its cancellation
         // then finds no registration to remove, and needs none (the watcher emptied the shard).
-        let config = scope.creator.config();
+        let config = &scope.creator;
+        if config.shutdown.is_none() {
+            return scope;
+        }
         let request: Weak<dyn InFlight> = Arc::downgrade(&scope) as Weak<dyn InFlight>;
         let refused = match config.register(request) {
             Ok(Some(registration)) => {
@@ -151,6 +160,13 @@ impl Scope {
             .as_ref()
             .and_then(|extras| extras.span.as_ref())
             .unwrap_or(&NONE)
+    }
+
+    /// The runtime the request arrived on, if the creator has async callbacks.
+    fn runtime(&self) -> Option<&Handle> {
+        self.extras
+            .as_ref()
+            .and_then(|extras| extras.runtime.as_ref())
     }
 
     pub(crate) fn token(&self) -> &CancellationToken {
@@ -210,10 +226,11 @@ impl Scope {
         }
     }
 
-    /// The handler returned a response head and its body starts streaming. A token the
-    /// handler cancelled before returning is recorded now, as a cancellation in the handler.
+    /// The handler returned a response head and its body starts streaming.
+    ///
+    /// The token is not asked here (its `is_cancelled` takes its mutex): the response future
+    /// asks it once when the handler returns, and the body when it is pending.
     pub(crate) fn enter_body(&self) {
-        self.notice_token();
         // Fails only if the scope already left the armed state, which is then final.
         let _ = self
             .state
@@ -263,8 +280,12 @@ impl Scope {
         }
     }
 
-    /// The request reached its end. A token that application code cancelled meanwhile makes it
-    /// an `Explicit` cancellation instead.
+    /// The request reached its end: it completes, unless it was cancelled first.
+    ///
+    /// The token is not asked: a token cancelled directly is noticed when the handler returns
+    /// (by the response future), when the handler or body is pending, or when either is
+    /// dropped. One cancelled while an always-ready body is written completes the request.
+    /// [`RequestCancellation::cancel`](crate::RequestCancellation::cancel) cancels at once.
     ///
     /// Completion leaves the callbacks alone unless something was registered: the common
     /// request takes no lock. Registering sets `REGISTERED` in the state after adding to the
@@ -273,12 +294,6 @@ impl Scope {
     /// comes first: either completion sees the flag, or the registration sees the completion,
     /// and that side drops the registrations (both doing it is harmless).
     pub(crate) fn finish(&self) {
-        if self.token.is_cancelled() {
-            // Stopped first: if this records the cancellation, nothing ran on after it.
-            self.response_stopped(Stopped::Ended);
-            self.cancel(CancelReason::Explicit);
-            return;
-        }
         let mut current = self.state.load(Ordering::Acquire);
         while is_armed(current) && base(current) != ARMED_UPGRADED {
             // Held for an upgrade: the response is over, the request is not (see `upgrade.rs`).
@@ -312,7 +327,9 @@ impl Scope {
     /// After the transition out of `previous` (an armed state) to `COMPLETED`: leaves the
     /// shutdown registries and drops what was registered.
     fn complete(&self, previous: u8) {
-        self.creator.config().deregister(self.registration.take());
+        if self.creator.shutdown.is_some() {
+            self.creator.deregister(self.registration.take());
+        }
         if previous & REGISTERED != 0 {
             self.drop_registrations();
         }
@@ -359,7 +376,7 @@ impl Scope {
     /// code cancelled and the layer has not noticed yet, `Explicit` in the current phase
     /// (`Body` after completion) with the time until now.
     pub(crate) fn record(&self) -> Cancelled {
-        let elapsed = self.callbacks().elapsed;
+        let elapsed = self.callbacks().elapsed();
         let elapsed = elapsed.unwrap_or_else(|| self.started.elapsed());
         match self.cancellation() {
             Some((reason, phase)) => self.cancelled(reason, phase, elapsed),
@@ -387,7 +404,7 @@ impl Scope {
         let cancelled = self.cancelled(reason, phase, elapsed);
         let (Lists { handler, joined }, stopped) = {
             let mut callbacks = self.callbacks();
-            callbacks.elapsed = Some(elapsed);
+            callbacks.set_elapsed(elapsed);
             // Whatever stopped before this (the drop that cancels) did not run on.
             let stopped = callbacks.tail.cancelling();
             (callbacks.close(), stopped)
@@ -426,11 +443,11 @@ impl Scope {
             for callback in handler {
                 contain("on_cancel callback", &cancelled, || callback(&cancelled));
             }
-            let owner = self.creator.config();
+            let owner = &self.creator;
             for layer in joined.iter().rev() {
                 layer.bound.run(&cancelled, self.span(), owner);
             }
-            self.creator.run(&cancelled, self.span(), owner);
+            config::run(owner, self.runtime(), &cancelled, self.span(), owner);
         });
     }
 }

@@ -81,7 +81,7 @@ impl Scope {
             }
             None => {}
             Some((Late::Cancelled(cancelled), bound)) => {
-                let owner = self.creator.config();
+                let owner = &self.creator;
                 self.span()
                     .in_scope(|| bound.run(&cancelled, self.span(), owner));
             }
@@ -91,14 +91,14 @@ impl Scope {
 
     /// Leaves the shutdown registries: the scope is no longer armed.
     pub(super) fn deregister(&self, joined: &[Joined]) {
-        self.creator.config().deregister(self.registration.take());
+        self.creator.deregister(self.registration.take());
         for layer in joined {
             layer.bound.config().deregister(layer.registration);
         }
     }
 
     fn late(&self, callbacks: &Callbacks) -> Late {
-        match (callbacks.elapsed, self.cancellation()) {
+        match (callbacks.elapsed(), self.cancellation()) {
             (Some(elapsed), Some((reason, phase))) => {
                 Late::Cancelled(self.cancelled(reason, phase, elapsed))
             }

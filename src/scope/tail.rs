@@ -101,7 +101,7 @@ impl Scope {
     pub(super) fn response_stopped(&self, how: Stopped) {
         let report = {
             let mut callbacks = self.callbacks();
-            let cancelled_after = callbacks.elapsed;
+            let cancelled_after = callbacks.elapsed();
             let stopped = callbacks
                 .tail
                 .response_stopped(how, cancelled_after.is_some());
@@ -122,7 +122,7 @@ impl Scope {
     pub(crate) fn detached_stopped(&self, how: Stopped) {
         let report = {
             let mut callbacks = self.callbacks();
-            let cancelled_after = callbacks.elapsed;
+            let cancelled_after = callbacks.elapsed();
             let stopped = callbacks
                 .tail
                 .detached_stopped(how, cancelled_after.is_some());

@@ -207,8 +207,11 @@ fn token_cancelled_by_application_code_is_explicit() {
 }
 
 #[test]
-fn token_cancelled_by_the_handler_before_the_end_is_a_handler_phase_cancel() {
-    // Noticed when the head is out (a streaming body follows) or when the request ends.
+fn the_transitions_do_not_ask_the_token() {
+    // The scope's transitions never ask the token (its `is_cancelled` takes a mutex): the
+    // response future asks it once when the handler returns (`notice_token`, tested over
+    // sockets in tests/callbacks.rs), the guard when pending. A token cancelled after that,
+    // while a body that is always ready is written, completes the request.
     for head_then_body in [false, true] {
         let scope = scope();
         let runs = counter(&scope);
@@ -217,12 +220,22 @@ fn token_cancelled_by_the_handler_before_the_end_is_a_handler_phase_cancel() {
             scope.enter_body();
         }
         scope.finish();
-        assert_eq!(
-            scope.cancellation(),
-            Some((CancelReason::Explicit, Phase::Handler))
-        );
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(scope.cancellation(), None, "completed");
+        assert!(!scope.is_armed());
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
     }
+    // Found pending in the body: an `Explicit` cancellation there.
+    let scope = scope();
+    let runs = counter(&scope);
+    scope.enter_body();
+    scope.token().cancel();
+    scope.notice_token();
+    scope.finish();
+    assert_eq!(
+        scope.cancellation(),
+        Some((CancelReason::Explicit, Phase::Body))
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 #[test]
@@ -682,5 +695,17 @@ async fn the_time_ran_on_runs_from_the_cancellation_to_the_end_of_the_response()
 #[cfg(target_pointer_width = "64")]
 #[test]
 fn the_tail_costs_no_space() {
-    assert_eq!(std::mem::size_of::<Callbacks>(), 32);
+    assert_eq!(std::mem::size_of::<Callbacks>(), 24);
+}
+
+/// Every in-flight request holds one scope: its size is the crate's share of the memory per
+/// request (the `scale` bench). Grows only on purpose.
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn the_scope_stays_small() {
+    assert!(
+        std::mem::size_of::<Scope>() <= 216,
+        "{}",
+        std::mem::size_of::<Scope>()
+    );
 }

@@ -80,6 +80,6 @@ impl Scope {
     /// leaves running is tracked there (a detached handler, a held upgraded connection, the
     /// async cleanups of every layer of the request).
     pub(crate) fn tracker(&self) -> &tokio_util::task::TaskTracker {
-        &self.creator.config().tracker
+        &self.creator.tracker
     }
 }

@@ -372,8 +372,20 @@ async fn route<B>(req: Request<B>, log: Log) -> Response<AppBody> {
         "/panic" => panic!("the handler of /panic panics"),
         "/panic-body" => Response::new(PanicBody { yielded: false }.boxed()),
         "/cancel-self" => {
-            rc.token().cancel();
+            rc.cancel();
             Response::new(full("cancelled myself"))
+        }
+        // Its own code cancels its token directly (as code that only knows the token does),
+        // then answers at once: the request completes, the token cancelled.
+        "/cancel-token" => {
+            rc.token().cancel();
+            Response::new(full("cancelled my token"))
+        }
+        // The same, then waits: the layer finds the handler pending and records `Explicit`.
+        "/cancel-token-then-wait" => {
+            rc.token().cancel();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Response::new(full("cancelled my token"))
         }
         _ => {
             let mut res = Response::new(full("not found"));
