@@ -202,7 +202,7 @@ where
         ),
         (
             "contract_floor",
-            runner(support::FloorLayer::default().layer(svc.clone())),
+            runner(support::floor::FloorLayer::default().layer(svc.clone())),
         ),
         ("layer", runner(CancellationLayer::new().layer(svc.clone()))),
         (

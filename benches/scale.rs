@@ -58,8 +58,8 @@ use tower_cancel::{CancelReason, CancellationLayer, Cancelled, RequestCancellati
 mod support;
 
 /// The least any implementation of the contract holds per request (benches/support/floor.rs).
-fn contract_floor() -> support::FloorLayer {
-    support::FloorLayer::default()
+fn contract_floor() -> support::floor::FloorLayer {
+    support::floor::FloorLayer::default()
 }
 
 /// Requests held in flight.
@@ -654,7 +654,9 @@ impl Probe {
             Probe::KeptBare => local_memory(never_answers_keeping_request()),
             Probe::KeptLayer => local_memory(layer.layer(never_answers_keeping_request())),
             Probe::LocalFloor => local_memory(contract_floor().layer(never_answers())),
-            Probe::KeptFloor => local_memory(contract_floor().layer(never_answers_keeping_request())),
+            Probe::KeptFloor => {
+                local_memory(contract_floor().layer(never_answers_keeping_request()))
+            }
         }
     }
 }

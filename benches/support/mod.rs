@@ -7,9 +7,7 @@
 // Each bench uses only part of this module.
 #![allow(dead_code)]
 
-mod floor;
-
-pub(crate) use floor::FloorLayer;
+pub(crate) mod floor;
 
 use std::future::Future;
 use std::hint::black_box;
@@ -65,7 +63,7 @@ where
 ///
 /// With `shared_handle`, it also inserts a [`SharedHandle`]: the `two_entries` variant (the
 /// floor of earlier runs, which guards neither the body nor keeps what `Cancelled` reports;
-/// see [`FloorLayer`] for the contract floor).
+/// see [`floor::FloorLayer`] for the contract floor).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HandWrittenLayer {
     pub(crate) shared_handle: bool,
