@@ -2,12 +2,17 @@
 //! and HTTP/2 (prior knowledge) on the same port. `scripts/load.sh` measures it with and
 //! without the layer.
 //!
-//! Run with: cargo run --release --example load_server -- layer   (or `bare`: no layer)
+//! Run with: cargo run --release --example load_server -- layer   (or `bare`: no layer; or
+//! `hand-written`: the pattern of tonic's cancellation example, a token per request in the
+//! extensions and a `DropGuard` disarmed when the handler returns, for comparison)
 //!
 //! Then: `curl http://127.0.0.1:3000/` or `curl --http2-prior-knowledge http://127.0.0.1:3000/`.
 //! Set `PORT` to listen elsewhere (`PORT=0` picks a free port; the address is printed).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,7 +21,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_cancel::CancellationLayer;
 
@@ -26,14 +33,11 @@ async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let with_layer = match std::env::args().nth(1).as_deref() {
-        Some("bare") => false,
-        Some("layer") => true,
-        _ => {
-            eprintln!("usage: load_server bare|layer");
-            std::process::exit(2);
-        }
-    };
+    let variant = std::env::args().nth(1).unwrap_or_default();
+    if !["bare", "layer", "hand-written"].contains(&variant.as_str()) {
+        eprintln!("usage: load_server bare|layer|hand-written");
+        std::process::exit(2);
+    }
     let port: u16 = match std::env::var("PORT") {
         Ok(port) => port.parse().expect("PORT is a port number"),
         Err(_) => 3000,
@@ -41,13 +45,64 @@ async fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on {}", listener.local_addr()?);
 
-    if with_layer {
-        let svc = ServiceBuilder::new()
-            .layer(CancellationLayer::new())
-            .service(service_fn(hello));
-        serve(listener, svc).await
-    } else {
-        serve(listener, service_fn(hello)).await
+    match variant.as_str() {
+        "layer" => {
+            let svc = ServiceBuilder::new()
+                .layer(CancellationLayer::new())
+                .service(service_fn(hello));
+            serve(listener, svc).await
+        }
+        "hand-written" => serve(listener, HandWritten(service_fn(hello))).await,
+        _ => serve(listener, service_fn(hello)).await,
+    }
+}
+
+/// tonic's cancellation example as a service, for comparison: a token per request in the
+/// extensions, cancelled if the response future is dropped before the handler returns (no
+/// reason, no body guard, no shutdown, no deadline, no callbacks).
+#[derive(Clone)]
+struct HandWritten<S>(S);
+
+impl<S, B> Service<Request<B>> for HandWritten<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = HandWrittenFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let token = CancellationToken::new();
+        req.extensions_mut().insert(token.clone());
+        HandWrittenFuture {
+            inner: self.0.call(req),
+            guard: Some(token.drop_guard()),
+        }
+    }
+}
+
+pin_project! {
+    struct HandWrittenFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<DropGuard>,
+    }
+}
+
+impl<F: Future> Future for HandWrittenFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(guard) = this.guard.take() {
+            guard.disarm();
+        }
+        Poll::Ready(output)
     }
 }
 

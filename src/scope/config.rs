@@ -81,10 +81,15 @@ impl Config {
     }
 
     /// What the layer keeps of a request with these headers and extensions, if anything.
+    #[inline]
     pub(crate) fn record(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<Recorded> {
         if self.recorders.is_empty() {
             return None;
         }
+        self.record_some(headers, extensions)
+    }
+
+    fn record_some(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<Recorded> {
         let mut recorded = Recorded::default();
         for recorder in &self.recorders {
             match recorder {
@@ -125,7 +130,15 @@ impl Config {
 
     /// How long a request with these headers may run: the shortest of the layer's timeout and
     /// the well-formed deadline headers of the honoured conventions.
+    #[inline]
     pub(crate) fn time_limit(&self, headers: &HeaderMap) -> Option<TimeLimit> {
+        if self.timeout.is_none() && self.deadline_headers.is_empty() {
+            return None;
+        }
+        self.time_limit_of(headers)
+    }
+
+    fn time_limit_of(&self, headers: &HeaderMap) -> Option<TimeLimit> {
         let header = if self.deadline_headers.is_empty() {
             None
         } else {
@@ -148,6 +161,7 @@ pub(crate) struct Bound {
 }
 
 impl Bound {
+    #[inline]
     pub(crate) fn capture(config: &Arc<Config>) -> Self {
         let runtime = if config.has_async {
             Handle::try_current().ok()

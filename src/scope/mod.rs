@@ -228,8 +228,8 @@ impl Scope {
 
     /// The handler returned a response head and its body starts streaming.
     ///
-    /// The token is not asked here (its `is_cancelled` takes its mutex): the response future
-    /// asks it once when the handler returns, and the body when it is pending.
+    /// The token is not asked here (its `is_cancelled` takes its mutex): a token cancelled
+    /// directly is noticed when the handler or body is pending, or dropped.
     pub(crate) fn enter_body(&self) {
         // Fails only if the scope already left the armed state, which is then final.
         let _ = self
@@ -282,9 +282,8 @@ impl Scope {
 
     /// The request reached its end: it completes, unless it was cancelled first.
     ///
-    /// The token is not asked: a token cancelled directly is noticed when the handler returns
-    /// (by the response future), when the handler or body is pending, or when either is
-    /// dropped. One cancelled while an always-ready body is written completes the request.
+    /// The token is not asked: a token cancelled directly is noticed when the handler or body
+    /// is pending, or when either is dropped; a request that gets here first completes.
     /// [`RequestCancellation::cancel`](crate::RequestCancellation::cancel) cancels at once.
     ///
     /// Completion leaves the callbacks alone unless something was registered: the common

@@ -209,9 +209,8 @@ fn token_cancelled_by_application_code_is_explicit() {
 #[test]
 fn the_transitions_do_not_ask_the_token() {
     // The scope's transitions never ask the token (its `is_cancelled` takes a mutex): the
-    // response future asks it once when the handler returns (`notice_token`, tested over
-    // sockets in tests/callbacks.rs), the guard when pending. A token cancelled after that,
-    // while a body that is always ready is written, completes the request.
+    // guard asks it when the handler or body is pending (`notice_token`; over sockets in
+    // tests/callbacks.rs). A request that reaches its end first completes.
     for head_then_body in [false, true] {
         let scope = scope();
         let runs = counter(&scope);

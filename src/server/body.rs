@@ -97,6 +97,7 @@ impl<B> CancellationBody<B> {
 /// Whether `body` is over once it yielded `frame`: a trailers frame is always a body's last
 /// (hyper's HTTP/1.1 and HTTP/2 writers stop polling after it), and otherwise the body says so
 /// with [`is_end_stream`](Body::is_end_stream).
+#[inline]
 pub(crate) fn ends_body<D, B: Body + ?Sized>(frame: &Frame<D>, body: &B) -> bool {
     frame.is_trailers() || body.is_end_stream()
 }
@@ -130,7 +131,7 @@ impl<B: Body> Body for CancellationBody<B> {
             }
         };
         if ended {
-            this.guard.take().finish();
+            this.guard.finish();
         } else if poll.is_ready() {
             // A body that is always ready never reaches `pending`: check the deadline here,
             // against the clock (a timer is only armed when the body waits).

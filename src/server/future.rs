@@ -81,7 +81,7 @@ where
             }
             Poll::Ready(result) => result,
         };
-        let guard = this.guard.take();
+        let mut guard = this.guard.take();
         let Some(scope) = guard.scope() else {
             // Not the scope's owner (or already resolved): pass through.
             return Poll::Ready(result.map(|res| res.map(CancellationBody::passthrough)));
@@ -113,6 +113,7 @@ where
 }
 
 /// Whether a response to `method` with `status` carries a body on the wire (RFC 9110 §6.4.1).
+#[inline]
 fn sends_body(method: &Method, status: StatusCode) -> bool {
     !(has_no_content(method, status) || (method == Method::CONNECT && status.is_success()))
 }

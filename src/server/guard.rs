@@ -29,6 +29,7 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
+    #[inline]
     pub(crate) fn new(scope: Arc<Scope>) -> Self {
         Self {
             scope: Some(scope),
@@ -39,6 +40,7 @@ impl Guard {
 
     /// Runs `poll`, the guarded future's or body's poll: a panic that unwinds out of it leaves
     /// the mark, so that the guard's drop records `Panicked` rather than the client leaving.
+    #[inline]
     pub(crate) fn polling<T>(&mut self, poll: impl FnOnce() -> T) -> T {
         self.polling = true;
         let output = poll();
@@ -85,6 +87,7 @@ impl Guard {
     }
 
     /// Moves the guard out (from the response future into the body), leaving a disarmed one.
+    #[inline]
     pub(crate) fn take(&mut self) -> Self {
         mem::take(self)
     }
@@ -93,8 +96,10 @@ impl Guard {
         self.scope.as_deref()
     }
 
-    /// Completes the request and disarms the guard.
-    pub(crate) fn finish(mut self) {
+    /// Completes the request and disarms the guard (in place: the body that holds it is
+    /// dropped soon, and its timer with it).
+    #[inline]
+    pub(crate) fn finish(&mut self) {
         if let Some(scope) = self.scope.take() {
             scope.finish();
         }
@@ -102,6 +107,7 @@ impl Guard {
 }
 
 impl Drop for Guard {
+    #[inline]
     fn drop(&mut self) {
         if let Some(scope) = self.scope.take() {
             scope.abandon(self.polling);
