@@ -156,9 +156,14 @@
 //!   caught inside the layer is a response like any other.
 //! * **Stacking.** A deeper `CancellationLayer` joins the scope of the outer one: its
 //!   callbacks, shutdown token and deadline (which can only shorten the outer one) apply.
-//! * **Observability.** Each cancellation emits one `DEBUG` event with target `tower_cancel`
-//!   (fields `reason`, `method`, `path`, `phase`, `elapsed`), inside the span that was
-//!   current when the request entered the layer (for example tower-http's `TraceLayer` span).
+//! * **Observability.** Each cancellation emits one event with target `tower_cancel` (fields
+//!   `reason`, `method`, `path`, `phase`, `elapsed`; `DEBUG` unless
+//!   [`event_level`](CancellationLayer::event_level) says otherwise), inside the span that was
+//!   current when the request entered the layer (for example tower-http's `TraceLayer` span),
+//!   and records `tower_cancel.reason` and `tower_cancel.phase` on that span if it declares
+//!   them. An answer to a request cancelled before its handler answered carries the
+//!   [`Cancelled`] record in its extensions, so that a `TraceLayer` classifier does not count
+//!   a shutdown's `503` as a server error.
 //!   Work that runs on after its cancellation (shutdown, deadline, explicit, detached) emits a
 //!   second `DEBUG` event, "cancelled request stopped", when it stops, with
 //!   `ran_after_cancel` and `stopped`; a request whose work stopped as it was cancelled (hyper

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use common::*;
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
-use tower_cancel::{CancellationLayer, Cancelled};
+use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -67,6 +67,32 @@ where
             span.extensions_mut().insert(SpanFields(fields));
         }
     }
+
+    /// Values recorded on a span after its creation (`Span::record`), kept with the span's
+    /// other fields; each recording is also logged with a snapshot of them, for the tests.
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() else {
+            return;
+        };
+        values.record(&mut Fields(fields));
+        recorded_spans()
+            .lock()
+            .unwrap()
+            .push((span.name().to_owned(), fields.clone()));
+    }
+}
+
+/// Every `Span::record` seen: the span's name and all its fields after the recording.
+fn recorded_spans() -> &'static Mutex<Vec<(String, BTreeMap<String, String>)>> {
+    static RECORDED: Mutex<Vec<(String, BTreeMap<String, String>)>> = Mutex::new(Vec::new());
+    &RECORDED
 }
 
 struct SpanFields(BTreeMap<String, String>);
@@ -345,4 +371,156 @@ async fn a_request_body_layer_without_a_cancellation_layer_says_so_once() {
         .collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("CancellationLayer"), "{errors:?}");
+}
+
+/// A handler that waits forever, or, on `/traced-stop`, answers 503 once its request is
+/// cancelled (as a handler does at shutdown).
+async fn traced_handler(
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<String>, std::convert::Infallible> {
+    let rc = RequestCancellation::from_extensions(req.extensions())
+        .unwrap()
+        .clone();
+    if req.uri().path() == "/traced-stop" {
+        rc.cancelled().await;
+        let mut res = Response::new(String::from("stopped"));
+        *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(res);
+    }
+    std::future::pending().await
+}
+
+#[tokio::test]
+async fn the_reason_and_phase_land_on_trace_layer_span_at_the_chosen_level() {
+    // tower-http's `TraceLayer` with a span that declares the two fields, and the layer's
+    // event at `INFO`: the client leaves, the event is at `INFO` in that span, and the span
+    // carries `tower_cancel.reason` and `tower_cancel.phase` for an exporter to read.
+    let capture = events();
+    let svc = ServiceBuilder::new()
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &Request<hyper::body::Incoming>| {
+                    tracing::info_span!(
+                        "traced",
+                        path = req.uri().path(),
+                        tower_cancel.reason = tracing::field::Empty,
+                        tower_cancel.phase = tracing::field::Empty,
+                    )
+                },
+            ),
+        )
+        .layer(CancellationLayer::new().event_level(tracing::Level::INFO))
+        .service(service_fn(traced_handler));
+    let server = Server::start(svc).await;
+    let stream = raw_request(&server, &get("/traced-leave")).await;
+    // The handler waits: give the request time to reach it, then leave.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(stream);
+    server.idle().await;
+
+    let events = events_for(&capture, "/traced-leave");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].level, tracing::Level::INFO);
+    assert_eq!(events[0].span.as_deref(), Some("traced"));
+    let recorded: Vec<_> = recorded_spans()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, fields)| {
+            name == "traced" && fields.get("path").map(String::as_str) == Some("/traced-leave")
+        })
+        .map(|(_, fields)| fields.clone())
+        .collect();
+    let last = recorded.last().expect("the span's fields were recorded");
+    assert_eq!(last["tower_cancel.reason"], "disconnected", "{recorded:#?}");
+    assert_eq!(last["tower_cancel.phase"], "handler", "{recorded:#?}");
+}
+
+#[tokio::test]
+async fn a_cancelled_request_s_answer_carries_its_record_for_trace_layer_to_classify() {
+    // A handler that answers 503 once its request is cancelled (a shutdown): `TraceLayer`'s
+    // default classifier counts the 503 as a server failure; the documented one, which looks
+    // for `Cancelled` in the response, does not. A request that completes carries no record.
+    use tower_http::classify::{
+        ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
+        ServerErrorsFailureClass, SharedClassifier,
+    };
+
+    #[derive(Clone, Copy)]
+    struct CancelledIsNotAFailure;
+
+    impl ClassifyResponse for CancelledIsNotAFailure {
+        type FailureClass = ServerErrorsFailureClass;
+        type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+
+        fn classify_response<B>(
+            self,
+            res: &Response<B>,
+        ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+            if res.extensions().get::<Cancelled>().is_some() {
+                return ClassifiedResponse::Ready(Ok(()));
+            }
+            ServerErrorsAsFailures::new().classify_response(res)
+        }
+
+        fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> Self::FailureClass {
+            ServerErrorsAsFailures::new().classify_error(error)
+        }
+    }
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = |failures: &Arc<std::sync::atomic::AtomicUsize>| {
+        let failures = failures.clone();
+        move |_: ServerErrorsFailureClass, _: std::time::Duration, _: &tracing::Span| {
+            failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let recipe_failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let default = ServiceBuilder::new()
+        .layer(tower_http::trace::TraceLayer::new_for_http().on_failure(counted(&failures)))
+        .layer(CancellationLayer::new().shutdown_token(shutdown.clone()))
+        .service(service_fn(traced_handler));
+    let recipe = ServiceBuilder::new()
+        .layer(
+            tower_http::trace::TraceLayer::new(SharedClassifier::new(CancelledIsNotAFailure))
+                .on_failure(counted(&recipe_failures)),
+        )
+        .layer(CancellationLayer::new().shutdown_token(shutdown.clone()))
+        .service(service_fn(traced_handler));
+    let default_server = Server::start(default).await;
+    let recipe_server = Server::start(recipe).await;
+    let mut streams = Vec::new();
+    for server in [&default_server, &recipe_server] {
+        streams.push(raw_request(server, &get("/traced-stop")).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    shutdown.cancel();
+    for stream in &mut streams {
+        let answer = read_until(stream, "stopped").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    drop(streams);
+    default_server.idle().await;
+    recipe_server.idle().await;
+    assert_eq!(
+        failures.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "default classifier"
+    );
+    assert_eq!(
+        recipe_failures.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the recipe"
+    );
+
+    // A request that completes carries no record.
+    let svc = tower::Layer::layer(
+        &CancellationLayer::new(),
+        service_fn(|_: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(String::from("ok")))
+        }),
+    );
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert!(res.extensions().get::<Cancelled>().is_none());
 }

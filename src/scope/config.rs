@@ -43,6 +43,8 @@ pub(crate) struct Config {
     pub(crate) deadline_headers: Conventions,
     /// What of the request to keep for its cancellation record (usually nothing).
     pub(crate) recorders: Vec<Recorder>,
+    /// The level of the event each cancellation emits, and of the request's span capture.
+    pub(crate) event_level: tracing::Level,
 }
 
 /// One thing a layer keeps of each request for its cancellation record.
@@ -77,6 +79,7 @@ impl Config {
             timeout: None,
             deadline_headers: Conventions::default(),
             recorders: Vec::new(),
+            event_level: tracing::Level::DEBUG,
         }
     }
 

@@ -31,8 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::event::TARGET;
-use crate::event::request_event;
+use crate::event::request_event_at;
 use crate::loom::atomic::{AtomicU8, AtomicU64, Ordering};
 use crate::loom::{Mutex, MutexGuard, lock};
 use crate::record::{CancelReason, Cancelled, Phase, Recorded};
@@ -58,6 +57,10 @@ mod tail;
 mod upgrade;
 
 pub(crate) use self::tail::Stopped;
+
+/// The fields of the request's span that a cancellation records, if the span declares them.
+pub(crate) const SPAN_REASON: &str = "tower_cancel.reason";
+pub(crate) const SPAN_PHASE: &str = "tower_cancel.phase";
 
 /// What only some requests carry: the span (when the layer's `debug` event is enabled) and
 /// what the layer records of the request for its cancellation records.
@@ -100,8 +103,8 @@ impl Scope {
         time_limit: Option<TimeLimit>,
         recorded: Option<Recorded>,
     ) -> Arc<Self> {
-        let span = tracing::enabled!(target: TARGET, tracing::Level::DEBUG).then(Span::current);
         let (creator, runtime) = creator.into_parts();
+        let span = crate::event::enabled(creator.event_level).then(Span::current);
         let extras = (span.is_some() || recorded.is_some() || runtime.is_some()).then(|| {
             Box::new(Extras {
                 span,
@@ -416,10 +419,16 @@ impl Scope {
         if stopped.is_some() {
             metrics::ran_after_cancel(reason, phase, Duration::ZERO);
         }
-        self.span().in_scope(|| {
+        let span = self.span();
+        // Only recorded if the span declares the fields (as `tracing::field::Empty`): see
+        // `CancellationLayer::event_level`.
+        span.record(SPAN_REASON, reason.as_str());
+        span.record(SPAN_PHASE, phase.as_str());
+        span.in_scope(|| {
+            let level = self.creator.event_level;
             match stopped {
-                None => request_event!(
-                    debug,
+                None => request_event_at!(
+                    level,
                     cancelled,
                     phase = %phase,
                     elapsed = ?elapsed,
@@ -427,8 +436,8 @@ impl Scope {
                 ),
                 // The request's work had stopped already: this is also the report of how long
                 // it ran on after the cancellation.
-                Some(how) => request_event!(
-                    debug,
+                Some(how) => request_event_at!(
+                    level,
                     cancelled,
                     phase = %phase,
                     elapsed = ?elapsed,

@@ -14,6 +14,10 @@ use crate::server::guard::Guard;
 pin_project! {
     /// Response future of [`CancellationService`](crate::CancellationService).
     ///
+    /// A response to a request that was cancelled before the handler answered (a shutdown, a
+    /// deadline, an explicit cancel) carries the request's [`Cancelled`](crate::Cancelled)
+    /// record in its extensions.
+    ///
     /// Dropping it before it resolves cancels the request with
     /// [`CancelReason::Disconnected`](crate::CancelReason::Disconnected) and
     /// [`Phase::Handler`](crate::Phase::Handler), after the inner future has been dropped.
@@ -86,7 +90,7 @@ where
             // Not the scope's owner (or already resolved): pass through.
             return Poll::Ready(result.map(|res| res.map(CancellationBody::passthrough)));
         };
-        let response = match result {
+        let mut response = match result {
             Ok(response) => response,
             Err(error) => {
                 // The inner service failed: the request ended, it was not abandoned.
@@ -94,6 +98,12 @@ where
                 return Poll::Ready(Err(error));
             }
         };
+        if scope.cancellation().is_some() {
+            // Cancelled before the handler answered (a shutdown, a deadline, an explicit
+            // cancel): the answer carries the record, for what wraps the layer to see (a
+            // `TraceLayer` classifier that does not count it as a server error).
+            response.extensions_mut().insert(scope.record());
+        }
         let declared =
             if sends_body(scope.method(), response.status()) && !response.body().is_end_stream() {
                 declared_length(&response, *this.version)

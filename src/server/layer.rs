@@ -485,6 +485,102 @@ impl<M> CancellationLayer<M> {
         })
     }
 
+    /// The level of the one event each cancellation emits (target `tower_cancel`, message
+    /// `"request cancelled"`, fields `reason`, `method`, `path`, `phase`, `elapsed`): `DEBUG`
+    /// unless set; at `INFO` it shows in a service's usual logs. Set it on the outermost layer,
+    /// the one that creates the request's scope.
+    ///
+    /// When an event at this level is enabled, the layer also keeps the request's span (the one
+    /// current when the request entered the layer, such as the span of tower-http's
+    /// `TraceLayer`), emits the event in it, and records the reason and the phase on it as the
+    /// fields `tower_cancel.reason` and `tower_cancel.phase`, if the span declares them (as
+    /// `tracing::field::Empty`). A `tracing-opentelemetry` exporter turns them into attributes
+    /// of the request's span, which then says "cancelled", not "failed".
+    ///
+    /// A response to a request cancelled before its handler answered (by a shutdown, a
+    /// deadline, [`RequestCancellation::cancel`](crate::RequestCancellation::cancel)) carries
+    /// the request's [`Cancelled`](crate::Cancelled) record in its extensions: a `TraceLayer`
+    /// classifier can count the `503` a handler answers at shutdown as the cancellation it is
+    /// rather than as a server error. A client that leaves has no answer at all: hyper drops
+    /// `TraceLayer`'s future, which reports nothing, and the span closes with the reason
+    /// recorded.
+    ///
+    /// ```toml
+    /// [dependencies]
+    /// tower-cancel = "0.1"
+    /// tower-http = { version = "0.7", features = ["trace"] }
+    /// tracing = "0.1"
+    /// ```
+    ///
+    /// ```
+    /// use std::fmt;
+    ///
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    /// use tower_cancel::{CancellationLayer, Cancelled, RequestCancellation};
+    /// use tower_http::classify::{
+    ///     ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
+    ///     ServerErrorsFailureClass, SharedClassifier,
+    /// };
+    /// use tower_http::trace::TraceLayer;
+    /// use tracing::{Level, field::Empty};
+    ///
+    /// /// Server errors are failures, except the answer to a cancelled request.
+    /// #[derive(Clone, Copy)]
+    /// struct CancelledIsNotAFailure;
+    ///
+    /// impl ClassifyResponse for CancelledIsNotAFailure {
+    ///     type FailureClass = ServerErrorsFailureClass;
+    ///     type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+    ///
+    ///     fn classify_response<B>(
+    ///         self,
+    ///         res: &Response<B>,
+    ///     ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+    ///         if res.extensions().get::<Cancelled>().is_some() {
+    ///             return ClassifiedResponse::Ready(Ok(()));
+    ///         }
+    ///         ServerErrorsAsFailures::new().classify_response(res)
+    ///     }
+    ///
+    ///     fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> Self::FailureClass {
+    ///         ServerErrorsAsFailures::new().classify_error(error)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(
+    ///         TraceLayer::new(SharedClassifier::new(CancelledIsNotAFailure)).make_span_with(
+    ///             |req: &Request<()>| {
+    ///                 tracing::info_span!(
+    ///                     "request",
+    ///                     method = %req.method(),
+    ///                     uri = %req.uri(),
+    ///                     tower_cancel.reason = Empty,
+    ///                     tower_cancel.phase = Empty,
+    ///                 )
+    ///             },
+    ///         ),
+    ///     )
+    ///     .layer(CancellationLayer::new().event_level(Level::INFO))
+    ///     .service(service_fn(|req: Request<()>| async move {
+    ///         // Cancelled before it answers, as a shutdown or a deadline would.
+    ///         RequestCancellation::from_extensions(req.extensions()).unwrap().cancel();
+    ///         let mut res = Response::new(String::from("stopped"));
+    ///         *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    ///         Ok::<_, std::convert::Infallible>(res)
+    ///     }));
+    /// let res = svc.oneshot(Request::new(())).await.unwrap();
+    /// assert_eq!(res.status(), 503);
+    /// assert!(res.extensions().get::<Cancelled>().is_some());
+    /// # }
+    /// ```
+    pub fn event_level(self, level: tracing::Level) -> Self {
+        self.configure(|config| config.event_level = level)
+    }
+
     /// Bounds the async cleanups of the requests this layer is the outermost layer of (those
     /// of every layer of the request): at most `max` run at once; more wait in a queue of
     /// [`max_queued_cleanups`](Self::max_queued_cleanups), and beyond that a cleanup is
