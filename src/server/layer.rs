@@ -508,8 +508,11 @@ impl<M> CancellationLayer<M> {
     /// ```toml
     /// [dependencies]
     /// tower-cancel = "0.1"
+    /// tower = { version = "0.5", features = ["util"] }
     /// tower-http = { version = "0.7", features = ["trace"] }
     /// tracing = "0.1"
+    /// http = "1"
+    /// tokio = { version = "1", features = ["macros", "rt"] }
     /// ```
     ///
     /// ```
@@ -553,7 +556,7 @@ impl<M> CancellationLayer<M> {
     /// let svc = ServiceBuilder::new()
     ///     .layer(
     ///         TraceLayer::new(SharedClassifier::new(CancelledIsNotAFailure)).make_span_with(
-    ///             |req: &Request<()>| {
+    ///             |req: &Request<String>| {
     ///                 tracing::info_span!(
     ///                     "request",
     ///                     method = %req.method(),
@@ -565,14 +568,14 @@ impl<M> CancellationLayer<M> {
     ///         ),
     ///     )
     ///     .layer(CancellationLayer::new().event_level(Level::INFO))
-    ///     .service(service_fn(|req: Request<()>| async move {
+    ///     .service(service_fn(|req: Request<String>| async move {
     ///         // Cancelled before it answers, as a shutdown or a deadline would.
     ///         RequestCancellation::from_extensions(req.extensions()).unwrap().cancel();
     ///         let mut res = Response::new(String::from("stopped"));
     ///         *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     ///         Ok::<_, std::convert::Infallible>(res)
     ///     }));
-    /// let res = svc.oneshot(Request::new(())).await.unwrap();
+    /// let res = svc.oneshot(Request::new(String::new())).await.unwrap();
     /// assert_eq!(res.status(), 503);
     /// assert!(res.extensions().get::<Cancelled>().is_some());
     /// # }
