@@ -102,6 +102,9 @@
 //!   [`CancellationLayer`]) over HTTP/3 on a `quinn::Endpoint`, with the `h3` crate; a client's
 //!   `STOP_SENDING` or `RESET_STREAM` reaches the layer at once, as hyper's drops do, and a
 //!   response cut short is reset, never finished. It adds quinn, rustls and ring to the build.
+//! * `reqwest`: `propagate::PropagateMiddleware`, a `reqwest-middleware` middleware that
+//!   carries the inbound request's cancellation and deadline to reqwest calls, as
+//!   [`PropagateLayer`] does for tower clients.
 //! * `test-util`: `RequestCancellation::for_test()`, a handle no layer serves, and
 //!   `cancel_with(reason)`, to unit-test a handler that takes a [`RequestCancellation`]
 //!   without a server.

@@ -8,6 +8,9 @@
 //! watches it while the body streams. When the inbound request is cancelled, whichever holds
 //! the call drops it and fails with [`InboundCancelled`].
 //!
+//! For reqwest, `PropagateMiddleware` (feature `reqwest`) does the same as a
+//! `reqwest-middleware` middleware: `client.get(url).with_extension(inbound.clone())`.
+//!
 //! A client type with the layer on it names the service, as a field of a handler's state would:
 //!
 //! ```
@@ -104,11 +107,16 @@ use crate::timeout_header;
 mod body;
 mod error;
 mod future;
+#[cfg(feature = "reqwest")]
+mod reqwest;
 
 pub use self::body::PropagateBody;
 pub(crate) use self::error::BoxError;
 pub use self::error::InboundCancelled;
 pub use self::future::PropagateFuture;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use self::reqwest::PropagateMiddleware;
 
 /// A [`Layer`] for outbound clients (hyper-util's `Client`, a tonic `Channel`, any tower
 /// `Service` of `http::Request`s) that carries the inbound request's cancellation and
