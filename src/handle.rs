@@ -112,11 +112,11 @@ impl RequestCancellation {
         self.scope.cancel(CancelReason::Disconnected);
     }
 
-    /// No request-body bytes arrived for the body's idle timeout while the handler waited for
-    /// them: cancels the request with `DeadlineExceeded` in its current phase (`Handler` while
-    /// the handler runs), unless it already ended.
+    /// The client sent its body too slowly (the body's idle timeout or minimum rate): cancels
+    /// the request with `SlowClient` in its current phase (`Handler` while the handler runs),
+    /// unless it already ended.
     pub(crate) fn body_timed_out(&self) {
-        self.scope.cancel(CancelReason::DeadlineExceeded);
+        self.scope.cancel(CancelReason::SlowClient);
     }
 
     pub(crate) fn scope_arc(&self) -> &Arc<Scope> {

@@ -55,11 +55,18 @@ pub enum CancelReason {
     /// it and the handler) becomes a response like any other, and the request completes when
     /// that response was sent.
     Panicked,
+    /// The client sent its request body too slowly: no bytes arrived for the
+    /// [`idle_timeout`](crate::RequestBodyLayer::idle_timeout) while the handler waited for
+    /// them, or they arrived below the [`min_rate`](crate::RequestBodyLayer::min_rate). The
+    /// handler's read failed, and the client gets `408 Request Timeout`. Recorded apart from
+    /// [`DeadlineExceeded`](Self::DeadlineExceeded), so that metrics tell a slow client from a
+    /// deadline that passed.
+    SlowClient,
 }
 
 impl CancelReason {
     /// A short lowercase name, as used in `tracing` events: `"disconnected"`, `"shutdown"`,
-    /// `"deadline_exceeded"`, `"explicit"` or `"panicked"`.
+    /// `"deadline_exceeded"`, `"explicit"`, `"panicked"` or `"slow_client"`.
     ///
     /// ```
     /// assert_eq!(tower_cancel::CancelReason::DeadlineExceeded.as_str(), "deadline_exceeded");
@@ -71,6 +78,7 @@ impl CancelReason {
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Explicit => "explicit",
             Self::Panicked => "panicked",
+            Self::SlowClient => "slow_client",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `RequestBodyLayer::idle_timeout` over real sockets: a client that sends part of a body and
 //! then goes silent, with the connection open, fails the handler's read with `IdleTimeout`
 //! (the handler answers 408, the client receives it) and cancels the request with
-//! `DeadlineExceeded` in the handler phase, over HTTP/1.1 and HTTP/2, with and without
+//! `SlowClient` in the handler phase, over HTTP/1.1 and HTTP/2, with and without
 //! read-ahead; a slow but steady upload, and a handler that is busy before it reads, never time
 //! out.
 //!
@@ -125,7 +125,7 @@ fn waited(response: &str) -> Duration {
 
 /// A client that sends the head and 10 000 of the declared bytes, then nothing, with the
 /// connection open: the handler's read fails after `IDLE`, it answers 408, the client receives
-/// it, and the request was cancelled with `DeadlineExceeded` in the handler phase.
+/// it, and the request was cancelled with `SlowClient` in the handler phase.
 async fn a_silent_client_gets_408_over_http1(body_layer: RequestBodyLayer, handler: Handler) {
     let log = Log::default();
     let server = serve(&log, body_layer.idle_timeout(IDLE), handler).await;
@@ -149,14 +149,10 @@ async fn a_silent_client_gets_408_over_http1(body_layer: RequestBodyLayer, handl
     }
     assert_eq!(
         log.entries(),
-        [
-            "start",
-            "layer /upload deadline_exceeded handler",
-            "idle timeout"
-        ]
+        ["start", "layer /upload slow_client handler", "idle timeout"]
     );
     let rc = &log.handles()[0];
-    assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
     drop(stream);
     server.idle().await;
 }
@@ -314,14 +310,10 @@ async fn http2_a_client_whose_request_stream_stops_sending_gets_408() {
     assert_eq!(text, "no request body bytes arrived for 200ms");
     assert_eq!(
         log.entries(),
-        [
-            "start",
-            "layer /upload deadline_exceeded handler",
-            "idle timeout"
-        ]
+        ["start", "layer /upload slow_client handler", "idle timeout"]
     );
     let rc = &log.handles()[0];
-    assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+    assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
     drop(tx);
     drop(send);
     let _ = conn.await;
@@ -527,17 +519,17 @@ async fn axum_http1_each_body_extractor_answers_408_when_the_client_stalls() {
             // RFC 9110 §15.5.9: a 408 says the connection closes; and it did.
             assert!(head.contains("\r\nconnection: close"), "{path}: {head}");
             assert!(took >= IDLE, "{path}: 408 after {took:?}");
-            let cancelled = format!("layer {path} deadline_exceeded handler");
+            let cancelled = format!("layer {path} slow_client handler");
             log.wait_for(&cancelled).await;
         }
         server.idle().await;
         assert_eq!(
             log.entries(),
             [
-                "layer /bytes deadline_exceeded handler",
-                "layer /string deadline_exceeded handler",
-                "layer /json deadline_exceeded handler",
-                "layer /to-bytes deadline_exceeded handler",
+                "layer /bytes slow_client handler",
+                "layer /string slow_client handler",
+                "layer /json slow_client handler",
+                "layer /to-bytes slow_client handler",
             ]
         );
     }
@@ -555,7 +547,7 @@ async fn axum_http2_each_body_extractor_answers_408_when_the_client_stalls() {
             assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{path}: {body}");
             assert_eq!(body, REJECTION, "{path}");
             assert!(took >= IDLE, "{path}: 408 after {took:?}");
-            log.wait_for(&format!("layer {path} deadline_exceeded handler"))
+            log.wait_for(&format!("layer {path} slow_client handler"))
                 .await;
         }
         // The connection serves on.
@@ -602,9 +594,9 @@ async fn axum_what_the_handler_chose_is_kept() {
         assert_eq!(
             log.entries(),
             [
-                "layer /manual deadline_exceeded handler",
-                "layer /manual deadline_exceeded handler",
-                "layer /lenient deadline_exceeded handler",
+                "layer /manual slow_client handler",
+                "layer /manual slow_client handler",
+                "layer /lenient slow_client handler",
             ]
         );
     }
@@ -668,7 +660,7 @@ async fn axum_http3_each_body_extractor_answers_408_when_the_client_stalls() {
                 "{path}"
             );
             assert!(took >= IDLE, "{path}: answered after {took:?}");
-            log.wait_for(&format!("layer {path} deadline_exceeded handler"))
+            log.wait_for(&format!("layer {path} slow_client handler"))
                 .await;
         }
         // The connection serves on.

@@ -132,6 +132,10 @@ impl From<CancelReason> for Status {
             CancelReason::DeadlineExceeded => (Code::DeadlineExceeded, "the deadline passed"),
             CancelReason::Explicit => (Code::Cancelled, "the call was cancelled"),
             CancelReason::Panicked => (Code::Internal, "the server failed"),
+            CancelReason::SlowClient => (
+                Code::DeadlineExceeded,
+                "the client sent its request too slowly",
+            ),
         };
         Status::new(code, message)
     }
@@ -196,6 +200,7 @@ mod tests {
             (CancelReason::DeadlineExceeded, Code::DeadlineExceeded),
             (CancelReason::Explicit, Code::Cancelled),
             (CancelReason::Panicked, Code::Internal),
+            (CancelReason::SlowClient, Code::DeadlineExceeded),
         ] {
             let status = Status::from(reason);
             assert_eq!(status.code(), code, "{reason}");

@@ -11,6 +11,7 @@ use pin_project_lite::pin_project;
 
 use crate::handle::RequestCancellation;
 use crate::request_body::idle::{BoxError, IdleClock};
+use crate::request_body::rate::RateClock;
 use crate::request_body::read_ahead::{ForHandler, PollFrame, ReadAhead, into_bytes};
 
 pin_project! {
@@ -43,6 +44,8 @@ pin_project! {
         pub(crate) kind: Kind<B>,
         // With an idle timeout only.
         pub(crate) idle: Option<IdleClock>,
+        // With a minimum rate only.
+        pub(crate) rate: Option<RateClock>,
     }
 }
 
@@ -100,31 +103,46 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let Some(idle) = this.idle else {
+        if this.idle.is_none() && this.rate.is_none() {
             return this.kind.poll_next(cx).map_err(Into::into);
-        };
-        if idle.expired() {
+        }
+        if this.idle.as_ref().is_some_and(IdleClock::expired)
+            || this.rate.as_ref().is_some_and(RateClock::expired)
+        {
             return Poll::Ready(None);
         }
         match this.kind.as_mut().poll_next(cx) {
             Poll::Ready(next) => {
-                idle.stop();
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.stop();
+                }
+                if let Some(rate) = this.rate.as_mut() {
+                    let bytes = match &next {
+                        Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                        _ => 0,
+                    };
+                    rate.stop(bytes);
+                }
                 Poll::Ready(next.map(|next| next.map_err(Into::into)))
             }
-            Poll::Pending => match idle.poll_wait(cx) {
-                Poll::Ready(timeout) => {
-                    if let Some(request) = this.kind.as_ref().get_ref().request() {
-                        request.body_timed_out();
-                    }
-                    Poll::Ready(Some(Err(timeout.into())))
+            Poll::Pending => {
+                let idle = this.idle.as_mut().map(|idle| idle.poll_wait(cx));
+                let rate = this.rate.as_mut().map(|rate| rate.poll_wait(cx));
+                let error: BoxError = match (idle, rate) {
+                    (Some(Poll::Ready(timeout)), _) => timeout.into(),
+                    (_, Some(Poll::Ready(slow))) => slow.into(),
+                    _ => return Poll::Pending,
+                };
+                if let Some(request) = this.kind.as_ref().get_ref().request() {
+                    request.body_timed_out();
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(Err(error)))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.idle.as_ref().is_some_and(IdleClock::expired) {
+        if self.expired_clock() {
             return true;
         }
         match &self.kind {
@@ -137,7 +155,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.idle.as_ref().is_some_and(IdleClock::expired) {
+        if self.expired_clock() {
             return SizeHint::with_exact(0);
         }
         match &self.kind {
@@ -150,12 +168,21 @@ where
     }
 }
 
+impl<B: Body> RequestBody<B> {
+    /// The idle timeout or the minimum rate ran out: the body is over.
+    fn expired_clock(&self) -> bool {
+        self.idle.as_ref().is_some_and(IdleClock::expired)
+            || self.rate.as_ref().is_some_and(RateClock::expired)
+    }
+}
+
 impl<B: Body> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let read_ahead = matches!(self.kind, Kind::Shared { .. });
         f.debug_struct("RequestBody")
             .field("read_ahead", &read_ahead)
             .field("idle", &self.idle)
+            .field("rate", &self.rate)
             .finish_non_exhaustive()
     }
 }

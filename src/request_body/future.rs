@@ -84,8 +84,8 @@ fn answer_408<B>(response: &mut Response<B>, http1: bool) {
     tracing::debug!(
         target: TARGET,
         status = status.as_u16(),
-        "the request body's idle timeout fired: answering 408 Request Timeout in place of the \
-         handler's status",
+        "the request body's idle timeout or minimum rate ran out: answering 408 Request Timeout \
+         in place of the handler's status",
     );
     *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
     if http1 {

@@ -23,7 +23,7 @@ pub(crate) use crate::propagate::BoxError;
 /// find it with `error.downcast_ref::<IdleTimeout>()`, or, through any wrapper that keeps it as
 /// a [`source`](Error::source) (axum's `axum::Error`, for one), with
 /// [`IdleTimeout::find`]. The request was cancelled with
-/// [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded) when the read
+/// [`CancelReason::SlowClient`](crate::CancelReason::SlowClient) when the read
 /// failed.
 ///
 /// The client gets `408 Request Timeout` without the handler finding it: the layer answers
@@ -118,7 +118,7 @@ impl TimedOut {
         self.0.load(Ordering::Acquire)
     }
 
-    fn set(&self) {
+    pub(crate) fn set(&self) {
         self.0.store(true, Ordering::Release);
     }
 }

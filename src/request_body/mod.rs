@@ -18,15 +18,18 @@
 //! A client can also stall: send the head and part of the body, then nothing, with the
 //! connection open. With an [`idle_timeout`](RequestBodyLayer::idle_timeout), a handler that
 //! waits that long for body bytes gets an [`IdleTimeout`] error from its read, the request is
-//! cancelled with `DeadlineExceeded`, in the phase it is in (`Handler` while the handler runs,
+//! cancelled with `SlowClient`, in the phase it is in (`Handler` while the handler runs,
 //! the usual case), and the client gets `408 Request Timeout`: the [`RequestBodyFuture`]
 //! answers it in place of the `400` or `500` the handler made of the failed read (axum's
 //! `Bytes`, `String`, `Json` and `Form` extractors answer `400`), so the handler need not
 //! recognise the error itself. The clock runs only while the handler waits for the body: it
 //! starts when a read finds nothing ready and stops when a frame arrives, so a slow but steady
 //! upload never times out, and neither does a handler that is busy elsewhere while the body
-//! waits for it. The body's error type is a box (`tower::BoxError`), holding the original
-//! body's error unchanged or the `IdleTimeout`.
+//! waits for it. A client that trickles, a byte now and then, never stalls that long:
+//! [`min_rate`](RequestBodyLayer::min_rate) bounds it too (bytes per second averaged over the
+//! time the handler waited, after a grace period), ending the same way with a [`TooSlow`]
+//! error. The body's error type is a box (`tower::BoxError`), holding the original body's error
+//! unchanged, the `IdleTimeout` or the `TooSlow`.
 //!
 //! ```
 //! use http::{Request, Response};
@@ -107,6 +110,7 @@ mod body;
 mod buffer;
 mod future;
 mod idle;
+mod rate;
 mod read_ahead;
 // Not under loom: these tests run std threads, outside any loom model.
 #[cfg(all(test, not(tower_cancel_loom)))]
@@ -117,6 +121,8 @@ pub use self::body::RequestBody;
 pub use self::future::RequestBodyFuture;
 pub use self::idle::IdleTimeout;
 use self::idle::{BoxError, IdleClock, TimedOut};
+use self::rate::RateClock;
+pub use self::rate::TooSlow;
 use self::read_ahead::{Budget, ReadAhead};
 
 /// A [`Layer`] for routes that receive request bodies (uploads): a failed body read caused by
@@ -136,8 +142,8 @@ use self::read_ahead::{Budget, ReadAhead};
 /// request body for transport reasons (incomplete message, reset stream, malformed chunk).
 /// Layers that produce request-body errors of their own (size limits, timeouts) belong inside
 /// this one, so their errors never pass through it. This layer's own
-/// [`idle_timeout`](Self::idle_timeout) is not a client leaving: it cancels with
-/// `DeadlineExceeded`.
+/// [`idle_timeout`](Self::idle_timeout) and [`min_rate`](Self::min_rate) are not a client
+/// leaving: they cancel with `SlowClient`.
 ///
 /// What is read ahead is bounded per request ([`read_ahead`](Self::read_ahead)) and for all
 /// requests together ([`read_ahead_total`](Self::read_ahead_total), 64 MiB by default). The
@@ -163,6 +169,8 @@ pub struct RequestBodyLayer {
     read_ahead: usize,
     budget: Arc<Budget>,
     idle_timeout: Option<Duration>,
+    /// Bytes per second, and the grace period.
+    min_rate: Option<(u64, Duration)>,
 }
 
 impl Default for RequestBodyLayer {
@@ -181,6 +189,7 @@ impl RequestBodyLayer {
             read_ahead: 0,
             budget: Arc::new(Budget::new(Self::DEFAULT_READ_AHEAD_TOTAL)),
             idle_timeout: None,
+            min_rate: None,
         }
     }
 
@@ -253,7 +262,7 @@ impl RequestBodyLayer {
 
     /// Fails the handler's read of its body with [`IdleTimeout`] once it has waited `idle` for
     /// body bytes that do not come, and cancels the request with
-    /// [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded): for clients
+    /// [`CancelReason::SlowClient`](crate::CancelReason::SlowClient): for clients
     /// that send part of a body and then stall, holding the connection and the handler.
     /// Without it, nothing limits how long a read waits.
     ///
@@ -270,7 +279,7 @@ impl RequestBodyLayer {
     /// When it runs out, on the handler's read:
     ///
     /// * the request's scope (of the [`CancellationLayer`](crate::CancellationLayer) outside)
-    ///   is cancelled with `DeadlineExceeded`, in its current phase: `Phase::Handler` while the
+    ///   is cancelled with `SlowClient`, in its current phase: `Phase::Handler` while the
     ///   handler runs, which is when a handler reads its body (a response body that streams
     ///   the request body out after the handler returned would see `Phase::Body`). Without a
     ///   `CancellationLayer` there is nothing to cancel, and the read fails all the same;
@@ -348,12 +357,55 @@ impl RequestBodyLayer {
     /// assert_eq!(text, "the upload failed: no request body bytes arrived for 30s\n");
     /// assert_eq!(
     ///     cancelled.try_recv(),
-    ///     Ok((CancelReason::DeadlineExceeded, Phase::Handler))
+    ///     Ok((CancelReason::SlowClient, Phase::Handler))
     /// );
     /// # }
     /// ```
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// Fails the handler's read of its body with [`TooSlow`] once its bytes arrive below
+    /// `bytes_per_second`: Kestrel's `MinRequestBodyDataRate`, Caddy's `min_rate`. A client
+    /// that trickles an upload (a slow-loris on the body) holds a connection and a handler
+    /// for as long as it likes under an idle timeout alone, as long as a byte arrives now and
+    /// then.
+    ///
+    /// The clock runs while the handler waits for body bytes (a read that finds nothing ready,
+    /// until a frame arrives): a handler that is slow to read does not make its client look
+    /// slow. Once it has run for `grace` in all, the bytes that reached the handler must
+    /// average at least `bytes_per_second` over the time it ran; the read fails at the moment
+    /// they fall behind. Bytes sent early count for later (pair it with an
+    /// [`idle_timeout`](Self::idle_timeout) to bound a stall too).
+    ///
+    /// It ends as the idle timeout does: the read fails (then the body is over), the request
+    /// is cancelled with [`CancelReason::SlowClient`](crate::CancelReason::SlowClient), and the
+    /// client gets `408 Request Timeout` in place of the `400` or `500` the handler made of the
+    /// failed read, over HTTP/1.1 (with `connection: close`), HTTP/2 and HTTP/3. A body that is
+    /// read ahead is measured as the handler reads it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use tower::ServiceBuilder;
+    /// use tower_cancel::{CancellationLayer, RequestBodyLayer};
+    ///
+    /// # let upload = tower::service_fn(|_: http::Request<tower_cancel::RequestBody<String>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// # });
+    /// // At least 1 KiB/s once the handler has waited 5 s for bytes; never 30 s without one.
+    /// let uploads = RequestBodyLayer::new()
+    ///     .min_rate(1024, Duration::from_secs(5))
+    ///     .idle_timeout(Duration::from_secs(30));
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(CancellationLayer::new())
+    ///     .layer(uploads)
+    ///     .service(upload);
+    /// # drop(svc);
+    /// ```
+    pub fn min_rate(mut self, bytes_per_second: u64, grace: Duration) -> Self {
+        self.min_rate = Some((bytes_per_second, grace));
         self
     }
 
@@ -408,6 +460,7 @@ impl<S> Layer<S> for RequestBodyLayer {
             read_ahead: self.read_ahead,
             budget: Arc::clone(&self.budget),
             idle_timeout: self.idle_timeout,
+            min_rate: self.min_rate,
         }
     }
 }
@@ -422,6 +475,7 @@ pub struct RequestBodyService<S> {
     read_ahead: usize,
     budget: Arc<Budget>,
     idle_timeout: Option<Duration>,
+    min_rate: Option<(u64, Duration)>,
 }
 
 impl<S> RequestBodyService<S> {
@@ -467,14 +521,17 @@ where
             .get(http::header::EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let reading_ahead = self.read_ahead > 0 && self.budget.total() > 0 && !expects_continue;
-        // The body's clock and the response future share whether the timeout fired.
-        let (idle, timed_out) = self
+        // The body's clocks and the response future share whether one of them ran out.
+        let timed_out =
+            (self.idle_timeout.is_some() || self.min_rate.is_some()).then(TimedOut::default);
+        let idle = self
             .idle_timeout
-            .map(|idle| {
-                let timed_out = TimedOut::default();
-                (IdleClock::new(idle, timed_out.clone()), timed_out)
-            })
-            .unzip();
+            .zip(timed_out.clone())
+            .map(|(idle, timed_out)| IdleClock::new(idle, timed_out));
+        let rate = self
+            .min_rate
+            .zip(timed_out.clone())
+            .map(|((rate, grace), timed_out)| RateClock::new(rate, grace, timed_out));
         let http1 = matches!(
             parts.version,
             Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
@@ -489,6 +546,7 @@ where
                         own: None,
                     },
                     idle,
+                    rate,
                 },
                 Some(shared),
             )
@@ -500,6 +558,7 @@ where
                         request,
                     },
                     idle,
+                    rate,
                 },
                 None,
             )

@@ -234,6 +234,7 @@ proptest! {
         let body = Rc::new(RefCell::new(RequestBody {
             kind: Kind::Shared { shared: Arc::clone(&shared), own: None },
             idle: None,
+            rate: None,
         }));
         let seen = Rc::new(RefCell::new(Seen {
             total: (!panics).then_some(expected.len() as u64),
@@ -392,6 +393,7 @@ fn the_handler_never_waits_for_a_body_polled_on_another_thread() {
             own: None,
         },
         idle: None,
+        rate: None,
     };
     let started = Instant::now();
     let poll = Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker));
@@ -500,6 +502,7 @@ fn a_body_that_panics_while_read_ahead_fails_the_handler_loudly() {
             own: None,
         },
         idle: None,
+        rate: None,
     };
     assert!(!body.is_end_stream());
     match Pin::new(&mut body).poll_frame(&mut cx) {
@@ -795,6 +798,7 @@ mod idle_timeout {
                 request: request.cloned(),
             },
             idle: Some(IdleClock::new(IDLE, TimedOut::default())),
+            rate: None,
         }
     }
 
@@ -831,7 +835,7 @@ mod idle_timeout {
         assert_eq!(started.elapsed(), IDLE, "the clock starts at the wait");
         assert_eq!(timeout_of(&error).idle(), IDLE);
         assert_eq!(error.to_string(), "no request body bytes arrived for 200ms");
-        assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+        assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
         assert_eq!(rc.record().phase(), Phase::Handler);
 
         // Over: `None` forever, the inner body never polled again, even with more to give.
@@ -1027,7 +1031,7 @@ mod idle_timeout {
                 assert_eq!(got, ["ahead-1ahead-2"]);
                 assert_eq!(timeout.map(|t| t.idle()), Some(IDLE));
                 assert_eq!(waited, [zero, IDLE], "read ahead: at once; then the clock");
-                assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+                assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
             }
         }
     }
@@ -1098,7 +1102,7 @@ mod idle_timeout {
                 assert_eq!(connection, None, "{version:?}");
             }
             // The recorded cancellation is the read's, unchanged.
-            assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+            assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
             assert_eq!(rc.record().phase(), Phase::Handler);
         }
         let answered: Vec<_> = events
@@ -1124,7 +1128,7 @@ mod idle_timeout {
             let (response, rc) = answer(true, true, status, Version::HTTP_11).await;
             assert_eq!(response.status(), status);
             assert_eq!(response.headers().get("connection"), None, "{status}");
-            assert_eq!(rc.reason(), Some(CancelReason::DeadlineExceeded));
+            assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
         }
         // No timeout: a handler that answered before reading, and one whose body came whole.
         for (read, stalled) in [(false, true), (true, false)] {
@@ -1215,5 +1219,115 @@ mod idle_timeout {
         assert_eq!(IdleTimeout::find(&wrapped), Some(&timeout));
         assert_eq!(IdleTimeout::find(&Wrapper(Box::new(Refused))), None);
         assert_eq!(IdleTimeout::find(&Refused), None);
+    }
+
+    // The minimum rate, on the same paused clock and fed bodies.
+
+    fn rated(feed: &Feed, request: &RequestCancellation) -> RequestBody<Fed> {
+        RequestBody {
+            kind: Kind::Direct {
+                inner: feed.body(),
+                request: Some(request.clone()),
+            },
+            idle: None,
+            // 100 B/s once the handler has waited 1 s.
+            rate: Some(RateClock::new(
+                100,
+                Duration::from_secs(1),
+                TimedOut::default(),
+            )),
+        }
+    }
+
+    /// Feeds 10 bytes every `every`, `frames` times, then ends the body.
+    fn trickle(feed: &Feed, every: Duration, frames: usize) -> tokio::task::JoinHandle<()> {
+        let feed = feed.clone();
+        tokio::spawn(async move {
+            for _ in 0..frames {
+                sleep(every).await;
+                feed.data("0123456789");
+            }
+            feed.end();
+        })
+    }
+
+    /// Reads to the end or the first error: the bytes read, and the error.
+    async fn read_all(body: &mut RequestBody<Fed>) -> (usize, Option<BoxError>) {
+        let mut bytes = 0;
+        while let Some(frame) = read(body).await {
+            match frame {
+                Ok(frame) => bytes += frame.into_data().map_or(0, |data| data.len()),
+                Err(error) => return (bytes, Some(error)),
+            }
+        }
+        (bytes, None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_below_the_minimum_rate_fails_when_it_falls_behind() {
+        // 10 bytes every 300 ms is 33 B/s: when the 1 s of grace runs out, 30 bytes in 1 s of
+        // waiting are behind 100 B/s, and the read fails then.
+        let rc = RequestCancellation::for_test();
+        let feed = Feed::default();
+        let mut body = rated(&feed, &rc);
+        let _sender = trickle(&feed, Duration::from_millis(300), 100);
+        let started = Instant::now();
+        let (bytes, error) = read_all(&mut body).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(bytes, 30);
+        let error = error.expect("too slow");
+        let slow = error.downcast_ref::<TooSlow>().expect("a TooSlow");
+        assert_eq!(
+            (slow.min_rate(), slow.received(), slow.waited()),
+            (100, 30, Duration::from_secs(1))
+        );
+        assert_eq!(TooSlow::find(&*error), Some(slow));
+        assert_eq!(rc.reason(), Some(CancelReason::SlowClient));
+        assert!(body.is_end_stream());
+        assert!(read(&mut body).await.is_none(), "over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_just_above_the_minimum_rate_never_fails() {
+        // 10 bytes every 90 ms is 111 B/s, for 9 s.
+        let rc = RequestCancellation::for_test();
+        let feed = Feed::default();
+        let mut body = rated(&feed, &rc);
+        let _sender = trickle(&feed, Duration::from_millis(90), 100);
+        let (bytes, error) = read_all(&mut body).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(bytes, 1000);
+        assert_eq!(rc.reason(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_body_fails_at_the_end_of_the_grace() {
+        let rc = RequestCancellation::for_test();
+        let feed = Feed::default();
+        let mut body = rated(&feed, &rc);
+        let started = Instant::now();
+        let (bytes, error) = read_all(&mut body).await;
+        assert_eq!((bytes, started.elapsed()), (0, Duration::from_secs(1)));
+        assert!(error.unwrap().is::<TooSlow>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_time_the_handler_waits_counts() {
+        // Every byte is there at once; the handler takes 1 s per frame: the client is not
+        // slow, the handler is, and nothing fails.
+        let rc = RequestCancellation::for_test();
+        let feed = Feed::default();
+        for _ in 0..20 {
+            feed.data("0123456789");
+        }
+        feed.end();
+        let mut body = rated(&feed, &rc);
+        let mut bytes = 0;
+        while let Some(frame) = read(&mut body).await {
+            bytes += frame.unwrap().into_data().unwrap().len();
+            sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(bytes, 200);
+        assert_eq!(rc.reason(), None);
     }
 }

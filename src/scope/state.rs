@@ -31,6 +31,7 @@ pub(super) fn encode(reason: CancelReason, phase: Phase) -> u8 {
         CancelReason::DeadlineExceeded => 2,
         CancelReason::Explicit => 3,
         CancelReason::Panicked => 4,
+        CancelReason::SlowClient => 5,
     };
     let phase = match phase {
         Phase::Handler => 0,
@@ -68,7 +69,8 @@ pub(super) fn decode(state: u8) -> Option<(CancelReason, Phase)> {
         1 => CancelReason::Shutdown,
         2 => CancelReason::DeadlineExceeded,
         3 => CancelReason::Explicit,
-        _ => CancelReason::Panicked,
+        4 => CancelReason::Panicked,
+        _ => CancelReason::SlowClient,
     };
     Some((reason, phase))
 }
