@@ -1,6 +1,7 @@
 //! An axum server with an app-wide `CancellationLayer`, per-route layers (extra cleanup on one
 //! route, a detached route that must finish), an SSE stream that stops when its client leaves,
-//! an upload route whose client may stall (`RequestBodyLayer::idle_timeout`: 408), and the
+//! an upload route whose client may stall or trickle (`RequestBodyLayer::idle_timeout` and
+//! `min_rate`: 408), and the
 //! `RequestCancellation` extractor.
 //!
 //! Run with: cargo run --example axum
@@ -14,8 +15,10 @@
 //! curl -X POST --data-binary @Cargo.toml http://127.0.0.1:3000/upload  # stored after 3 s
 //! # declares 100 bytes, sends 4, then stalls: `408 Request Timeout` after 5 s, cleanup runs
 //! curl -H 'content-length: 100' --data-binary part http://127.0.0.1:3000/upload
-//! # slow but steady (a line every 3 s): no timeout, stored
-//! (for i in 1 2 3 4; do echo $i; sleep 3; done) | curl -X POST -T - http://127.0.0.1:3000/upload
+//! # trickles (a line a second): under 1 KiB/s, `408` once it has waited 5 s, cleanup runs
+//! (for i in $(seq 10); do echo $i; sleep 1; done) | curl -X POST -T - http://127.0.0.1:3000/upload
+//! # slow but above 1 KiB/s (20 KiB/s for 10 s): stored
+//! head -c 200000 /dev/zero | curl -X POST --limit-rate 20k -T - http://127.0.0.1:3000/upload
 //! curl --max-time 1 -X POST http://127.0.0.1:3000/pay            # detached: still commits after 3 s
 //! ```
 //!
@@ -73,8 +76,8 @@ async fn upload(cancel: RequestCancellation, body: Body) -> (StatusCode, String)
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(bytes) => received += bytes.len(),
-            // A stall (`RequestBodyLayer::idle_timeout`) fails the read too: the request is
-            // cancelled (DeadlineExceeded) and the layer answers 408 in place of this 400.
+            // A stall or a trickle (`idle_timeout`, `min_rate`) fails the read too: the
+            // request is cancelled (SlowClient) and the layer answers 408 in place of this 400.
             Err(error) => {
                 println!("upload: failed after {received} bytes: {error}");
                 return (StatusCode::BAD_REQUEST, format!("upload failed: {error}\n"));
@@ -134,9 +137,14 @@ async fn main() -> std::io::Result<()> {
                     .layer(CancellationLayer::new().on_cancel(|_: &Cancelled| {
                         println!("upload: removing /tmp/upload.part");
                     }))
-                    // A read that waits 5 s for body bytes fails with `IdleTimeout`; the
+                    // A read that waits 5 s for body bytes fails with `IdleTimeout`, and an
+                    // upload under 1 KiB/s (after 5 s of waiting for it) with `TooSlow`; the
                     // client gets 408 (with `connection: close` over HTTP/1.1).
-                    .layer(RequestBodyLayer::new().idle_timeout(Duration::from_secs(5))),
+                    .layer(
+                        RequestBodyLayer::new()
+                            .idle_timeout(Duration::from_secs(5))
+                            .min_rate(1024, Duration::from_secs(5)),
+                    ),
             ),
         )
         .route(
