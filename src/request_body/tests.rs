@@ -1112,8 +1112,8 @@ mod idle_timeout {
             .filter(|e| e.contains("408"))
             .cloned()
             .collect();
-        let event = "DEBUG tower_cancel the request body's idle timeout fired: answering 408 \
-                     Request Timeout in place of the handler's status";
+        let event = "DEBUG tower_cancel the request body's idle timeout or minimum rate ran \
+                     out: answering 408 Request Timeout in place of the handler's status";
         assert_eq!(answered, [event; 4]);
     }
 
