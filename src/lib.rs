@@ -183,7 +183,7 @@
 //! |---|---|---|
 //! | request body read ahead, per request (memory, plus the frame that crossed it) | off | [`RequestBodyLayer::read_ahead`] |
 //! | request bodies read ahead, all requests of a layer (memory, plus a frame per request) | 64 MiB | [`RequestBodyLayer::read_ahead_total`] |
-//! | a handler's wait for request-body bytes | none | [`RequestBodyLayer::idle_timeout`] |
+//! | a handler's wait for request-body bytes, or a trickle of them (then `408`, `SlowClient`) | none | [`RequestBodyLayer::idle_timeout`], [`min_rate`](RequestBodyLayer::min_rate) |
 //! | detached handlers running, also after their client left (then `503` before the start) | 1024 | [`CancellationLayer::detached_limit`] |
 //! | async cleanups running / queued (then refused, counted) | 64 / 1024 | [`CancellationLayer::max_running_cleanups`], [`max_queued_cleanups`](CancellationLayer::max_queued_cleanups) |
 //! | digits read of a deadline header | 8 / 10 | fixed |
@@ -193,7 +193,8 @@
 //! | HTTP/3: requests per connection | 10 000 | `http3::Serve::max_requests_per_connection` |
 //! | HTTP/3: requests still running at shutdown (then dropped and reset) | 10 s | `http3::Serve::drain` |
 //!
-//! A request in flight holds one scope (about 256 B) and one registry entry (two words), freed
+//! A request in flight holds one scope (a 240-byte allocation) and, with a shutdown token, one
+//! registry entry (three words), freed
 //! when it ends. Header sizes, streams per connection, connections and keep-alive are the
 //! transport's (hyper's and quinn's builders), unchanged by the layer. Two of those need a line
 //! of yours on a server facing the open internet: hyper's HTTP/1.1 `header_read_timeout` (30 s)
