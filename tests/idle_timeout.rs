@@ -17,14 +17,11 @@ mod http3;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -252,23 +249,6 @@ async fn http1_a_busy_handler_reading_a_body_that_is_all_there_does_not_time_out
         }
         assert_eq!(log.entries(), ["start"]);
         assert_all_completed(&log);
-    }
-}
-
-/// An HTTP/2 request body fed by the test, frame by frame; it ends when the sender is dropped.
-struct Streamed(mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for Streamed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|data| data.map(|data| Ok(Frame::data(data))))
     }
 }
 

@@ -8,15 +8,11 @@ mod common;
 #[path = "common/http3.rs"]
 mod http3;
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
@@ -139,23 +135,6 @@ async fn http1_a_trickle_below_the_minimum_gets_408_and_one_above_completes() {
             }
             sender.abort();
         }
-    }
-}
-
-/// An HTTP/2 request body fed by the test, frame by frame; it ends when the sender is dropped.
-struct Streamed(mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for Streamed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|data| data.map(|data| Ok(Frame::data(data))))
     }
 }
 

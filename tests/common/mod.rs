@@ -595,3 +595,21 @@ macro_rules! both_flavours {
         }
     };
 }
+
+/// A request body fed by the test, frame by frame (`tokio::sync::mpsc`); it ends when the sender
+/// is dropped.
+pub struct Streamed(pub tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|data| data.map(|data| Ok(Frame::data(data))))
+    }
+}
