@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::{CancelReason, Cancelled};
+use crate::runtime::shutdown::Draining;
 use crate::scope::Scope;
 
 /// The cancellation scope of one request, as the handler sees it.
@@ -243,6 +244,48 @@ impl RequestCancellation {
         self.scope.token().cancelled().await;
         // The token is only cancelled after the reason is recorded, or by application code.
         self.reason().unwrap_or(CancelReason::Explicit)
+    }
+
+    /// Resolves when the server announces its shutdown: the first phase of a shutdown with a
+    /// [`shutdown_grace`](crate::CancellationLayer::shutdown_grace), while the request still
+    /// runs. Finish up then (close a WebSocket with `1001`, end a stream, stop taking new
+    /// work); the request is cancelled with [`CancelReason::Shutdown`] when the grace is over.
+    /// Without a grace, the drain and the cancellation begin together. For a request whose
+    /// layers have no shutdown token, it never resolves.
+    ///
+    /// ```
+    /// use tokio::sync::mpsc;
+    /// use tower_cancel::RequestCancellation;
+    ///
+    /// // A long-lived stream of updates to one client (say, a WebSocket's sending half).
+    /// async fn forward(cancel: RequestCancellation, mut updates: mpsc::Receiver<String>) {
+    ///     loop {
+    ///         tokio::select! {
+    ///             () = cancel.draining() => {
+    ///                 // Tell the client to reconnect elsewhere, then return within the grace.
+    ///                 return;
+    ///             }
+    ///             update = updates.recv() => match update {
+    ///                 Some(_update) => {} // send it
+    ///                 None => return,
+    ///             },
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel safe: a new future each loop turn (as above) loses nothing.
+    pub fn draining(&self) -> Draining {
+        self.scope.draining()
+    }
+
+    /// Returns `true` once the server announced its shutdown (see
+    /// [`draining`](Self::draining)). A pure query: an atomic load, and a lock of the
+    /// request's own state only if a deeper layer joined it.
+    pub fn is_draining(&self) -> bool {
+        self.scope.is_draining()
     }
 
     /// Registers `callback` to run once if the request is cancelled, like Go's

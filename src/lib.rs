@@ -252,6 +252,7 @@ pub use propagate::{InboundCancelled, PropagateLayer};
 pub use record::{CancelReason, Cancelled, Phase};
 pub use request_body::{RequestBody, RequestBodyLayer};
 pub use runtime::cleanup::{CleanupCounts, CleanupsOverran};
+pub use runtime::shutdown::Draining;
 pub use server::{Attached, CancellationLayer, Detached};
 pub use upgrade::UpgradeGuard;
 

@@ -14,6 +14,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::event::TARGET;
 use crate::handle::RequestCancellation;
 use crate::record::CancelReason;
+use crate::runtime::shutdown::Draining;
 use crate::scope::Scope;
 
 /// Holds a request in its cancellation scope after its response, for the connection it
@@ -168,6 +169,12 @@ impl UpgradeGuard {
     /// [`RequestCancellation::cancelled`].
     pub fn cancelled(&self) -> impl Future<Output = CancelReason> + Send + '_ {
         self.request.cancelled()
+    }
+
+    /// Resolves when the server announces its shutdown, before the grace's hard cancel; see
+    /// [`RequestCancellation::draining`]. The moment to send a WebSocket close frame `1001`.
+    pub fn draining(&self) -> Draining {
+        self.request.draining()
     }
 
     /// The peer vanished (the upgraded connection failed under the task): cancels the

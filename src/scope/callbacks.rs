@@ -57,6 +57,11 @@ impl Callbacks {
             .map_or(Self::NOT_YET - 1, |n| n.min(Self::NOT_YET - 1));
     }
 
+    /// The layers that joined, while the scope is armed (the lists are taken when it ends).
+    pub(super) fn joined(&self) -> &[Joined] {
+        self.lists.as_deref().map_or(&[], |lists| &lists.joined)
+    }
+
     pub(super) fn lists(&mut self) -> &mut Lists {
         self.lists.get_or_insert_with(Box::default)
     }

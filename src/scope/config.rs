@@ -38,6 +38,9 @@ pub(crate) struct Config {
     /// The detached handlers running (a detached layer's only).
     pub(crate) handlers: Arc<Handlers>,
     pub(crate) shutdown: Option<Shutdown>,
+    /// The drain between the shutdown token's cancellation and the requests' (kept apart
+    /// so that `shutdown_grace` and `shutdown_token` can come in either order).
+    pub(crate) shutdown_grace: Duration,
     pub(crate) timeout: Option<Duration>,
     /// The deadline headers honoured.
     pub(crate) deadline_headers: Conventions,
@@ -76,6 +79,7 @@ impl Config {
             limiter: Arc::new(Limiter::new(DEFAULT_MAX_RUNNING, DEFAULT_MAX_QUEUED)),
             handlers: Arc::new(Handlers::new(handlers::DEFAULT_MAX)),
             shutdown: None,
+            shutdown_grace: Duration::ZERO,
             timeout: None,
             deadline_headers: Conventions::default(),
             recorders: Vec::new(),

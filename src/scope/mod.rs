@@ -49,6 +49,7 @@ use self::state::{
 
 mod callbacks;
 pub(crate) mod config;
+mod drain;
 #[cfg(all(test, tower_cancel_loom))]
 mod loom;
 mod register;

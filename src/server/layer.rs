@@ -359,8 +359,58 @@ impl<M> CancellationLayer<M> {
     /// again on a later request's runtime if that one shut down); a waker it parks on `token`
     /// when this method is called raises a flag inside `token.cancel()`, which is how a new
     /// request knows without a lock.
+    ///
+    /// With a [`shutdown_grace`](Self::shutdown_grace), cancelling `token` announces a drain
+    /// instead, and the requests are cancelled when the grace is over.
     pub fn shutdown_token(self, token: CancellationToken) -> Self {
-        self.configure(|config| config.shutdown = Some(Shutdown::new(token)))
+        self.configure(|config| {
+            config.shutdown = Some(Shutdown::with_grace(token, config.shutdown_grace));
+        })
+    }
+
+    /// Splits the shutdown in two phases: when the [`shutdown_token`](Self::shutdown_token)
+    /// is cancelled, requests in flight are told to finish up, and `grace` later those still
+    /// running are cancelled with [`CancelReason::Shutdown`](crate::CancelReason::Shutdown).
+    ///
+    /// * **Draining**, from `token.cancel()`: nothing is cancelled. Handlers, response bodies
+    ///   and upgraded connections learn of it through
+    ///   [`RequestCancellation::draining`](crate::RequestCancellation::draining) (a future)
+    ///   or [`is_draining`](crate::RequestCancellation::is_draining), and finish on their own
+    ///   terms: a WebSocket sends `1001 going away`, a report that is almost done completes.
+    ///   Requests that arrive meanwhile (on connections still open) are served and drain too.
+    ///   An [`EndOnShutdownLayer`](crate::server::EndOnShutdownLayer) ends streaming
+    ///   responses (SSE) by itself.
+    /// * **Hard**, `grace` after `token.cancel()` (counted from that call, even if the
+    ///   layer's watcher task runs late): every request still in flight is cancelled with
+    ///   `Shutdown`, exactly as without a grace, and requests that arrive from then on start
+    ///   cancelled.
+    ///
+    /// The default is no grace: `token.cancel()` cancels every request at once. The grace is
+    /// the layer's own timer; wire the same token into the server's graceful shutdown (with
+    /// axum, `with_graceful_shutdown`) and give the server a bound above the grace, so that
+    /// the hard phase's answers still go out. `shutdown_token` and `shutdown_grace` can come
+    /// in either order.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use tokio_util::sync::CancellationToken;
+    /// use tower_cancel::CancellationLayer;
+    ///
+    /// let shutdown = CancellationToken::new();
+    /// let layer = CancellationLayer::new()
+    ///     .shutdown_token(shutdown.clone())
+    ///     .shutdown_grace(Duration::from_secs(10));
+    /// // On SIGTERM: `shutdown.cancel()`; requests drain for 10 s, then are cancelled.
+    /// # drop(layer);
+    /// ```
+    pub fn shutdown_grace(self, grace: Duration) -> Self {
+        self.configure(|config| {
+            config.shutdown_grace = grace;
+            if let Some(shutdown) = &config.shutdown {
+                config.shutdown = Some(Shutdown::with_grace(shutdown.token().clone(), grace));
+            }
+        })
     }
 
     /// Gives every request a deadline: `timeout` after the layer saw it, the request is

@@ -40,6 +40,7 @@
 
 pub(crate) mod body;
 mod detached;
+mod end_on_shutdown;
 pub(crate) mod future;
 mod guard;
 mod layer;
@@ -47,6 +48,9 @@ mod service;
 
 pub use self::body::CancellationBody;
 pub use self::detached::DetachedFuture;
+pub use self::end_on_shutdown::{
+    EndOnShutdownBody, EndOnShutdownFuture, EndOnShutdownLayer, EndOnShutdownService,
+};
 pub use self::future::CancellationFuture;
 pub use self::layer::CancellationLayer;
 pub use self::service::{Attached, CancellationService, Detached};

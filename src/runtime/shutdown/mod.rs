@@ -13,23 +13,33 @@
 //! a token cancelled before the layer was built). Asking the token on every request would take
 //! its mutex, the lock this registry exists to avoid. Instead the registry parks a waker of its
 //! own on the token when it is built: the token wakes its waiters inside `cancel()`, before
-//! `cancel()` returns, and that waker sets [`Begun`], an atomic flag every registration reads.
+//! `cancel()` returns, and that waker sets a flag every registration reads (see [`signal`]).
+//!
+//! With a grace period, the shutdown has two phases: the token's cancellation announces a
+//! drain (requests can see it, see [`Draining`], and new ones are still accepted), and when
+//! the grace has passed the watcher cancels every request in flight as above.
 
 use std::cell::Cell;
 use std::fmt;
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::event::TARGET;
-use crate::loom::atomic::AtomicBool as ModelledBool;
 use crate::loom::atomic::AtomicU64;
 use crate::loom::{Mutex, MutexGuard, lock};
+
+use self::signal::{Signal, park};
+use self::watch::{Watching, watch};
+
+mod draining;
+mod signal;
+mod watch;
+
+pub use self::draining::Draining;
 
 /// A request in flight, as the registry sees it: something to cancel when the shutdown begins.
 /// The request's scope implements it; the registry holds it weakly, so a request that ended
@@ -98,9 +108,10 @@ pub(crate) struct Shutdown {
 
 struct Inner {
     token: CancellationToken,
-    /// Set before `token.cancel()` returns: registrations are refused from then on.
-    begun: Arc<Begun>,
-    /// Keeps `begun`'s waker parked on the token (dropping the future takes it off). Never
+    /// Announced before `token.cancel()` returns; begun then too, or when the grace ends:
+    /// registrations are refused from then on.
+    signal: Arc<Signal>,
+    /// Keeps `signal`'s waker parked on the token (dropping the future takes it off). Never
     /// polled again.
     _parked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Set once a watcher task was spawned for `token`.
@@ -132,52 +143,6 @@ enum Entry {
     Vacant(usize),
 }
 
-/// Whether the shutdown began, set by the token itself as it is cancelled.
-///
-/// The token's `cancelled()` future parks its waker in the token's `Notify`; `cancel()` marks
-/// the token cancelled, then wakes every parked waker on the calling thread (outside the
-/// token's locks) before it returns. This waker only stores the flag, so a registration that
-/// happens after `cancel()` returned (on any thread that synchronised with the canceller, as a
-/// request arriving over a socket does) reads `true`, with no lock and no task in between.
-struct Begun(ModelledBool);
-
-impl Begun {
-    fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    fn set(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-impl Wake for Begun {
-    fn wake(self: Arc<Self>) {
-        self.set();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.set();
-    }
-}
-
-/// Parks a [`Begun`] waker on `token`, or sets the flag at once if the token is already
-/// cancelled. Returns the future that must stay alive for the waker to stay parked.
-fn park(token: &CancellationToken, begun: &Arc<Begun>) -> Pin<Box<WaitForCancellationFutureOwned>> {
-    let mut cancelled = Box::pin(token.clone().cancelled_owned());
-    let waker = Waker::from(Arc::clone(begun));
-    // Pending means the waker is parked: a later `cancel()` calls it. Ready means the token
-    // was cancelled already (also if that happened while the future was being made).
-    if cancelled
-        .as_mut()
-        .poll(&mut Context::from_waker(&waker))
-        .is_ready()
-    {
-        begun.set();
-    }
-    cancelled
-}
-
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, Table> {
         lock(&self.table)
@@ -189,15 +154,22 @@ impl Shard {
 pub(crate) struct Closed;
 
 impl Shutdown {
+    /// A registry whose requests are cancelled as soon as `token` is.
+    #[cfg(test)]
     pub(crate) fn new(token: CancellationToken) -> Self {
+        Self::with_grace(token, Duration::ZERO)
+    }
+
+    /// A registry whose requests are cancelled `grace` after `token` is.
+    pub(crate) fn with_grace(token: CancellationToken, grace: Duration) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, usize::from);
         let shards = (threads * 4).next_power_of_two().clamp(4, 256);
-        let begun = Arc::new(Begun(ModelledBool::new(false)));
-        let parked = park(&token, &begun);
+        let signal = Arc::new(Signal::new(grace));
+        let parked = park(&token, &signal);
         Self {
             inner: Arc::new(Inner {
                 token,
-                begun,
+                signal,
                 _parked: parked,
                 watching: AtomicBool::new(false),
                 dropped: CancellationToken::new(),
@@ -210,13 +182,13 @@ impl Shutdown {
         }
     }
 
-    /// Adds an in-flight request. Fails once the shutdown has begun: from the moment
-    /// `token.cancel()` returned, whether or not the watcher has run yet.
+    /// Adds an in-flight request. Fails once the hard phase has begun: without a grace, from
+    /// the moment `token.cancel()` returned, whether or not the watcher has run yet.
     pub(crate) fn register(&self, request: Weak<dyn InFlight>) -> Result<Registration, Closed> {
         // First, even for a refused request: if the watcher's runtime shut down, requests
         // still in flight need a new watcher.
         self.ensure_watcher();
-        if self.inner.begun.get() {
+        if self.inner.signal.begun() {
             return Err(Closed);
         }
         let shard = self.inner.home_shard();
@@ -241,9 +213,25 @@ impl Shutdown {
         Ok(Registration { shard, key })
     }
 
-    /// Whether the shutdown has begun (`token.cancel()` was called), without a lock.
+    /// Whether the hard phase has begun, without a lock.
     pub(crate) fn begun(&self) -> bool {
-        self.inner.begun.get()
+        self.inner.signal.begun()
+    }
+
+    /// Whether the drain was announced (`token.cancel()` was called), without a lock.
+    pub(crate) fn announced(&self) -> bool {
+        self.inner.signal.announced().is_some()
+    }
+
+    /// Records the announcement, for code that saw the token cancelled before the registry's
+    /// waker ran (idempotent).
+    pub(crate) fn announce(&self) {
+        self.inner.signal.announce();
+    }
+
+    /// The token whose cancellation announces the drain.
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.inner.token
     }
 
     /// Removes a request that ended. Called exactly once per successful `register`.
@@ -283,6 +271,7 @@ impl Shutdown {
         }
         runtime.spawn(watch(
             Arc::downgrade(inner),
+            Arc::clone(&inner.signal),
             inner.token.clone(),
             inner.dropped.clone(),
             Watching(Some(Arc::downgrade(inner))),
@@ -299,8 +288,14 @@ impl Shutdown {
     /// empty by construction, so tests check it before closing.
     #[cfg(test)]
     pub(crate) fn in_flight(&self) -> usize {
-        self.inner
-            .shards
+        self.inner.in_flight()
+    }
+}
+
+impl Inner {
+    /// Number of in-flight requests registered (a lock per shard).
+    fn in_flight(&self) -> usize {
+        self.shards
             .iter()
             .map(|shard| {
                 shard
@@ -312,9 +307,7 @@ impl Shutdown {
             })
             .sum()
     }
-}
 
-impl Inner {
     /// The shard of the current thread: threads are spread round robin over the shards.
     fn home_shard(&self) -> usize {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -359,57 +352,11 @@ impl Drop for Inner {
     }
 }
 
-/// Clears `watching` if the watcher task is dropped before it finished (its runtime shut down),
-/// so that the next request spawns a new one on its own runtime.
-struct Watching(Option<Weak<Inner>>);
-
-impl Drop for Watching {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0.take().and_then(|inner| inner.upgrade()) {
-            inner.watching.store(false, Ordering::Release);
-        }
-    }
-}
-
-/// The watcher task. `guard` is an argument, not a local: it is dropped with the task even if
-/// the task never ran.
-async fn watch(
-    inner: Weak<Inner>,
-    token: CancellationToken,
-    dropped: CancellationToken,
-    mut guard: Watching,
-) {
-    let mut shutdown = pin!(token.cancelled());
-    let mut unused = pin!(dropped.cancelled());
-    let shutting_down = poll_fn(|cx| {
-        if shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(true);
-        }
-        if unused.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(false);
-        }
-        Poll::Pending
-    })
-    .await;
-    // Finished, one way or the other: no other watcher is needed.
-    guard.0 = None;
-    if !shutting_down {
-        return;
-    }
-    if let Some(inner) = inner.upgrade() {
-        let cancelled = inner.cancel_all();
-        tracing::debug!(
-            target: TARGET,
-            requests = cancelled,
-            "shutdown: cancelled the requests in flight",
-        );
-    }
-}
-
 impl fmt::Debug for Shutdown {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shutdown")
             .field("token", &self.inner.token)
+            .field("grace", &self.inner.signal.grace())
             .field("shards", &self.inner.shards.len())
             .finish_non_exhaustive()
     }
@@ -457,5 +404,76 @@ mod tests {
         assert_eq!(shutdown.inner.cancel_all(), 0, "dead scopes are skipped");
         assert!(shutdown.register(gone()).is_err());
         shutdown.deregister(d);
+    }
+
+    /// Counts the times the registry shut it down.
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+
+    impl InFlight for Counted {
+        fn shut_down(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counted() -> (Arc<Counted>, Weak<dyn InFlight>) {
+        let request = Arc::new(Counted::default());
+        let weak: Weak<dyn InFlight> = Arc::downgrade(&(request.clone() as Arc<dyn InFlight>));
+        (request, weak)
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grace_announces_then_cancels_when_it_is_over() {
+        let grace = Duration::from_secs(10);
+        let token = CancellationToken::new();
+        let shutdown = Shutdown::with_grace(token.clone(), grace);
+        let (before, weak) = counted();
+        let _a = shutdown.register(weak).unwrap();
+        settle().await;
+
+        token.cancel();
+        assert!(shutdown.announced() && !shutdown.begun());
+        // Requests that arrive during the drain are accepted, and cancelled with the others.
+        let (during, weak) = counted();
+        let _b = shutdown.register(weak).unwrap();
+        tokio::time::sleep(grace - Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(before.0.load(Ordering::SeqCst), 0, "cancelled during the grace");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
+        assert!(shutdown.begun());
+        assert_eq!(before.0.load(Ordering::SeqCst), 1);
+        assert_eq!(during.0.load(Ordering::SeqCst), 1);
+        assert!(shutdown.register(counted().1).is_err(), "after the grace: refused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_counts_from_the_announcement_not_from_a_late_watcher() {
+        let grace = Duration::from_secs(10);
+        let token = CancellationToken::new();
+        let shutdown = Shutdown::with_grace(token.clone(), grace);
+        token.cancel();
+        // No request yet, so no watcher: the first one comes 8 s into the drain.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let (request, weak) = counted();
+        let _a = shutdown.register(weak).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(request.0.load(Ordering::SeqCst), 1, "cancelled 10 s after the announcement");
+    }
+
+    #[test]
+    fn without_a_grace_the_announcement_is_the_hard_phase() {
+        let token = CancellationToken::new();
+        let shutdown = Shutdown::new(token.clone());
+        token.cancel();
+        assert!(shutdown.announced() && shutdown.begun());
+        assert!(shutdown.register(gone()).is_err());
     }
 }
