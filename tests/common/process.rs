@@ -88,9 +88,15 @@ impl Drop for KillOnDrop {
 /// Starts example `name` on a port of its own (`PORT=0`) and waits for its
 /// `listening on http://ADDR` line: the process, its output, and `ADDR`.
 pub fn start(name: &str) -> (KillOnDrop, Output, String) {
+    start_with_env(name, &[])
+}
+
+/// [`start`], with these environment variables set too.
+pub fn start_with_env(name: &str, env: &[(&str, &str)]) -> (KillOnDrop, Output, String) {
     let mut child = KillOnDrop(
         Command::new(example(name))
             .env("PORT", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("the example starts"),
