@@ -61,7 +61,10 @@ async fn report(cancel: RequestCancellation, uri: Uri) -> Response {
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(1000);
     println!("report: started, {ms} ms of work");
-    match cancel.run(tokio::time::sleep(Duration::from_millis(ms))).await {
+    match cancel
+        .run(tokio::time::sleep(Duration::from_millis(ms)))
+        .await
+    {
         Ok(()) => {
             println!("report: done");
             "report done\n".into_response()

@@ -142,7 +142,10 @@
 //! * **Shutdown and deadlines** cancel the request ([`CancelReason::Shutdown`],
 //!   [`CancelReason::DeadlineExceeded`]) without dropping the handler: it sees its token and
 //!   answers. A request that arrives once the shutdown token's `cancel()` has returned starts
-//!   cancelled (its callbacks run before its handler is called). A request
+//!   cancelled (its callbacks run before its handler is called). With a
+//!   [`shutdown_grace`](CancellationLayer::shutdown_grace), `cancel()` first announces a drain
+//!   ([`RequestCancellation::draining`]; nothing is cancelled, new requests are served) and
+//!   all of the above happens when the grace is over. A request
 //!   dropped at its deadline (by tonic enforcing `grpc-timeout`, or by the client), when the
 //!   layer knows that deadline (`timeout`, or `grpc_timeout(true)`), is recorded as
 //!   `DeadlineExceeded`, not `Disconnected`.

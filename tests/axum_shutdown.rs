@@ -95,7 +95,13 @@ fn sigterm_drains_sse_websockets_and_work_then_exits_within_the_grace() {
 
     let short = request(&addr, "/report?ms=500");
     let long = request(&addr, "/report?ms=60000");
-    while output.seen.iter().filter(|l| l.starts_with("report: started")).count() < 2 {
+    while output
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("report: started"))
+        .count()
+        < 2
+    {
         output.wait_for("report: started");
     }
 
@@ -124,7 +130,10 @@ fn sigterm_drains_sse_websockets_and_work_then_exits_within_the_grace() {
     let long_after = signalled.elapsed();
     assert!(long.starts_with("HTTP/1.1 503"), "{long}");
     assert!(long.ends_with("report abandoned: shutdown\n"), "{long}");
-    assert!(long_after >= GRACE, "cancelled after {long_after:?}, before the grace");
+    assert!(
+        long_after >= GRACE,
+        "cancelled after {long_after:?}, before the grace"
+    );
 
     // The event stream: ticks through the drain, then the last event and a clean end (curl
     // exits 0; a cut stream is exit 18).
@@ -165,5 +174,8 @@ fn sigterm_drains_sse_websockets_and_work_then_exits_within_the_grace() {
         ],
         "{lines:#?}"
     );
-    assert!(lines.iter().any(|l| l.starts_with("shutdown: done")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("shutdown: done")),
+        "{lines:#?}"
+    );
 }

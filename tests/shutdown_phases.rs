@@ -1,11 +1,13 @@
-//! The two-phase shutdown over real sockets (HTTP/1.1 and HTTP/2, hyper's clients against an
-//! axum router): `shutdown_token` with a `shutdown_grace` announces a drain first (handlers
+//! The two-phase shutdown over real sockets (HTTP/1.1 and HTTP/2 with hyper's clients, HTTP/3
+//! with the `h3` crate's, against an axum router): `shutdown_token` with a `shutdown_grace` announces a drain first (handlers
 //! see `draining()`, nothing is cancelled, requests that finish within the grace complete),
 //! then cancels what is left with `Shutdown`; `EndOnShutdownLayer` ends server-sent event
 //! streams cleanly (with a last event, at the grace's end or at the drain's start) and cuts
 //! other bodies that are still streaming, so that no client takes a cut body for a whole one.
 
 mod common;
+#[path = "common/http3.rs"]
+mod http3;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body as AxumBody;
-use axum::response::sse::{Event, Sse};
 use axum::response::IntoResponse;
+use axum::response::sse::{Event, Sse};
 use axum::routing::get;
 use bytes::Bytes;
 use common::{Log, PATIENCE, Server};
@@ -95,18 +97,16 @@ fn router(log: &Log, shutdown: &CancellationToken) -> Router {
         // Works `ms` milliseconds unless cancelled.
         .route(
             "/report",
-            get(
-                |rc: RequestCancellation, uri: http::Uri| async move {
-                    let ms: u64 = uri
-                        .query()
-                        .and_then(|q| q.strip_prefix("ms="))
-                        .map_or(0, |ms| ms.parse().unwrap());
-                    match rc.run(tokio::time::sleep(Duration::from_millis(ms))).await {
-                        Ok(()) => (StatusCode::OK, "done".to_owned()),
-                        Err(c) => (StatusCode::SERVICE_UNAVAILABLE, c.reason().to_string()),
-                    }
-                },
-            ),
+            get(|rc: RequestCancellation, uri: http::Uri| async move {
+                let ms: u64 = uri
+                    .query()
+                    .and_then(|q| q.strip_prefix("ms="))
+                    .map_or(0, |ms| ms.parse().unwrap());
+                match rc.run(tokio::time::sleep(Duration::from_millis(ms))).await {
+                    Ok(()) => (StatusCode::OK, "done".to_owned()),
+                    Err(c) => (StatusCode::SERVICE_UNAVAILABLE, c.reason().to_string()),
+                }
+            }),
         )
         .route(
             "/events",
@@ -135,7 +135,10 @@ fn router(log: &Log, shutdown: &CancellationToken) -> Router {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     Some((Ok::<_, Infallible>(Bytes::from_static(b"chunk\n")), ()))
                 });
-                ([("content-type", "application/octet-stream")], AxumBody::from_stream(chunks))
+                (
+                    [("content-type", "application/octet-stream")],
+                    AxumBody::from_stream(chunks),
+                )
                     .into_response()
             })
             .layer(EndOnShutdownLayer::new().last_event("never sent")),
@@ -158,6 +161,26 @@ fn router(log: &Log, shutdown: &CancellationToken) -> Router {
 enum Protocol {
     Http1,
     Http2,
+    Http3,
+}
+
+/// The router served over TCP (HTTP/1.1 and HTTP/2) or over QUIC (HTTP/3).
+enum Target {
+    Tcp(Server),
+    Quic(http3::H3Server),
+}
+
+impl Target {
+    async fn start(protocol: Protocol, router: Router) -> Self {
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => Self::Tcp(Server::start(router).await),
+            // The server's own graceful shutdown stays out of it (a token never cancelled):
+            // the layer's drain is what is tested.
+            Protocol::Http3 => {
+                Self::Quic(http3::H3Server::start(router, CancellationToken::new(), PATIENCE).await)
+            }
+        }
+    }
 }
 
 /// What a client saw of one response.
@@ -181,8 +204,14 @@ impl Seen {
 
 /// Sends `GET path` on a connection of its own with hyper's client, and reads the response
 /// to its end (or its failure); panics after [`PATIENCE`].
-async fn fetch(protocol: Protocol, server: &Server, path: &str) -> Seen {
-    tokio::time::timeout(PATIENCE, fetch_once(protocol, server, path))
+async fn fetch(protocol: Protocol, target: &Target, path: &str) -> Seen {
+    let once = async {
+        match target {
+            Target::Tcp(server) => fetch_once(protocol, server, path).await,
+            Target::Quic(server) => fetch_h3(server, path).await,
+        }
+    };
+    tokio::time::timeout(PATIENCE, once)
         .await
         .unwrap_or_else(|_| panic!("{protocol:?} {path}: no end after {PATIENCE:?}"))
 }
@@ -200,11 +229,11 @@ async fn fetch_once(protocol: Protocol, server: &Server, path: &str) -> Seen {
             tokio::spawn(conn);
             send.send_request(request).await.unwrap()
         }
+        Protocol::Http3 => unreachable!("HTTP/3 goes over QUIC: fetch_h3"),
         Protocol::Http2 => {
-            let (mut send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
             tokio::spawn(conn);
             send.send_request(request).await.unwrap()
         }
@@ -242,10 +271,46 @@ async fn fetch_once(protocol: Protocol, server: &Server, path: &str) -> Seen {
     seen
 }
 
+/// [`fetch_once`] over HTTP/3, with the `h3` crate's client on a connection of its own.
+async fn fetch_h3(server: &http3::H3Server, path: &str) -> Seen {
+    let mut client = http3::H3Client::connect(server).await;
+    let mut stream = client.get(path).await;
+    let response = stream.recv_response().await.unwrap();
+    let content_length = response
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let mut seen = Seen {
+        status: response.status(),
+        content_length,
+        body: Vec::new(),
+        frames: Vec::new(),
+        end: Ok(()),
+        ended: Instant::now(),
+    };
+    loop {
+        match stream.recv_data().await {
+            Ok(Some(mut data)) => {
+                use bytes::Buf;
+                seen.frames.push(Instant::now());
+                let chunk = data.copy_to_bytes(data.remaining());
+                seen.body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                seen.end = Err(format!("{:?}", http3::ending(&error)));
+                break;
+            }
+        }
+    }
+    seen.ended = Instant::now();
+    seen
+}
+
 async fn phases(protocol: Protocol) {
     let log = Log::default();
     let shutdown = CancellationToken::new();
-    let server = Arc::new(Server::start(router(&log, &shutdown)).await);
+    let server = Arc::new(Target::start(protocol, router(&log, &shutdown)).await);
     let spawn = |path: &'static str| {
         let server = server.clone();
         tokio::spawn(async move { fetch(protocol, &server, path).await })
@@ -276,13 +341,19 @@ async fn phases(protocol: Protocol) {
 
     // Work that ends within the grace completes; work that does not is cancelled at its end.
     let short = short.await.unwrap();
-    assert_eq!((short.status, short.text().as_str()), (StatusCode::OK, "done"));
+    assert_eq!(
+        (short.status, short.text().as_str()),
+        (StatusCode::OK, "done")
+    );
     let long = long.await.unwrap();
     assert_eq!(
         (long.status, long.text().as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, "shutdown")
     );
-    assert!(long.ended >= cancelled + GRACE, "{protocol:?}: cancelled early");
+    assert!(
+        long.ended >= cancelled + GRACE,
+        "{protocol:?}: cancelled early"
+    );
 
     // The event stream ran on through the drain, then ended cleanly with the last event.
     let events = events.await.unwrap();
@@ -293,7 +364,10 @@ async fn phases(protocol: Protocol) {
         events.frames.iter().any(|t| *t > cancelled + GRACE / 2),
         "{protocol:?}: the stream stopped at the drain's start"
     );
-    assert!(events.ended >= cancelled + GRACE, "{protocol:?}: ended early");
+    assert!(
+        events.ended >= cancelled + GRACE,
+        "{protocol:?}: ended early"
+    );
 
     // At the drain's start instead: a clean end, no last event, and the request completed.
     let early = events_at_drain.await.unwrap();
@@ -307,11 +381,17 @@ async fn phases(protocol: Protocol) {
     assert_eq!(download.content_length, Some(DOWNLOAD), "{protocol:?}");
     assert!((download.body.len() as u64) < DOWNLOAD);
     assert!(download.end.is_err(), "{protocol:?}: {:?}", download.end);
-    assert!(download.ended >= cancelled + GRACE, "{protocol:?}: cut early");
+    assert!(
+        download.ended >= cancelled + GRACE,
+        "{protocol:?}: cut early"
+    );
 
     // A stream of unknown length that is not an event stream: cut too, no last frame.
     let chunked = chunked.await.unwrap();
-    assert!(chunked.end.is_err(), "{protocol:?}: a cut stream looked whole");
+    assert!(
+        chunked.end.is_err(),
+        "{protocol:?}: a cut stream looked whole"
+    );
     assert!(!chunked.text().contains("never sent"));
 
     // What was cancelled: what ran past the grace, each once, with `Shutdown`.
@@ -343,4 +423,9 @@ async fn http1_drains_then_cancels_and_ends_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_drains_then_cancels_and_ends_streams() {
     phases(Protocol::Http2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_drains_then_cancels_and_ends_streams() {
+    phases(Protocol::Http3).await;
 }

@@ -444,13 +444,20 @@ mod tests {
         let _b = shutdown.register(weak).unwrap();
         tokio::time::sleep(grace - Duration::from_millis(1)).await;
         settle().await;
-        assert_eq!(before.0.load(Ordering::SeqCst), 0, "cancelled during the grace");
+        assert_eq!(
+            before.0.load(Ordering::SeqCst),
+            0,
+            "cancelled during the grace"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
         settle().await;
         assert!(shutdown.begun());
         assert_eq!(before.0.load(Ordering::SeqCst), 1);
         assert_eq!(during.0.load(Ordering::SeqCst), 1);
-        assert!(shutdown.register(counted().1).is_err(), "after the grace: refused");
+        assert!(
+            shutdown.register(counted().1).is_err(),
+            "after the grace: refused"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -465,7 +472,11 @@ mod tests {
         let _a = shutdown.register(weak).unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         settle().await;
-        assert_eq!(request.0.load(Ordering::SeqCst), 1, "cancelled 10 s after the announcement");
+        assert_eq!(
+            request.0.load(Ordering::SeqCst),
+            1,
+            "cancelled 10 s after the announcement"
+        );
     }
 
     #[test]

@@ -176,8 +176,9 @@ where
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
         let watch = this.request.take().map(|request| {
-            let clean = (is_event_stream(&response) && response.body().size_hint().exact().is_none())
-                .then(|| this.last_event.take());
+            let clean = (is_event_stream(&response)
+                && response.body().size_hint().exact().is_none())
+            .then(|| this.last_event.take());
             Watch::new(request, clean, *this.at_drain)
         });
         Poll::Ready(Ok(response.map(|body| EndOnShutdownBody::new(body, watch))))
