@@ -81,6 +81,12 @@
 use std::io;
 use std::time::Duration;
 
+mod peer;
+mod service;
+
+pub use self::peer::{PeerLeft, PeerWatch};
+pub use self::service::{PeerGone, PeerWatchBody, PeerWatchFuture, PeerWatchService};
+
 use socket2::{SockRef, TcpKeepalive};
 
 /// Keepalive probes sent before the connection is given up, on systems where it can be set.

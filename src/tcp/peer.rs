@@ -1,0 +1,284 @@
+//! [`PeerWatch`]: the kernel's notice that a connection's peer sent FIN or RST, taken from a
+//! registration of its own, whatever hyper is reading.
+//!
+//! The watch registers a duplicate of the socket's descriptor with the runtime's reactor
+//! (edge-triggered, as every tokio registration). A FIN raises `EPOLLRDHUP` (`EV_EOF` with
+//! kqueue) and a RST `EPOLLERR`, whatever still sits unread in the receive buffer: the watch
+//! sees them while the request body is unread, which hyper, reading only when it wants bytes,
+//! cannot. Its registration is its own, so clearing its readiness never hides an edge from
+//! hyper's, and it reads nothing: each new edge (new data, FIN, RST) wakes it once.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::event::TARGET;
+
+/// How the peer left, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerLeft {
+    /// The peer closed its side (FIN): it closed the connection, or only its sending half
+    /// (a half-close), which the kernel cannot tell apart.
+    Closed,
+    /// The peer reset the connection (RST), or the connection failed.
+    Reset,
+}
+
+impl fmt::Display for PeerLeft {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Closed => "the peer closed the connection (FIN)",
+            Self::Reset => "the peer reset the connection (RST)",
+        })
+    }
+}
+
+const STAYS: u8 = 0;
+const CLOSED: u8 = 1;
+const RESET: u8 = 2;
+
+/// One accepted TCP connection, watched for its peer leaving: the kernel's `EPOLLRDHUP` (FIN)
+/// and `EPOLLERR` (RST), seen while hyper is not reading the socket.
+///
+/// Over HTTP/1.1, hyper reads the socket only when it wants the next bytes: while a request
+/// body is unread (a handler still deciding, or waiting on a database before it reads the
+/// upload), a client that leaves is not seen, and its request runs on (golang/go#23262 is the
+/// same gap in Go). The watch sees it at once, with nothing read ahead: wrap the connection's
+/// service with [`service`](Self::service), and when the peer leaves, the request in flight is
+/// dropped as hyper drops it for a client it saw leave, so a
+/// [`CancellationLayer`](crate::CancellationLayer) inside cancels it with
+/// [`Disconnected`](crate::CancelReason::Disconnected), in whatever phase it is.
+///
+/// ```no_run
+/// # async fn handler(_: http::Request<hyper::body::Incoming>)
+/// #     -> Result<http::Response<String>, std::convert::Infallible> { unimplemented!() }
+/// use hyper_util::rt::{TokioExecutor, TokioIo};
+/// use hyper_util::server::conn::auto;
+/// use hyper_util::service::TowerToHyperService;
+/// use tower::ServiceBuilder;
+/// use tower_cancel::CancellationLayer;
+/// use tower_cancel::tcp::PeerWatch;
+///
+/// # async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// let svc = ServiceBuilder::new()
+///     .layer(CancellationLayer::new())
+///     .service_fn(handler);
+/// loop {
+///     let (stream, _) = listener.accept().await?;
+///     // The peer's FIN or RST, seen even while a request body is unread.
+///     let svc = PeerWatch::new(&stream)?.service(svc.clone());
+///     tokio::spawn(
+///         auto::Builder::new(TokioExecutor::new())
+///             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+///             .into_owned(),
+///     );
+/// }
+/// # }
+/// ```
+///
+/// # Half-closed connections
+///
+/// A client may shut down its sending half after the request (`shutdown(SHUT_WR)`) and still
+/// read the response: legal HTTP/1.1 that a few clients use. The kernel reports it as a FIN,
+/// the same as a client that closed the connection. By default the watch takes a FIN for a
+/// client that left, as hyper does when it reads the end of the stream itself (its
+/// `http1().half_close(false)` default), as Go's server does (golang/go#18527), and as nginx
+/// does as a proxy (`proxy_ignore_client_abort off`, the default: the client's request is
+/// abandoned with `499`). [`allowing_half_close`](Self::allowing_half_close) serves such
+/// clients: only a RST then counts (a client that closed the whole connection answers the
+/// server's next write with one). Pair it with hyper's `http1().half_close(true)`.
+///
+/// # Cost
+///
+/// Per connection: one duplicated descriptor, one reactor registration and one small task,
+/// woken once by each edge: a burst of new data, the FIN, the RST. Per request: nothing while
+/// the handler answers at its first poll; else one wait on the connection's notice.
+///
+/// # Platforms
+///
+/// * Linux and Android (epoll, `EPOLLRDHUP`), and the BSDs and macOS (kqueue, `EV_EOF`): as
+///   above.
+/// * Elsewhere (Windows has no such notice): the watch never fires; the connection behaves as
+///   without it. [`RequestBodyLayer::read_ahead`](crate::request_body::RequestBodyLayer::read_ahead)
+///   is then the way to see a client leave an unread upload.
+#[derive(Clone)]
+pub struct PeerWatch {
+    shared: Arc<Shared>,
+}
+
+pub(super) struct Shared {
+    /// Cancelled when the peer left.
+    pub(super) left: CancellationToken,
+    /// `STAYS`, `CLOSED` or `RESET`, set before `left` is cancelled.
+    how: AtomicU8,
+    /// The watcher task, stopped when the last handle is dropped.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl PeerWatch {
+    /// Watches `stream` for its peer's FIN or RST (see [Half-closed
+    /// connections](Self#half-closed-connections)). Call it inside a tokio runtime, on the
+    /// accepted connection, before hyper takes it (or TLS wraps it: the watch reads nothing,
+    /// so it works under TLS too).
+    ///
+    /// # Errors
+    ///
+    /// Duplicating the descriptor or registering it with the reactor failed (too many open
+    /// files, say). Serve the connection without the watch then.
+    #[cfg(unix)]
+    pub fn new<S: std::os::fd::AsFd>(stream: &S) -> io::Result<Self> {
+        Self::start(stream, false)
+    }
+
+    /// As [`new`](Self::new), but a FIN alone (a half-close) does not count: only a RST or a
+    /// failed connection does.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    #[cfg(unix)]
+    pub fn allowing_half_close<S: std::os::fd::AsFd>(stream: &S) -> io::Result<Self> {
+        Self::start(stream, true)
+    }
+
+    /// A watch that never fires, where the system gives no notice (Windows).
+    ///
+    /// # Errors
+    ///
+    /// Never.
+    #[cfg(not(unix))]
+    pub fn new<S>(_stream: &S) -> io::Result<Self> {
+        Ok(Self::unwatched())
+    }
+
+    /// A watch that never fires, where the system gives no notice (Windows).
+    ///
+    /// # Errors
+    ///
+    /// Never.
+    #[cfg(not(unix))]
+    pub fn allowing_half_close<S>(_stream: &S) -> io::Result<Self> {
+        Ok(Self::unwatched())
+    }
+
+    #[cfg(not(unix))]
+    fn unwatched() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                left: CancellationToken::new(),
+                how: AtomicU8::new(STAYS),
+                task: None,
+            }),
+        }
+    }
+
+    #[cfg(unix)]
+    fn start<S: std::os::fd::AsFd>(stream: &S, half_close: bool) -> io::Result<Self> {
+        use tokio::io::Interest;
+        use tokio::io::unix::AsyncFd;
+
+        // `AsyncFd` would panic outside a runtime: an error says so instead.
+        tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let fd = stream.as_fd().try_clone_to_owned()?;
+        // Deprecated in newer tokio for types whose descriptor can change under the `AsyncFd`
+        // (tokio#8587); an `OwnedFd` owns one descriptor for its whole life, and the unsafe
+        // replacement is not in the tokio versions this crate supports (from 1.40).
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(fd, Interest::READABLE | Interest::ERROR)?;
+        let left = CancellationToken::new();
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+            let weak = weak.clone();
+            let left_task = left.clone();
+            let task = tokio::spawn(async move {
+                let how = watch(&fd, half_close).await;
+                if let Some(shared) = weak.upgrade() {
+                    shared.how.store(how, Ordering::Release);
+                }
+                tracing::trace!(target: TARGET, how, "tcp: the peer left");
+                left_task.cancel();
+            });
+            Shared {
+                left,
+                how: AtomicU8::new(STAYS),
+                task: Some(task.abort_handle()),
+            }
+        });
+        Ok(Self { shared })
+    }
+
+    /// Whether the peer left, and how.
+    pub fn peer_left(&self) -> Option<PeerLeft> {
+        if !self.shared.left.is_cancelled() {
+            return None;
+        }
+        Some(match self.shared.how.load(Ordering::Acquire) {
+            RESET => PeerLeft::Reset,
+            _ => PeerLeft::Closed,
+        })
+    }
+
+    /// Resolves when the peer left.
+    pub async fn left(&self) -> PeerLeft {
+        self.shared.left.cancelled().await;
+        self.peer_left().unwrap_or(PeerLeft::Closed)
+    }
+
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(super) fn from_shared(shared: &Arc<Shared>) -> Self {
+        Self {
+            shared: Arc::clone(shared),
+        }
+    }
+}
+
+/// Waits until the peer left: `CLOSED` or `RESET`.
+#[cfg(unix)]
+async fn watch(fd: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, half_close: bool) -> u8 {
+    use tokio::io::{Interest, Ready};
+
+    // After a FIN that does not count (half-close), only an error can end the watch: waiting
+    // for readability again would return at once, the end of the stream being readable.
+    let mut interest = Interest::READABLE | Interest::ERROR;
+    loop {
+        let mut guard = match fd.ready(interest).await {
+            Ok(guard) => guard,
+            // The reactor is gone (its runtime shut down): so is the connection's task.
+            Err(_) => return RESET,
+        };
+        let ready = guard.ready();
+        if ready.is_error() {
+            return RESET;
+        }
+        if ready.is_read_closed() {
+            if !half_close {
+                return CLOSED;
+            }
+            interest = Interest::ERROR;
+        }
+        // New data only (hyper's to read), or a half-close: wait for the next edge.
+        guard.clear_ready_matching(Ready::READABLE | Ready::READ_CLOSED);
+    }
+}
+
+impl fmt::Debug for PeerWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerWatch")
+            .field("peer_left", &self.peer_left())
+            .finish()
+    }
+}
