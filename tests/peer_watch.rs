@@ -150,9 +150,7 @@ async fn serve(mode: Mode, tls: bool) -> (SocketAddr, Seen) {
                     }
                 };
                 let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .half_close(mode == Mode::HalfCloseAllowed);
+                builder.http1().half_close(mode == Mode::HalfCloseAllowed);
                 match (watch, acceptor) {
                     (Some(watch), None) => {
                         let svc = TowerToHyperService::new(watch.service(svc));
@@ -301,7 +299,11 @@ async fn a_half_closed_client_gets_its_answer_when_half_close_is_allowed() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("ok"), "{response}");
     tokio::time::sleep(QUIET).await;
-    assert!(seen.cancellations().is_empty(), "{:?}", seen.cancellations());
+    assert!(
+        seen.cancellations().is_empty(),
+        "{:?}",
+        seen.cancellations()
+    );
 }
 
 /// Keep-alive with pauses between requests, and pipelined requests: new data on the socket
@@ -327,7 +329,8 @@ async fn keep_alive_and_pipelined_requests_cancel_nothing() {
     }
     // Five pipelined in one write, one of them with a body.
     let mut pipelined = one.repeat(2);
-    pipelined.extend_from_slice(b"POST /ok HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello");
+    pipelined
+        .extend_from_slice(b"POST /ok HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello");
     pipelined.extend_from_slice(&one.repeat(2));
     stream.write_all(&pipelined).await.unwrap();
     while read_count(&read) < 8 {
@@ -342,7 +345,11 @@ async fn keep_alive_and_pipelined_requests_cancel_nothing() {
     drop(stream); // an idle keep-alive connection, closed
     tokio::time::sleep(QUIET).await;
     assert_eq!(seen.started.lock().unwrap().len(), 8);
-    assert!(seen.cancellations().is_empty(), "{:?}", seen.cancellations());
+    assert!(
+        seen.cancellations().is_empty(),
+        "{:?}",
+        seen.cancellations()
+    );
 }
 
 fn read_count(read: &[u8]) -> usize {
@@ -392,7 +399,14 @@ async fn tls_curl_giving_up_mid_upload_is_seen() {
         std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
         let started = Instant::now();
         let status = tokio::process::Command::new("curl")
-            .args(["-sk", "--http1.1", "--max-time", "0.5", "--limit-rate", "64K"])
+            .args([
+                "-sk",
+                "--http1.1",
+                "--max-time",
+                "0.5",
+                "--limit-rate",
+                "64K",
+            ])
             .arg("--data-binary")
             .arg(format!("@{}", upload.display()))
             .arg(format!("https://{addr}/hold"))
@@ -408,6 +422,92 @@ async fn tls_curl_giving_up_mid_upload_is_seen() {
             "TLS: curl gave up after {:?}; cancelled {:?} later",
             gave_up - started,
             when.saturating_duration_since(gave_up)
+        );
+    }
+}
+
+/// axum: `into_make_service_with_connect_info::<PeerWatch>()` and `PeerWatchLayer` outside
+/// the `CancellationLayer`. A handler that holds its upload unread is cancelled when the
+/// client closes (FIN) or resets (RST) mid-upload; without the watch layer it runs on; a
+/// request that completes is never cancelled, also when its client closes right after.
+#[tokio::test]
+async fn axum_with_connect_info_sees_a_client_leave_an_unread_upload() {
+    use axum::Router;
+    use axum::routing::post;
+    use tower_cancel::tcp::PeerWatchLayer;
+
+    for (watched, ending, expected) in [
+        (true, Ending::Fin, Some("/upload disconnected handler")),
+        (true, Ending::Rst, Some("/upload disconnected handler")),
+        (false, Ending::Fin, None),
+        (false, Ending::Rst, None),
+    ] {
+        let seen = Seen::default();
+        let cancelled = seen.cancelled.clone();
+        let started = seen.started.clone();
+        let app = Router::new()
+            .route(
+                "/upload",
+                post(move |rc: RequestCancellation, body: axum::body::Body| {
+                    started.lock().unwrap().push("/upload".to_owned());
+                    async move {
+                        // Decides for a long time before reading the upload.
+                        let _ = rc.run(tokio::time::sleep(Duration::from_secs(30))).await;
+                        let _ = axum::body::to_bytes(body, usize::MAX).await;
+                        "stored"
+                    }
+                }),
+            )
+            .route("/ok", axum::routing::get(|| async { "ok" }))
+            .layer(CancellationLayer::new().on_cancel(move |c: &Cancelled| {
+                let entry = format!("{} {} {}", c.uri().path(), c.reason(), c.phase());
+                cancelled.lock().unwrap().push((entry, Instant::now()));
+            }));
+        let app = if watched {
+            app.layer(PeerWatchLayer::new())
+        } else {
+            app
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<PeerWatch>(),
+            )
+            .await
+        });
+
+        // A completed request, its client closing right after: nothing.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /ok HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(buf[..n].ends_with(b"ok"));
+        drop(client);
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&partial_upload("/upload")).await.unwrap();
+        seen.wait_started(1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (ended, _) = end(client, ending).await;
+        let first = tokio::time::timeout(QUIET, seen.wait_cancelled())
+            .await
+            .ok();
+        println!(
+            "axum, watched {watched}, {ending:?}: {:?}",
+            first
+                .as_ref()
+                .map(|(what, when)| (what, when.saturating_duration_since(ended)))
+        );
+        assert_eq!(first.map(|(what, _)| what).as_deref(), expected);
+        assert!(
+            seen.cancellations().len() <= 1,
+            "{:?}",
+            seen.cancellations()
         );
     }
 }

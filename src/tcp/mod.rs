@@ -85,7 +85,9 @@ mod peer;
 mod service;
 
 pub use self::peer::{PeerLeft, PeerWatch};
-pub use self::service::{PeerGone, PeerWatchBody, PeerWatchFuture, PeerWatchService};
+pub use self::service::{
+    PeerGone, PeerWatchBody, PeerWatchFuture, PeerWatchLayer, PeerWatchService,
+};
 
 use socket2::{SockRef, TcpKeepalive};
 
@@ -194,6 +196,29 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         detect_vanished(&stream, Duration::from_secs(10)).unwrap();
+        let socket = SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), PROBES);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    /// Set on a listening socket, the options reach every connection it accepts: the way to
+    /// combine them with axum's per-connection `Connected` (which rules out `tap_io`).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn the_options_set_on_a_listener_are_inherited() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        detect_vanished(&listener, Duration::from_secs(10)).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, _) = listener.accept().unwrap();
         let socket = SockRef::from(&stream);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(5));

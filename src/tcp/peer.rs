@@ -173,7 +173,7 @@ impl PeerWatch {
         Ok(Self::unwatched())
     }
 
-    #[cfg(not(unix))]
+    /// A watch that never fires.
     fn unwatched() -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -280,5 +280,29 @@ impl fmt::Debug for PeerWatch {
         f.debug_struct("PeerWatch")
             .field("peer_left", &self.peer_left())
             .finish()
+    }
+}
+
+/// axum's per-connection information: `app.into_make_service_with_connect_info::<PeerWatch>()`
+/// gives every request its connection's watch, for [`PeerWatchLayer`](super::PeerWatchLayer).
+/// A connection whose watch cannot be made (see [`PeerWatch::new`]) is served unwatched, with
+/// a `warn` event.
+#[cfg(all(feature = "axum", unix))]
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for PeerWatch
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self::for_axum(stream.io())
+    }
+}
+
+#[cfg(all(feature = "axum", unix))]
+impl PeerWatch {
+    fn for_axum(stream: &tokio::net::TcpStream) -> Self {
+        Self::new(stream).unwrap_or_else(|error| {
+            tracing::warn!(target: TARGET, %error, "tcp: connection served without its PeerWatch");
+            Self::unwatched()
+        })
     }
 }

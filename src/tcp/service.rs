@@ -8,18 +8,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::WaitForCancellationFutureOwned;
+use tower_layer::Layer;
 use tower_service::Service;
+
+use crate::event::TARGET;
 
 use super::peer::{PeerLeft, PeerWatch, Shared};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
-/// The error a [`PeerWatchService`] answers hyper with once it dropped a request whose peer
-/// left: hyper then closes the connection (HTTP/1.1) or resets the stream (HTTP/2).
+/// Why a [`PeerWatchService`] dropped a request: its peer left. The response it then gives
+/// hyper, which nobody reads, has status `499` (nginx's "client closed request") and this in
+/// its extensions, for the logs of layers outside; a response body cut this way fails with
+/// it. hyper then closes the connection (HTTP/1.1) or resets the stream (HTTP/2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerGone(pub PeerLeft);
 
@@ -37,39 +43,104 @@ impl PeerWatch {
     pub fn service<S>(&self, inner: S) -> PeerWatchService<S> {
         PeerWatchService {
             inner,
-            watch: self.clone(),
+            watch: Some(self.clone()),
+            warned: None,
         }
     }
 }
 
-/// The service of one connection watched by a [`PeerWatch`]; see [`PeerWatch::service`].
+/// Drops a request when its connection's [`PeerWatch`] sees the peer leave, for servers that
+/// hand each request its connection's watch in the extensions: axum's
+/// `into_make_service_with_connect_info::<PeerWatch>()` (as `ConnectInfo<PeerWatch>`, feature
+/// `axum`), or a plain `PeerWatch` extension. A request without one passes through, and a
+/// `warn` event says so once per layer.
+///
+/// Put it outside the [`CancellationLayer`](crate::CancellationLayer) (with axum, a later
+/// `.layer(..)` call), so that what it drops is the layer's future or body.
+#[derive(Clone, Debug, Default)]
+pub struct PeerWatchLayer {
+    warned: Arc<AtomicBool>,
+}
+
+impl PeerWatchLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for PeerWatchLayer {
+    type Service = PeerWatchService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PeerWatchService {
+            inner,
+            watch: None,
+            warned: Some(Arc::clone(&self.warned)),
+        }
+    }
+}
+
+/// The service of one connection watched by a [`PeerWatch`] ([`PeerWatch::service`]), or of
+/// a [`PeerWatchLayer`], which finds each request's watch in its extensions.
 #[derive(Clone, Debug)]
 pub struct PeerWatchService<S> {
     inner: S,
-    watch: PeerWatch,
+    /// The connection's watch (`PeerWatch::service`), or `None`: the request's extensions.
+    watch: Option<PeerWatch>,
+    /// The layer's "no watch found" warning, given once.
+    warned: Option<Arc<AtomicBool>>,
+}
+
+/// The watch of the request's connection, from its extensions.
+fn find(extensions: &http::Extensions) -> Option<PeerWatch> {
+    if let Some(watch) = extensions.get::<PeerWatch>() {
+        return Some(watch.clone());
+    }
+    #[cfg(feature = "axum")]
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<PeerWatch>>() {
+        return Some(info.0.clone());
+    }
+    None
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PeerWatchService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
     type Response = Response<PeerWatchBody<ResBody>>;
-    type Error = BoxError;
+    type Error = S::Error;
     type Future = PeerWatchFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let watch = match &self.watch {
+            Some(watch) => Some(watch.clone()),
+            None => find(req.extensions()),
+        };
+        if watch.is_none()
+            && self
+                .warned
+                .as_ref()
+                .is_some_and(|w| !w.swap(true, Ordering::Relaxed))
+        {
+            tracing::warn!(
+                target: TARGET,
+                "PeerWatchLayer found no PeerWatch in the request: serve with \
+                 into_make_service_with_connect_info::<PeerWatch>() (axum) or insert one per \
+                 connection; requests pass through unwatched",
+            );
+        }
         PeerWatchFuture {
             state: Running::Running {
                 inner: self.inner.call(req),
             },
-            notice: Notice::new(Arc::clone(self.watch.shared())),
+            notice: watch.map(|watch| Notice::new(Arc::clone(watch.shared()))),
         }
     }
 }
@@ -86,15 +157,23 @@ impl Notice {
     }
 
     /// Whether the peer left; parks the task's waker if not.
-    fn poll_left(&mut self, cx: &mut Context<'_>) -> Option<PeerGone> {
+    fn poll_left(this: &mut Option<Self>, cx: &mut Context<'_>) -> Option<PeerGone> {
+        let this = this.as_mut()?;
+        this.poll(cx)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Option<PeerGone> {
         let shared = &self.shared;
         let left = self
             .left
             .get_or_insert_with(|| Box::pin(shared.left.clone().cancelled_owned()));
-        left.as_mut()
-            .poll(cx)
-            .is_ready()
-            .then(|| PeerGone(PeerWatch::from_shared(shared).peer_left().unwrap_or(PeerLeft::Closed)))
+        left.as_mut().poll(cx).is_ready().then(|| {
+            PeerGone(
+                PeerWatch::from_shared(shared)
+                    .peer_left()
+                    .unwrap_or(PeerLeft::Closed),
+            )
+        })
     }
 }
 
@@ -112,42 +191,53 @@ pin_project! {
     pub struct PeerWatchFuture<F> {
         #[pin]
         state: Running<F>,
-        notice: Notice,
+        // `None`: no watch for this request.
+        notice: Option<Notice>,
     }
 }
 
 impl<F, B, E> Future for PeerWatchFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    E: Into<BoxError>,
 {
-    type Output = Result<Response<PeerWatchBody<B>>, BoxError>;
+    type Output = Result<Response<PeerWatchBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let RunningProj::Running { inner } = this.state.as_mut().project() else {
-            return Poll::Ready(Err(Box::new(PeerGone(PeerLeft::Closed))));
+            return Poll::Ready(Ok(gone(PeerGone(PeerLeft::Closed))));
         };
         // The handler first: a response that is ready goes out, whatever the peer did.
         if let Poll::Ready(result) = inner.poll(cx) {
-            let shared = Arc::clone(&this.notice.shared);
+            let notice = this.notice.take().map(|notice| Notice::new(notice.shared));
             return Poll::Ready(match result {
                 Ok(response) => Ok(response.map(|body| PeerWatchBody {
                     state: Running::Running { inner: body },
-                    notice: Notice::new(shared),
+                    notice,
                 })),
-                Err(error) => Err(error.into()),
+                Err(error) => Err(error),
             });
         }
-        match this.notice.poll_left(cx) {
+        match Notice::poll_left(this.notice, cx) {
             None => Poll::Pending,
-            Some(gone) => {
+            Some(reason) => {
                 // Dropped here and now, as hyper drops the future of a client it saw leave.
                 this.state.set(Running::Dropped);
-                Poll::Ready(Err(Box::new(gone)))
+                Poll::Ready(Ok(gone(reason)))
             }
         }
     }
+}
+
+/// The response to a request dropped because its peer left: nobody reads it.
+fn gone<B>(reason: PeerGone) -> Response<PeerWatchBody<B>> {
+    let mut response = Response::new(PeerWatchBody {
+        state: Running::Dropped,
+        notice: None,
+    });
+    *response.status_mut() = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+    response.extensions_mut().insert(reason);
+    response
 }
 
 impl<F> fmt::Debug for PeerWatchFuture<F> {
@@ -162,7 +252,7 @@ pin_project! {
     pub struct PeerWatchBody<B> {
         #[pin]
         state: Running<B>,
-        notice: Notice,
+        notice: Option<Notice>,
     }
 }
 
@@ -185,7 +275,7 @@ where
         if let Poll::Ready(frame) = inner.poll_frame(cx) {
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        match this.notice.poll_left(cx) {
+        match Notice::poll_left(this.notice, cx) {
             None => Poll::Pending,
             Some(gone) => {
                 this.state.set(Running::Dropped);
