@@ -15,7 +15,10 @@
 //!   drops nothing and the layer itself cancels (`h1_mid_upload_reading`: a failed body read
 //!   in `RequestBodyLayer`, the handler still running). With read-ahead
 //!   (`h1_upload_unread_read_ahead`) hyper does drop the handler: the read-ahead drained the
-//!   body, so hyper reads the socket again and sees the close.
+//!   body, so hyper reads the socket again and sees the close. With `tcp::PeerWatch`
+//!   (`h1_upload_unread_peer_watch`, and `_rst` for a reset) nothing is read: 64 KiB of the
+//!   upload is sent, and the kernel's notice of the FIN (or RST) makes the watch drop the
+//!   handler.
 //!
 //! The `tls_` scenarios are their cleartext namesakes over TLS: the client (tokio-rustls,
 //! trusting the server's self-signed certificate, ALPN `http/1.1` or `h2`, checked) does the
@@ -167,6 +170,8 @@ enum Scenario {
     H1HalfClose,
     H1SmallPostUnread,
     H1UploadUnreadReadAhead,
+    H1UploadUnreadPeerWatch,
+    H1UploadUnreadPeerWatchRst,
     H1MidUploadReading,
     H1MidBody,
     H2RstStream,
@@ -180,12 +185,14 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 17] = [
         Self::H1Fin,
         Self::H1Rst,
         Self::H1HalfClose,
         Self::H1SmallPostUnread,
         Self::H1UploadUnreadReadAhead,
+        Self::H1UploadUnreadPeerWatch,
+        Self::H1UploadUnreadPeerWatchRst,
         Self::H1MidUploadReading,
         Self::H1MidBody,
         Self::H2RstStream,
@@ -205,6 +212,8 @@ impl Scenario {
             Self::H1HalfClose => "h1_half_close",
             Self::H1SmallPostUnread => "h1_small_post_unread",
             Self::H1UploadUnreadReadAhead => "h1_upload_unread_read_ahead",
+            Self::H1UploadUnreadPeerWatch => "h1_upload_unread_peer_watch",
+            Self::H1UploadUnreadPeerWatchRst => "h1_upload_unread_peer_watch_rst",
             Self::H1MidUploadReading => "h1_mid_upload_reading",
             Self::H1MidBody => "h1_mid_body",
             Self::H2RstStream => "h2_rst_stream",
@@ -251,6 +260,9 @@ struct Bench {
     read_ahead: SocketAddr,
     /// `CancellationLayer`, then `RequestBodyLayer::new()`.
     body_watch: SocketAddr,
+    /// `CancellationLayer` around the app, each connection's service wrapped by its
+    /// `tcp::PeerWatch`.
+    peer_watch: SocketAddr,
     /// One HTTP/2 connection to `plain`, reused by `h2_rst_stream`.
     h2: H2Sender,
     /// `CancellationLayer` around the app, over TLS (the `https` example's server).
@@ -296,6 +308,12 @@ async fn run(iterations: usize) -> Vec<Row> {
             .service(app::<RequestBody<Incoming>>(recorder.clone())),
     )
     .await;
+    let peer_watch = serve_http_watched(
+        ServiceBuilder::new()
+            .layer(cancellation_layer(&recorder))
+            .service(app::<Incoming>(recorder.clone())),
+    )
+    .await;
     let (tls, tls_cert, tls_tickets) = serve_tls(
         ServiceBuilder::new()
             .layer(cancellation_layer(&recorder))
@@ -318,6 +336,7 @@ async fn run(iterations: usize) -> Vec<Row> {
         plain,
         read_ahead,
         body_watch,
+        peer_watch,
         h2,
         tls,
         tls_tickets,
@@ -468,6 +487,12 @@ async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) 
         Scenario::H1UploadUnreadReadAhead => {
             (bench.read_ahead, post("/upload", id, UPLOAD, UPLOAD))
         }
+        // 64 KiB of the body sent, none of it read: the client leaves with the rest still
+        // due. (What the server's receive window holds: a FIN queued behind data the window
+        // cannot take stays in the client's kernel until the server reads.)
+        Scenario::H1UploadUnreadPeerWatch | Scenario::H1UploadUnreadPeerWatchRst => {
+            (bench.peer_watch, post("/upload", id, UPLOAD, UPLOAD / 16))
+        }
         Scenario::H1MidUploadReading => (bench.body_watch, post("/read", id, UPLOAD, UPLOAD / 2)),
         Scenario::H1MidBody => (bench.plain, get(&format!("/endless?id={id}"))),
         Scenario::TlsH1MidBody => (bench.tls, get(&format!("/endless?id={id}"))),
@@ -475,7 +500,10 @@ async fn http1(bench: &Bench, scenario: Scenario, id: u64) -> (Instant, Sample) 
         _ => (bench.plain, get(&format!("/slow?id={id}"))),
     };
     let stream = connect(addr).await;
-    if matches!(scenario, Scenario::H1Rst) {
+    if matches!(
+        scenario,
+        Scenario::H1Rst | Scenario::H1UploadUnreadPeerWatchRst
+    ) {
         // Only the close reads SO_LINGER: set now, it makes the drop below a reset.
         stream.set_zero_linger().expect("failed to set SO_LINGER 0");
     }
@@ -1007,6 +1035,40 @@ where
             };
             let _ = stream.set_nodelay(true);
             let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// [`serve_http`], each connection's service wrapped by the connection's `tcp::PeerWatch`.
+async fn serve_http_watched<S, B>(service: S) -> SocketAddr
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind");
+    let addr = listener.local_addr().expect("bound socket has an address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let watch = tower_cancel::tcp::PeerWatch::new(&stream).expect("a peer watch");
+            let service = TowerToHyperService::new(watch.service(service.clone()));
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)

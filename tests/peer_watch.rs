@@ -511,3 +511,48 @@ async fn axum_with_connect_info_sees_a_client_leave_an_unread_upload() {
         );
     }
 }
+
+/// The limit of the kernel's notice: a client that closes while its upload is stalled by flow
+/// control (the server's receive window full, nothing read) queues its FIN behind the bytes
+/// still in its send buffer, so no FIN reaches the server until the server reads; a RST
+/// (`SO_LINGER` 0, or a killed process with unread data) discards them and is seen at once.
+#[tokio::test]
+async fn a_fin_stuck_behind_a_full_receive_window_is_not_seen_a_rst_is() {
+    for (ending, expected) in [
+        (Ending::Fin, None),
+        (Ending::Rst, Some("/hold disconnected handler")),
+    ] {
+        let (addr, seen) = serve(Mode::Watched, false).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .try_write(b"POST /hold HTTP/1.1\r\nhost: test\r\ncontent-length: 1000000000\r\n\r\n")
+            .unwrap();
+        seen.wait_started(1).await;
+        // Fill both buffers: the client's send buffer and the server's receive window.
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        loop {
+            match stream.try_write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if tokio::time::timeout(Duration::from_millis(100), stream.writable())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (ended, _) = end(stream, ending).await;
+        let first = tokio::time::timeout(QUIET, seen.wait_cancelled()).await.ok();
+        println!(
+            "{ending:?} after {sent} bytes stuck: {:?}",
+            first
+                .as_ref()
+                .map(|(what, when)| (what, when.saturating_duration_since(ended)))
+        );
+        assert_eq!(first.map(|(what, _)| what).as_deref(), expected, "{ending:?}");
+    }
+}
