@@ -546,13 +546,19 @@ async fn a_fin_stuck_behind_a_full_receive_window_is_not_seen_a_rst_is() {
             }
         }
         let (ended, _) = end(stream, ending).await;
-        let first = tokio::time::timeout(QUIET, seen.wait_cancelled()).await.ok();
+        let first = tokio::time::timeout(QUIET, seen.wait_cancelled())
+            .await
+            .ok();
         println!(
             "{ending:?} after {sent} bytes stuck: {:?}",
             first
                 .as_ref()
                 .map(|(what, when)| (what, when.saturating_duration_since(ended)))
         );
-        assert_eq!(first.map(|(what, _)| what).as_deref(), expected, "{ending:?}");
+        assert_eq!(
+            first.map(|(what, _)| what).as_deref(),
+            expected,
+            "{ending:?}"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! Uploads: [`RequestBodyLayer`] watches the request body for the client leaving mid-upload,
 //! and can read ahead so that hyper notices a client that leaves while the body is still
-//! unread.
+//! unread (on a server that accepts its own connections, [`tcp::PeerWatch`](crate::tcp::PeerWatch)
+//! sees that from the kernel, reading nothing; [`read_ahead`](RequestBodyLayer::read_ahead)
+//! says when to prefer which).
 //!
 //! hyper reports a client that leaves during an upload only to whoever reads the body: the
 //! read fails, but the handler future lives on. And while nobody reads the body, hyper's
@@ -195,6 +197,15 @@ impl RequestBodyLayer {
 
     /// Reads up to `bytes` of each request body ahead of the handler, while the handler has
     /// not polled the body yet.
+    ///
+    /// **Or a [`PeerWatch`](crate::tcp::PeerWatch)?** On a server that accepts its TCP
+    /// connections (feature `socket2`, Linux, the BSDs, macOS), the watch sees a client close
+    /// or reset an unread upload from the kernel's notice, faster and with nothing read or
+    /// held, and leaves `Expect: 100-continue` alone. Read ahead where the watch cannot see:
+    /// behind a proxy that ends TLS or pools connections (the server's socket is the proxy's),
+    /// on Windows, or to catch a client that closes while flow control stalls its upload (its
+    /// FIN waits behind the bytes the full receive window cannot take; reading opens the
+    /// window). Read-ahead also hands the handler a body already read, which a watch cannot.
     ///
     /// The reading is done when the response future is polled and the handler is pending:
     /// hyper then keeps reading the connection and notices a client that leaves, and the

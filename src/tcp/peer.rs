@@ -174,6 +174,7 @@ impl PeerWatch {
     }
 
     /// A watch that never fires.
+    #[cfg(any(not(unix), feature = "axum"))]
     fn unwatched() -> Self {
         Self {
             shared: Arc::new(Shared {
