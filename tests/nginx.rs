@@ -176,6 +176,7 @@ async fn requests_through_nginx_that_complete_cancel_nothing() {
         PROXY_TLS,
         PROXY_TLS_KEEPALIVE,
         PROXY_TLS_10,
+        PROXY_STREAMING,
         GRPC,
         GRPC_KEEPALIVE,
     ];
@@ -184,7 +185,9 @@ async fn requests_through_nginx_that_complete_cancel_nothing() {
         let server = backend(&log, upstream).await;
         let nginx = Nginx::start(bin, upstream, &server).await;
         match upstream.pass {
-            Pass::Proxy | Pass::ProxyTls | Pass::ProxyTls10 => full_http1(&nginx).await,
+            Pass::Proxy | Pass::ProxyTls | Pass::ProxyTls10 | Pass::ProxyStreaming => {
+                full_http1(&nginx).await
+            }
             Pass::Grpc => {
                 let (mut client, conn, _socket) = h2_client_to(nginx.addr).await;
                 full_h2(&mut client, &nginx).await;

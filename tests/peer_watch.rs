@@ -6,6 +6,10 @@
 //! keep-alive and pipelined requests never cancel anything.
 #![cfg(unix)]
 
+mod common;
+#[allow(dead_code)]
+#[path = "common/nginx.rs"]
+mod nginx;
 #[allow(dead_code)]
 #[path = "../examples/https/tls.rs"]
 mod tls;
@@ -382,9 +386,10 @@ async fn http2_a_client_that_closes_is_cancelled_once() {
     assert_eq!(seen.cancellations().len(), 1);
 }
 
-/// Over TLS, with curl: an upload given up halfway (`--max-time`), the handler not reading it.
+/// curl, in cleartext and over TLS: an upload given up halfway (`--max-time`), the handler
+/// not reading it.
 #[tokio::test]
-async fn tls_curl_giving_up_mid_upload_is_seen() {
+async fn curl_giving_up_mid_upload_is_seen_in_cleartext_and_over_tls() {
     if std::process::Command::new("curl")
         .arg("--version")
         .output()
@@ -393,8 +398,9 @@ async fn tls_curl_giving_up_mid_upload_is_seen() {
         assert!(std::env::var_os("CI").is_none(), "curl is missing on CI");
         return;
     }
-    {
-        let (addr, seen) = serve(Mode::Watched, true).await;
+    for tls in [false, true] {
+        let (addr, seen) = serve(Mode::Watched, tls).await;
+        let scheme = if tls { "https" } else { "http" };
         let upload = std::env::temp_dir().join(format!("peer-watch-{}", std::process::id()));
         std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
         let started = Instant::now();
@@ -409,7 +415,7 @@ async fn tls_curl_giving_up_mid_upload_is_seen() {
             ])
             .arg("--data-binary")
             .arg(format!("@{}", upload.display()))
-            .arg(format!("https://{addr}/hold"))
+            .arg(format!("{scheme}://{addr}/hold"))
             .status()
             .await
             .unwrap();
@@ -419,7 +425,7 @@ async fn tls_curl_giving_up_mid_upload_is_seen() {
         let (what, when) = seen.wait_cancelled().await;
         assert_eq!(what, "/hold disconnected handler");
         println!(
-            "TLS: curl gave up after {:?}; cancelled {:?} later",
+            "{scheme}: curl gave up after {:?}; cancelled {:?} later",
             gave_up - started,
             when.saturating_duration_since(gave_up)
         );
@@ -560,5 +566,36 @@ async fn a_fin_stuck_behind_a_full_receive_window_is_not_seen_a_rst_is() {
             expected,
             "{ending:?}"
         );
+    }
+}
+
+/// nginx in front (`proxy_request_buffering off`, so that the upload streams through): a
+/// client that leaves mid-upload at nginx makes nginx close its upstream connection, and the
+/// watch on the server sees that close while the handler has not read the body.
+#[tokio::test]
+async fn behind_nginx_a_client_that_leaves_mid_upload_is_seen() {
+    let Some(bin) = nginx::nginx() else { return };
+    for (mode, expected) in [
+        (Mode::Unwatched, None),
+        (Mode::Watched, Some("/hold disconnected handler")),
+    ] {
+        let (addr, seen) = serve(mode, false).await;
+        let proxy =
+            nginx::Nginx::start_at(bin, nginx::Front::Plain, nginx::PROXY_STREAMING, addr).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(&partial_upload("/hold")).await.unwrap();
+        seen.wait_started(1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (ended, _) = end(client, Ending::Fin).await;
+        let first = tokio::time::timeout(QUIET, seen.wait_cancelled())
+            .await
+            .ok();
+        println!(
+            "nginx, {mode:?}: {:?}",
+            first
+                .as_ref()
+                .map(|(what, when)| (what, when.saturating_duration_since(ended)))
+        );
+        assert_eq!(first.map(|(what, _)| what).as_deref(), expected, "{mode:?}");
     }
 }

@@ -70,8 +70,9 @@
 //! close, and 20 µs / 22 µs after a reset; `RequestBodyLayer::read_ahead(2 MiB)` takes
 //! 103 µs / 262 µs for the same client and holds the upload in memory. `tests/peer_watch.rs`
 //! has the table (FIN, RST and half-close, with and without the watch, with half-close
-//! allowed, handler and body phase), HTTP/2, TLS with curl giving up mid-upload, axum, and
-//! keep-alive and pipelined requests, which never cancel anything.
+//! allowed, handler and body phase), HTTP/2, curl giving up mid-upload (cleartext and TLS),
+//! nginx in front (`proxy_request_buffering off`: it closes its upstream connection when its
+//! client leaves), axum, and keep-alive and pipelined requests, which never cancel anything.
 //!
 //! What it cannot see, and when read-ahead is still the answer:
 //!

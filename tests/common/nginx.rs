@@ -52,6 +52,9 @@ pub enum Pass {
     ProxyTls10,
     /// `grpc_pass grpc://`, cleartext HTTP/2 to the server.
     Grpc,
+    /// `proxy_pass http://` with `proxy_request_buffering off`: the request body streams to
+    /// the server as it arrives, instead of being read whole before the server sees the head.
+    ProxyStreaming,
 }
 
 impl Pass {
@@ -103,6 +106,10 @@ pub const PROXY_TLS_KEEPALIVE: Upstream = Upstream {
     pass: Pass::ProxyTls,
     keepalive: true,
 };
+pub const PROXY_STREAMING: Upstream = Upstream {
+    pass: Pass::ProxyStreaming,
+    keepalive: false,
+};
 pub const PROXY_TLS_10: Upstream = Upstream {
     pass: Pass::ProxyTls10,
     keepalive: false,
@@ -128,6 +135,11 @@ impl Nginx {
 
     /// [`Nginx::start`] with the given front.
     pub async fn start_with(bin: &str, front: Front, upstream: Upstream, server: &Server) -> Self {
+        Self::start_at(bin, front, upstream, server.addr).await
+    }
+
+    /// [`Nginx::start_with`] in front of the server at `server`.
+    pub async fn start_at(bin: &str, front: Front, upstream: Upstream, server: SocketAddr) -> Self {
         for attempt in 1.. {
             let mut nginx = Self::spawn(bin, front, upstream, server);
             match nginx.wait_until_listening().await {
@@ -141,7 +153,7 @@ impl Nginx {
         unreachable!()
     }
 
-    fn spawn(bin: &str, front: Front, upstream: Upstream, server: &Server) -> Self {
+    fn spawn(bin: &str, front: Front, upstream: Upstream, server: SocketAddr) -> Self {
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tower-cancel-nginx-{}-{}",
@@ -162,18 +174,11 @@ impl Nginx {
         // older ones, like Debian bookworm's 1.22, only know `listen … http2`.
         let configs = if front == Front::Tls || upstream.pass == Pass::Grpc {
             vec![
-                config(&dir, addr, front, upstream, server.addr, Http2::On),
-                config(
-                    &dir,
-                    addr,
-                    front,
-                    upstream,
-                    server.addr,
-                    Http2::ListenParameter,
-                ),
+                config(&dir, addr, front, upstream, server, Http2::On),
+                config(&dir, addr, front, upstream, server, Http2::ListenParameter),
             ]
         } else {
-            vec![config(&dir, addr, front, upstream, server.addr, Http2::Off)]
+            vec![config(&dir, addr, front, upstream, server, Http2::Off)]
         };
         let mut rejected = Vec::new();
         for text in configs {
@@ -334,6 +339,10 @@ fn config(
         // nginx keeps no HTTP/1.0 connection alive: `keepalive` has nothing to reuse.
         (Pass::ProxyTls10, _) => "proxy_pass https://backend;\n            proxy_ssl_verify off;",
         (Pass::Grpc, _) => "grpc_pass grpc://backend;",
+        (Pass::ProxyStreaming, _) => {
+            "proxy_pass http://backend;\n            proxy_http_version 1.1;\n            \
+             proxy_request_buffering off;"
+        }
     };
     format!(
         "master_process off;
