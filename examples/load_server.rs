@@ -4,7 +4,8 @@
 //!
 //! Run with: cargo run --release --example load_server -- layer   (or `bare`: no layer; or
 //! `hand-written`: the pattern of tonic's cancellation example, a token per request in the
-//! extensions and a `DropGuard` disarmed when the handler returns, for comparison)
+//! extensions and a `DropGuard` disarmed when the handler returns, for comparison; or
+//! `peer-watch`: the layer, each connection watched by `tcp::PeerWatch`)
 //!
 //! Then: `curl http://127.0.0.1:3000/` or `curl --http2-prior-knowledge http://127.0.0.1:3000/`.
 //! Set `PORT` to listen elsewhere (`PORT=0` picks a free port; the address is printed).
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_cancel::CancellationLayer;
+use tower_cancel::tcp::PeerWatch;
 
 async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
@@ -34,8 +36,8 @@ async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let variant = std::env::args().nth(1).unwrap_or_default();
-    if !["bare", "layer", "hand-written"].contains(&variant.as_str()) {
-        eprintln!("usage: load_server bare|layer|hand-written");
+    if !["bare", "layer", "hand-written", "peer-watch"].contains(&variant.as_str()) {
+        eprintln!("usage: load_server bare|layer|hand-written|peer-watch");
         std::process::exit(2);
     }
     let port: u16 = match std::env::var("PORT") {
@@ -46,14 +48,14 @@ async fn main() -> std::io::Result<()> {
     println!("listening on {}", listener.local_addr()?);
 
     match variant.as_str() {
-        "layer" => {
+        "layer" | "peer-watch" => {
             let svc = ServiceBuilder::new()
                 .layer(CancellationLayer::new())
                 .service(service_fn(hello));
-            serve(listener, svc).await
+            serve(listener, svc, variant == "peer-watch").await
         }
-        "hand-written" => serve(listener, HandWritten(service_fn(hello))).await,
-        _ => serve(listener, service_fn(hello)).await,
+        "hand-written" => serve(listener, HandWritten(service_fn(hello)), false).await,
+        _ => serve(listener, service_fn(hello), false).await,
     }
 }
 
@@ -107,8 +109,9 @@ impl<F: Future> Future for HandWrittenFuture<F> {
 }
 
 /// Accepts connections forever, each served by hyper-util's `auto` builder: it answers
-/// HTTP/1.1, and HTTP/2 when the client opens with the HTTP/2 preface.
-async fn serve<S, B>(listener: TcpListener, svc: S) -> std::io::Result<()>
+/// HTTP/1.1, and HTTP/2 when the client opens with the HTTP/2 preface. With `watch`, each
+/// connection's service is wrapped by its `tcp::PeerWatch`.
+async fn serve<S, B>(listener: TcpListener, svc: S, watch: bool) -> std::io::Result<()>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -124,8 +127,15 @@ where
         let (stream, _) = listener.accept().await?;
         // Small responses: send them now rather than waiting for Nagle.
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(svc.clone());
         let builder = builder.clone();
+        if watch {
+            let svc = TowerToHyperService::new(PeerWatch::new(&stream)?.service(svc.clone()));
+            tokio::spawn(async move {
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+            continue;
+        }
+        let svc = TowerToHyperService::new(svc.clone());
         tokio::spawn(async move {
             // Errors are the client's doing (a reset, a malformed request): nothing to do.
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;

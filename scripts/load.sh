@@ -7,7 +7,8 @@
 # neighbours) touches both alike. Prints a Markdown table of medians and the layer/bare ratio.
 #
 # VARIANTS adds `hand-written` (tonic's cancellation example: a token and a drop guard, nothing
-# else) to `bare layer`, measured in the same rounds.
+# else) or `peer-watch` (the layer, each connection watched by `tcp::PeerWatch`) to
+# `bare layer`, measured in the same rounds.
 #
 # Usage: scripts/load.sh                     # DURATION=10 s per run, ROUNDS=3: about 2 min
 #        VARIANTS="bare layer hand-written" scripts/load.sh

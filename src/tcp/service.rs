@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,13 +93,13 @@ pub struct PeerWatchService<S> {
 }
 
 /// The watch of the request's connection, from its extensions.
-fn find(extensions: &http::Extensions) -> Option<PeerWatch> {
+fn find(extensions: &http::Extensions) -> Option<&PeerWatch> {
     if let Some(watch) = extensions.get::<PeerWatch>() {
-        return Some(watch.clone());
+        return Some(watch);
     }
     #[cfg(feature = "axum")]
     if let Some(info) = extensions.get::<axum::extract::ConnectInfo<PeerWatch>>() {
-        return Some(info.0.clone());
+        return Some(&info.0);
     }
     None
 }
@@ -107,6 +107,7 @@ fn find(extensions: &http::Extensions) -> Option<PeerWatch> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PeerWatchService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
@@ -120,7 +121,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let watch = match &self.watch {
-            Some(watch) => Some(watch.clone()),
+            Some(watch) => Some(watch),
             None => find(req.extensions()),
         };
         if watch.is_none()
@@ -136,16 +137,21 @@ where
                  connection; requests pass through unwatched",
             );
         }
+        // Checked before anything is cloned: most requests need no watch.
+        let notice = watch
+            .filter(|watch| needs_watch(&req, watch))
+            .map(|watch| Notice::new(Arc::clone(watch.shared())));
         PeerWatchFuture {
             state: Running::Running {
                 inner: self.inner.call(req),
             },
-            notice: watch.map(|watch| Notice::new(Arc::clone(watch.shared()))),
+            notice,
         }
     }
 }
 
-/// Waits for the connection's notice, made the first time the request is pending.
+/// Waits for the connection's notice. Made when a request is watched; wants the watch from its
+/// first pending poll until it is dropped.
 struct Notice {
     shared: Arc<Shared>,
     left: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
@@ -163,18 +169,35 @@ impl Notice {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Option<PeerGone> {
-        let shared = &self.shared;
-        let left = self
-            .left
-            .get_or_insert_with(|| Box::pin(shared.left.clone().cancelled_owned()));
+        let signal = &self.shared.signal;
+        let left = self.left.get_or_insert_with(|| {
+            signal.want();
+            Box::pin(signal.left.clone().cancelled_owned())
+        });
         left.as_mut().poll(cx).is_ready().then(|| {
             PeerGone(
-                PeerWatch::from_shared(shared)
+                PeerWatch::from_shared(&self.shared)
                     .peer_left()
                     .unwrap_or(PeerLeft::Closed),
             )
         })
     }
+}
+
+impl Drop for Notice {
+    fn drop(&mut self) {
+        if self.left.is_some() {
+            self.shared.signal.release();
+        }
+    }
+}
+
+/// Whether `req` needs the watch: over HTTP/1.x, a request whose body is not over (hyper does
+/// not read the socket while it is unread), or any request on a connection that allows
+/// half-close (hyper then reads past a FIN without closing). Over HTTP/2 hyper reads the
+/// socket all along and sees the peer leave itself.
+fn needs_watch<B: Body>(req: &Request<B>, watch: &PeerWatch) -> bool {
+    req.version() < Version::HTTP_2 && (watch.shared().half_close || !req.body().is_end_stream())
 }
 
 pin_project! {
@@ -209,7 +232,10 @@ where
         };
         // The handler first: a response that is ready goes out, whatever the peer did.
         if let Poll::Ready(result) = inner.poll(cx) {
-            let notice = this.notice.take().map(|notice| Notice::new(notice.shared));
+            let notice = this
+                .notice
+                .take()
+                .map(|notice| Notice::new(Arc::clone(&notice.shared)));
             return Poll::Ready(match result {
                 Ok(response) => Ok(response.map(|body| PeerWatchBody {
                     state: Running::Running { inner: body },
