@@ -7,7 +7,6 @@
 #![cfg(unix)]
 
 mod common;
-#[allow(dead_code)]
 #[path = "common/nginx.rs"]
 mod nginx;
 #[allow(dead_code)]
