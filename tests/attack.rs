@@ -18,6 +18,7 @@
 //! | `heads` | 3, 4: request heads that never finish; a 1 MiB head, a 1 MiB header list |
 //! | `bodies` | 5, 6, 7: truncated bodies, content-lengths larger and smaller than the body, empty DATA frames |
 //! | `slow` | 8, 9: uploads that trickle under the idle timeout, one that stalls; 200 streams half sent, then RST |
+//! | `peer` | 10: 300 HTTP/1.1 uploads half sent and unread, then FIN, with `tcp::PeerWatch` |
 //!
 //! The server process is `child` (with its handler and layers in `app`); `harness` starts the
 //! pair and measures; `wire` holds the clients. `tests/attack/before_the_fixes.sh` runs the
@@ -36,6 +37,8 @@ mod harness;
 mod heads;
 #[path = "attack/one_byte.rs"]
 mod one_byte;
+#[path = "attack/peer.rs"]
+mod peer;
 #[path = "attack/rapid_reset.rs"]
 mod rapid_reset;
 #[path = "attack/slow.rs"]

@@ -108,8 +108,6 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PeerWatchService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: Body,
-    ResBody: Body,
-    ResBody::Error: Into<BoxError>,
 {
     type Response = Response<PeerWatchBody<ResBody>>;
     type Error = S::Error;

@@ -37,6 +37,8 @@ pub(crate) struct Config {
     pub(crate) idle_ms: Option<u64>,
     /// `detached_limit` of the `/detached/` routes.
     pub(crate) detached_limit: usize,
+    /// Each connection of the layered server watched by `tcp::PeerWatch`.
+    pub(crate) peer_watch: bool,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             total: 4 << 20,
             idle_ms: None,
             detached_limit: 256,
+            peer_watch: false,
         }
     }
 }
@@ -63,8 +66,8 @@ impl Config {
         let kind = if self.layered { "layered" } else { "bare" };
         let idle = self.idle_ms.map_or("none".to_owned(), |ms| ms.to_string());
         format!(
-            "{kind} {} {} {idle} {}",
-            self.read_ahead, self.total, self.detached_limit
+            "{kind} {} {} {idle} {} {}",
+            self.read_ahead, self.total, self.detached_limit, self.peer_watch
         )
     }
 
@@ -77,6 +80,7 @@ impl Config {
             total: number(2) as usize,
             idle_ms: (fields[3] != "none").then(|| number(3)),
             detached_limit: number(4) as usize,
+            peer_watch: fields[5] == "true",
         }
     }
 }
@@ -143,6 +147,23 @@ fn connection_error(error: &(dyn std::error::Error + 'static)) -> String {
     "conn_other".to_owned()
 }
 
+/// Serves one connection in a task of its own. A generic function rather than an `async`
+/// block around the connection: with a body whose error is `Box<dyn Error>` behind
+/// `PeerWatchService`, rustc cannot prove such a block `Send` (rust-lang/rust#102211,
+/// "implementation of `From` is not general enough").
+fn spawn_connection<C>(conn: C, open: Open)
+where
+    C: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            open.0.add(&connection_error(&*error), 1);
+        }
+    });
+}
+
 /// Runs the server process described by `ENV`; never returns.
 pub(crate) fn serve() -> ! {
     let config = Config::decode(&std::env::var(ENV).unwrap());
@@ -207,13 +228,27 @@ async fn run(config: Config) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let svc = TowerToHyperService::new(route.clone());
         let open = Open::new(&counters);
-        tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                open.0.add(&connection_error(&*error), 1);
+        let watch = (config.layered && config.peer_watch)
+            .then(|| tower_cancel::tcp::PeerWatch::new(&stream).ok())
+            .flatten();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        match watch {
+            Some(watch) => {
+                let svc = TowerToHyperService::new(watch.service(route.clone()));
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .into_owned();
+                spawn_connection(conn, open);
             }
-        });
+            None => {
+                let svc = TowerToHyperService::new(route.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                        open.0.add(&connection_error(&*error), 1);
+                    }
+                });
+            }
+        }
     }
 }
