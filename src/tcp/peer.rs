@@ -109,6 +109,26 @@ const RESET: u8 = 2;
 /// with the watch served 0.86 of bare hyper's HTTP/1.1 requests per second, the layer alone
 /// 0.86; over HTTP/2, 0.86 against 0.90.
 ///
+/// # "implementation of `From` is not general enough"
+///
+/// With a response body whose error is `Box<dyn Error + Send + Sync>`, rustc may fail to see
+/// that an `async` block serving a watched connection is `Send` (rust-lang/rust#102211) and
+/// reject the `tokio::spawn`. Spawn the connection's future through a generic function
+/// instead, so that the block awaits a type parameter:
+///
+/// ```
+/// fn spawn_connection<C>(conn: C)
+/// where
+///     C: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+///         + Send
+///         + 'static,
+/// {
+///     tokio::spawn(async move {
+///         let _ = conn.await;
+///     });
+/// }
+/// ```
+///
 /// # Platforms
 ///
 /// * Linux and Android (epoll, `EPOLLRDHUP`), and the BSDs and macOS (kqueue, `EV_EOF`): as
