@@ -187,7 +187,15 @@ async fn main() {
         // A client that vanishes without a word (network gone) is noticed within 10 s: TCP
         // keepalive and TCP_USER_TIMEOUT for HTTP/1.1 (feature `socket2`), PING for HTTP/2.
         tower_cancel::tcp::detect_vanished(&stream, Duration::from_secs(10)).unwrap();
-        let svc = TowerToHyperService::new(svc.clone());
+        // A client that closes or resets while its upload is still unread: the kernel says
+        // so at once, and the watch drops the request as hyper would.
+        let svc = match tower_cancel::tcp::PeerWatch::new(&stream) {
+            Ok(watch) => TowerToHyperService::new(watch.service(svc.clone())),
+            Err(error) => {
+                eprintln!("peer watch: {error}; connection not served");
+                continue;
+            }
+        };
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // hyper's HTTP/1.1 header_read_timeout (30 s) only runs with a timer.

@@ -131,8 +131,9 @@ const RESET: u8 = 2;
 ///
 /// # Platforms
 ///
-/// * Linux and Android (epoll, `EPOLLRDHUP`), and the BSDs and macOS (kqueue, `EV_EOF`): as
-///   above.
+/// * Linux and Android (epoll, `EPOLLRDHUP`): as above, tested here.
+/// * The BSDs and macOS (kqueue): tokio reports kqueue's `EV_EOF` as the same "read closed"
+///   readiness, so the watch works the same way; not tested here.
 /// * Elsewhere (Windows has no such notice): the watch never fires; the connection behaves as
 ///   without it. [`RequestBodyLayer::read_ahead`](crate::request_body::RequestBodyLayer::read_ahead)
 ///   is then the way to see a client leave an unread upload.
