@@ -308,10 +308,11 @@ async fn run(iterations: usize) -> Vec<Row> {
             .service(app::<RequestBody<Incoming>>(recorder.clone())),
     )
     .await;
-    let peer_watch = serve_http_watched(
+    let peer_watch = serve_http_with(
         ServiceBuilder::new()
             .layer(cancellation_layer(&recorder))
             .service(app::<Incoming>(recorder.clone())),
+        true,
     )
     .await;
     let (tls, tls_cert, tls_tickets) = serve_tls(
@@ -1024,29 +1025,12 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("failed to bind");
-    let addr = listener.local_addr().expect("bound socket has an address");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_http_with(service, false).await
 }
 
-/// [`serve_http`], each connection's service wrapped by the connection's `tcp::PeerWatch`.
-async fn serve_http_watched<S, B>(service: S) -> SocketAddr
+/// [`serve_http`], each connection's service wrapped by the connection's `tcp::PeerWatch`
+/// if `watch`.
+async fn serve_http_with<S, B>(service: S, watch: bool) -> SocketAddr
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -1067,13 +1051,25 @@ where
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let watch = tower_cancel::tcp::PeerWatch::new(&stream).expect("a peer watch");
-            let service = TowerToHyperService::new(watch.service(service.clone()));
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
+            let builder = auto::Builder::new(TokioExecutor::new());
+            if watch {
+                let watch = tower_cancel::tcp::PeerWatch::new(&stream).expect("a peer watch");
+                let service = TowerToHyperService::new(watch.service(service.clone()));
+                let conn = builder
                     .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            } else {
+                let service = TowerToHyperService::new(service.clone());
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
         }
     });
     addr
