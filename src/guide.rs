@@ -13,6 +13,3 @@ pub mod transport {}
 
 #[doc = include_str!("../docs/reliability.md")]
 pub mod reliability {}
-
-#[doc = include_str!("../docs/performance.md")]
-pub mod performance {}
