@@ -30,53 +30,58 @@
 //!
 //! # Example
 //!
-//! An axum router; the client gives up after 10 ms, as hyper's drop of the response future
-//! does when the connection goes (`oneshot` stands for the server here, so that the example
-//! runs as it is):
-//!
-//! ```toml
-//! [dependencies]
-//! tower-cancel = { version = "0.1", features = ["axum"] }
-//! axum = "0.8"
-//! tokio = { version = "1", features = ["macros", "rt", "time"] }
-//! tower = { version = "0.5", features = ["util"] }
-//! ```
-//!
-//! ```
-//! use std::time::Duration;
-//!
-//! use axum::Router;
-//! use axum::body::Body;
-//! use axum::http::Request;
-//! use axum::routing::get;
-//! use tower::ServiceExt;
-//! use tower_cancel::{CancelReason, CancellationLayer, Cancelled, Phase, RequestCancellation};
-//!
-//! async fn report(cancel: RequestCancellation) -> &'static str {
-//!     cancel.on_cancel(|c| println!("report: discarding the partial result ({})", c.reason()));
-//!     tokio::time::sleep(Duration::from_secs(60)).await; // the slow work
-//!     "report ready"
-//! }
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let (seen, mut cancellations) = tokio::sync::mpsc::unbounded_channel();
-//! let app = Router::new()
-//!     .route("/report", get(report))
-//!     .layer(CancellationLayer::new().on_cancel(move |c: &Cancelled| {
-//!         let _ = seen.send((c.reason(), c.phase(), c.uri().path().to_owned()));
-//!     }));
-//!
-//! let request = Request::get("/report").body(Body::empty()).unwrap();
-//! let gave_up = tokio::time::timeout(Duration::from_millis(10), app.oneshot(request)).await;
-//! assert!(gave_up.is_err());
-//! assert_eq!(
-//!     cancellations.try_recv().unwrap(),
-//!     (CancelReason::Disconnected, Phase::Handler, "/report".to_owned()),
-//! );
-//! # }
-//! ```
-//!
+#![cfg_attr(
+    feature = "axum",
+    doc = r#"
+An axum router; the client gives up after 10 ms, as hyper's drop of the response future
+does when the connection goes (`oneshot` stands for the server here, so that the example
+runs as it is):
+
+```toml
+[dependencies]
+tower-cancel = { version = "0.1", features = ["axum"] }
+axum = "0.8"
+tokio = { version = "1", features = ["macros", "rt", "time"] }
+tower = { version = "0.5", features = ["util"] }
+```
+
+```
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use axum::routing::get;
+use tower::ServiceExt;
+use tower_cancel::{CancelReason, CancellationLayer, Cancelled, Phase, RequestCancellation};
+
+async fn report(cancel: RequestCancellation) -> &'static str {
+    cancel.on_cancel(|c| println!("report: discarding the partial result ({})", c.reason()));
+    tokio::time::sleep(Duration::from_secs(60)).await; // the slow work
+    "report ready"
+}
+
+# #[tokio::main(flavor = "current_thread")]
+# async fn main() {
+let (seen, mut cancellations) = tokio::sync::mpsc::unbounded_channel();
+let app = Router::new()
+    .route("/report", get(report))
+    .layer(CancellationLayer::new().on_cancel(move |c: &Cancelled| {
+        let _ = seen.send((c.reason(), c.phase(), c.uri().path().to_owned()));
+    }));
+
+let request = Request::get("/report").body(Body::empty()).unwrap();
+let gave_up = tokio::time::timeout(Duration::from_millis(10), app.oneshot(request)).await;
+assert!(gave_up.is_err());
+assert_eq!(
+    cancellations.try_recv().unwrap(),
+    (CancelReason::Disconnected, Phase::Handler, "/report".to_owned()),
+);
+# }
+```
+
+"#
+)]
 //! The same with a plain tower service, and a request that completes:
 //!
 //! ```
@@ -333,8 +338,9 @@ pub mod __fuzz {
     }
 }
 
-/// The README's examples, compiled (and, where they terminate, run) as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled (and, where they terminate, run) as doctests, with the
+/// features their Cargo lines name.
+#[cfg(all(doctest, feature = "axum"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 

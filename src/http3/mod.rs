@@ -75,6 +75,8 @@
 //! ```
 //!
 //! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
 //! use std::sync::Arc;
 //!
 //! use axum::{Router, routing::get};
@@ -102,6 +104,7 @@
 //!     .await?;
 //! # Ok(())
 //! # }
+//! # }
 //! ```
 //!
 //! # A complete server
@@ -120,6 +123,8 @@
 //! ```
 //!
 //! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //!
@@ -165,6 +170,8 @@
 //!         .await?; // an error if the endpoint stops accepting without the shutdown
 //!     Ok(())
 //! }
+//! # }
+//! # fn main() {}
 //! ```
 //!
 //! `cargo run --example http3` serves one router over TCP (HTTPS, HTTP/1.1 and HTTP/2,

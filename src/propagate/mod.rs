@@ -44,6 +44,8 @@
 //! ```
 //!
 //! ```
+//! # #[cfg(feature = "tonic")]
+//! # mod example {
 //! use tonic::transport::Channel;
 //! use tower::Layer;
 //! use tower_cancel::{PropagateLayer, RequestCancellation};
@@ -68,6 +70,7 @@
 //!     let summary = inbound.run(async move { report.text.to_uppercase() }).await?;
 //!     Ok(summary)
 //! }
+//! # }
 //! ```
 //!
 //! Turn `TCP_NODELAY` on for outbound clients (hyper-util: `HttpConnector::set_nodelay(true)`;

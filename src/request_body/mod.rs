@@ -1,6 +1,6 @@
 //! Uploads: [`RequestBodyLayer`] watches the request body for the client leaving mid-upload,
 //! and can read ahead so that hyper notices a client that leaves while the body is still
-//! unread (on a server that accepts its own connections, [`tcp::PeerWatch`](crate::tcp::PeerWatch)
+//! unread (on a server that accepts its own connections, `tcp::PeerWatch`, feature `socket2`,
 //! sees that from the kernel, reading nothing; [`read_ahead`](RequestBodyLayer::read_ahead)
 //! says when to prefer which).
 //!
@@ -198,7 +198,7 @@ impl RequestBodyLayer {
     /// Reads up to `bytes` of each request body ahead of the handler, while the handler has
     /// not polled the body yet.
     ///
-    /// **Or a [`PeerWatch`](crate::tcp::PeerWatch)?** On a server that accepts its TCP
+    /// **Or a `tcp::PeerWatch`?** On a server that accepts its TCP
     /// connections (feature `socket2`, Linux, the BSDs, macOS), the watch sees a client close
     /// or reset an unread upload from the kernel's notice, faster and with nothing read or
     /// held, and leaves `Expect: 100-continue` alone. Read ahead where the watch cannot see:
