@@ -284,14 +284,8 @@ async fn a_call_without_an_inbound_request_passes_through() {
     assert_eq!(log.entries(), ["B got no deadline", "B answered"]);
 }
 
-/// The reason of the `InboundCancelled` in `error`'s source chain (reqwest wraps a body's error).
+/// The reason of the `InboundCancelled` in `error`'s source chain (reqwest wraps a body's
+/// error), as a user finds it.
 fn inbound_reason(error: &(dyn std::error::Error + 'static)) -> Option<tower_cancel::CancelReason> {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(cancelled) = error.downcast_ref::<InboundCancelled>() {
-            return Some(cancelled.reason());
-        }
-        next = error.source();
-    }
-    None
+    InboundCancelled::find(error).map(InboundCancelled::reason)
 }

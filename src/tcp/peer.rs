@@ -112,8 +112,9 @@ const RESET: u8 = 2;
 /// # "implementation of `From` is not general enough"
 ///
 /// With a response body whose error is `Box<dyn Error + Send + Sync>`, rustc may fail to see
-/// that an `async` block serving a watched connection is `Send` (rust-lang/rust#102211) and
-/// reject the `tokio::spawn`. Spawn the connection's future through a generic function
+/// that an `async` block serving a watched connection is `Send` (rust-lang/rust#102211; any
+/// body wrapper with a boxed error hits it, tower-http's `TimeoutBody` too) and reject the
+/// `tokio::spawn`. Spawn the connection's future through a generic function
 /// instead, so that the block awaits a type parameter:
 ///
 /// ```

@@ -46,6 +46,11 @@ use self::body::Watch;
 /// event says so once per layer.
 ///
 /// Its body's data is [`Bytes`] and its error a boxed error, as axum's and tonic's bodies.
+/// Under a response body whose own error is `Box<dyn Error + Send + Sync>`, rustc may fail to
+/// prove the `async` block that serves a connection `Send` ("implementation of `From` is not
+/// general enough", rust-lang/rust#102211; tower-http's `TimeoutBody` hits the same): spawn the
+/// connection's future through a generic function (`fn spawn<C: Future + Send + 'static>(conn: C)`),
+/// so that the block awaits a type parameter.
 ///
 /// ```
 /// use std::convert::Infallible;
