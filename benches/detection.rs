@@ -1055,24 +1055,29 @@ where
             if watch {
                 let watch = tower_cancel::tcp::PeerWatch::new(&stream).expect("a peer watch");
                 let service = TowerToHyperService::new(watch.service(service.clone()));
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                spawn_connection(
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned(),
+                );
             } else {
                 let service = TowerToHyperService::new(service.clone());
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                spawn_connection(
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned(),
+                );
             }
         }
     });
     addr
+}
+
+/// Serves one connection in a task of its own.
+fn spawn_connection<C: Future + Send + 'static>(conn: C) {
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
 }
 
 /// Serves `service` over TLS on 127.0.0.1:0 with the `https` example's code: a self-signed

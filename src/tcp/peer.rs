@@ -182,6 +182,14 @@ impl Signal {
         }
     }
 
+    /// How the peer left, once `left` is cancelled (`how` is stored before it is).
+    pub(super) fn how(&self) -> PeerLeft {
+        match self.how.load(Ordering::Acquire) {
+            RESET => PeerLeft::Reset,
+            _ => PeerLeft::Closed,
+        }
+    }
+
     pub(super) fn release(&self) {
         self.demand.fetch_sub(1, Ordering::AcqRel);
     }
@@ -296,29 +304,18 @@ impl PeerWatch {
 
     /// Whether the peer left, and how.
     pub fn peer_left(&self) -> Option<PeerLeft> {
-        if !self.shared.signal.left.is_cancelled() {
-            return None;
-        }
-        Some(match self.shared.signal.how.load(Ordering::Acquire) {
-            RESET => PeerLeft::Reset,
-            _ => PeerLeft::Closed,
-        })
+        let signal = &self.shared.signal;
+        signal.left.is_cancelled().then(|| signal.how())
     }
 
     /// Resolves when the peer left.
     pub async fn left(&self) -> PeerLeft {
         self.shared.signal.left.cancelled().await;
-        self.peer_left().unwrap_or(PeerLeft::Closed)
+        self.shared.signal.how()
     }
 
     pub(super) fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    pub(super) fn from_shared(shared: &Arc<Shared>) -> Self {
-        Self {
-            shared: Arc::clone(shared),
-        }
     }
 }
 

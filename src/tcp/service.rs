@@ -172,13 +172,10 @@ impl Notice {
             signal.want();
             Box::pin(signal.left.clone().cancelled_owned())
         });
-        left.as_mut().poll(cx).is_ready().then(|| {
-            PeerGone(
-                PeerWatch::from_shared(&self.shared)
-                    .peer_left()
-                    .unwrap_or(PeerLeft::Closed),
-            )
-        })
+        left.as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| PeerGone(signal.how()))
     }
 }
 
